@@ -1,0 +1,16 @@
+"""avg_kernels: fused kernels for average-gradient training and consequentialism weight updates.
+
+Public API (see README.md and SPEC.md):
+    avg_act, avg_act_backward, EPS, ACTIVATIONS        averaged activation ops (SPEC §1)
+    available_backends, use_backend                      backend choice (SPEC §5)
+"""
+from . import _build
+from .activations import ACTIVATIONS, EPS
+from .ops import (BackendUnavailableError, available_backends, avg_act, avg_act_backward, current_backend,
+                  use_backend)
+
+_build.extension()  # registers torch.ops.avg_kernels_C.* when the extension is built
+
+__version__ = "0.1.0"
+__all__ = ["ACTIVATIONS", "EPS", "BackendUnavailableError", "available_backends", "avg_act", "avg_act_backward",
+           "current_backend", "use_backend"]

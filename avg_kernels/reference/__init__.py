@@ -1,0 +1,7 @@
+"""Float64 pure-PyTorch ground truth for every op (readable first, fast never).
+
+Every fast backend is tested against these functions; SPEC.md defines what they compute.
+"""
+from .avg_act import avg_act_backward
+
+__all__ = ["avg_act_backward"]

@@ -1,0 +1,404 @@
+// One definition of every activation's math, shared by the C++ CPU kernels (vectorised through
+// at::vec, see csrc/cpu/vec_ops.h), the CUDA kernels (scalar, one element per thread) and the host
+// emulation of the CUDA launch. avg_kernels/_triton/avg_act.py mirrors it line for line.
+//
+// Everything is written once against a value type V and its Ops<V> (exp, select, masks, ...):
+// V is float/double here and at::vec::Vectorized<float/double> on the CPU. Branches are selects,
+// so every lane evaluates every formula; rare, expensive paths hide behind Ops<V>::any().
+//
+// SPEC §1: s(a, b) = (f(b) - f(a)) / (b - a) if |b - a| > eps, else f'(a). The literal formula
+// cancels catastrophically for small |b - a|, so each secant is computed from difference identities
+// that never subtract two nearly equal values (derivations in the comments of each function).
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define AK_HD __host__ __device__ __forceinline__
+#else
+#define AK_HD inline
+#endif
+
+namespace avg_kernels {
+
+// Kernel-level activation ids. Keep in sync with avg_kernels/activations.py (KERNEL_IDS).
+enum class Act : int32_t {
+  Tanh = 0,
+  Sigmoid = 1,
+  Relu = 2,
+  LeakyRelu = 3,
+  Elu = 4,
+  Gelu = 5,      // exact, x * Phi(x)
+  GeluTanh = 6,  // approximate="tanh"
+  Silu = 7,
+  Softplus = 8,
+};
+constexpr int kNumActs = 9;
+
+// Numeric parameters: leaky_relu p0 = negative_slope; elu p0 = alpha;
+// softplus p0 = beta (> 0), p1 = threshold. Others ignore them.
+template <class S>
+struct ActParams {
+  S p0;
+  S p1;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Scalar operations (host and device). Vectorised versions live in csrc/cpu/vec_ops.h.
+// ---------------------------------------------------------------------------------------------
+template <class V>
+struct Ops;
+
+template <>
+struct Ops<float> {
+  using Scalar = float;
+  using Mask = bool;
+  static AK_HD float exp(float x) { return expf(x); }
+  static AK_HD float erfc(float x) { return erfcf(x); }
+  static AK_HD float log1p(float x) { return log1pf(x); }
+  static AK_HD float abs(float x) { return fabsf(x); }
+  static AK_HD float fma(float a, float b, float c) { return fmaf(a, b, c); }
+  static AK_HD float min(float a, float b) { return a < b ? a : b; }
+  static AK_HD float max(float a, float b) { return a > b ? a : b; }
+  static AK_HD float select(bool m, float a, float b) { return m ? a : b; }
+  static AK_HD bool lt(float a, float b) { return a < b; }
+  static AK_HD bool le(float a, float b) { return a <= b; }
+  static AK_HD bool eq(float a, float b) { return a == b; }
+  static AK_HD bool mand(bool a, bool b) { return a && b; }
+  static AK_HD bool mor(bool a, bool b) { return a || b; }
+  static AK_HD bool mxor(bool a, bool b) { return a != b; }
+  static AK_HD bool mnot(bool a) { return !a; }
+  static AK_HD bool any(bool m) { return m; }
+};
+
+template <>
+struct Ops<double> {
+  using Scalar = double;
+  using Mask = bool;
+  static AK_HD double exp(double x) { return ::exp(x); }
+  static AK_HD double erfc(double x) { return ::erfc(x); }
+  static AK_HD double log1p(double x) { return ::log1p(x); }
+  static AK_HD double abs(double x) { return fabs(x); }
+  static AK_HD double fma(double a, double b, double c) { return ::fma(a, b, c); }
+  static AK_HD double min(double a, double b) { return a < b ? a : b; }
+  static AK_HD double max(double a, double b) { return a > b ? a : b; }
+  static AK_HD double select(bool m, double a, double b) { return m ? a : b; }
+  static AK_HD bool lt(double a, double b) { return a < b; }
+  static AK_HD bool le(double a, double b) { return a <= b; }
+  static AK_HD bool eq(double a, double b) { return a == b; }
+  static AK_HD bool mand(bool a, bool b) { return a && b; }
+  static AK_HD bool mor(bool a, bool b) { return a || b; }
+  static AK_HD bool mxor(bool a, bool b) { return a != b; }
+  static AK_HD bool mnot(bool a) { return !a; }
+  static AK_HD bool any(bool m) { return m; }
+};
+
+namespace detail {
+
+// Below this |argument| the exponential differences use a Taylor series instead of subtracting
+// two exponentials: there the subtraction would cancel; at or above it, it loses < 1.4 bits.
+constexpr double kSmall = 0.5;
+
+// Taylor coefficient (-1)^k / (k+1)! of 1 - e^{-y} = y * sum_k (-y)^k / (k+1)!.
+constexpr double om_coef(int k) {
+  double c = 1.0;
+  for (int i = 2; i <= k + 1; ++i) c /= i;
+  return (k % 2) ? -c : c;
+}
+
+// Horner evaluation of sum_{k=K0}^{K-1} om_coef(k) y^(k-K0), unrolled at compile time.
+template <class V, int K0, int K>
+struct OmHorner {
+  static AK_HD V eval(V y) {
+    using S = typename Ops<V>::Scalar;
+    constexpr S c = S(om_coef(K0));
+    return Ops<V>::fma(OmHorner<V, K0 + 1, K>::eval(y), y, V(c));
+  }
+};
+template <class V, int K>
+struct OmHorner<V, K, K> {
+  static AK_HD V eval(V) { return V(typename Ops<V>::Scalar(0)); }
+};
+
+// 1 - e^{-y} for |y| <= kSmall, accurate to ~1 ulp (9 terms: float, 16 terms: double).
+template <class V>
+AK_HD V one_minus_exp_neg_small(V y) {
+  using S = typename Ops<V>::Scalar;
+  constexpr int K = sizeof(S) == 4 ? 9 : 16;
+  return OmHorner<V, 0, K>::eval(y) * y;
+}
+
+// Logistic secant core. For A, B (B == A on fallback lanes) and AD = |B - A| given exactly by
+// the caller (it may come from a formula, not from a subtraction), with p = e^{-|A|},
+// q = e^{-|B|} (so both in (0, 1], no overflow):
+//   sigma(B) - sigma(A), same signs:      (p - q) / ((1+p)(1+q))    (up to sign)
+//                        opposite signs:  (1 - p q) / ((1+p)(1+q))
+// p - q = max(p,q) (1 - e^{-AD}) and 1 - p q = 1 - e^{-AD}: for AD < kSmall the Taylor series
+// of 1 - e^{-AD} replaces the subtraction. N is |sigma(B) - sigma(A)| * (1+p)(1+q) >= 0.
+template <class V>
+struct SigCore {
+  V p, q, N;
+};
+
+template <class V>
+AK_HD SigCore<V> sigmoid_core(V A, V B, V AD) {
+  using O = Ops<V>;
+  using S = typename O::Scalar;
+  const V zero(S(0)), one(S(1));
+  SigCore<V> c;
+  c.p = O::exp(-O::abs(A));
+  c.q = O::exp(-O::abs(B));
+  auto opp = O::mxor(O::lt(A, zero), O::lt(B, zero));
+  V om = one_minus_exp_neg_small(AD);
+  V n_small = O::select(opp, one, O::max(c.p, c.q)) * om;
+  V n_large = O::select(opp, O::fma(-c.p, c.q, one), O::abs(c.p - c.q));
+  c.N = O::select(O::lt(AD, V(S(kSmall))), n_small, n_large);
+  return c;
+}
+
+// sigma(B) * (1 + q) with q = e^{-|B|}: 1 for B >= 0, q for B < 0.
+template <class V>
+AK_HD V sigmoid_times_1pq(V B, V q) {
+  using O = Ops<V>;
+  using S = typename O::Scalar;
+  return O::select(O::lt(B, V(S(0))), q, V(S(1)));
+}
+
+// Overwrites s where x or x_new is not finite (SPEC §1): NaN -> NaN; exactly one infinite ->
+// the secant's limit, the asymptotic slope at that infinity; both infinite -> NaN, except 0
+// for bounded f (tanh, sigmoid) with opposite signs (the literal secant is then 2/inf or 1/inf).
+template <Act A, class V>
+AK_HD V fix_nonfinite(V a, V b, V s, ActParams<typename Ops<V>::Scalar> prm) {
+  using O = Ops<V>;
+  using S = typename O::Scalar;
+  const V inf = V(S(INFINITY)), zero = V(S(0));
+  const V nan = V(S(NAN));
+  auto a_fin = O::lt(O::abs(a), inf);  // false for NaN and +-inf
+  auto b_fin = O::lt(O::abs(b), inf);
+  auto all_fin = O::mand(a_fin, b_fin);
+  if (!O::any(O::mnot(all_fin))) return s;  // fast path: every lane finite
+  constexpr bool bounded = (A == Act::Tanh || A == Act::Sigmoid);
+  const S pos_slope = bounded ? S(0) : S(1);
+  const S neg_slope = (A == Act::LeakyRelu) ? prm.p0 : S(0);
+  auto a_inf = O::eq(O::abs(a), inf);
+  auto b_inf = O::eq(O::abs(b), inf);
+  V inf_val = O::select(a_inf, a, b);
+  V s_one = O::select(O::lt(zero, inf_val), V(pos_slope), V(neg_slope));
+  V s_both = bounded ? O::select(O::eq(a, b), nan, zero) : nan;
+  s = O::select(O::mxor(a_inf, b_inf), s_one, s);
+  s = O::select(O::mand(a_inf, b_inf), s_both, s);
+  auto a_nan = O::mnot(O::eq(a, a));
+  auto b_nan = O::mnot(O::eq(b, b));
+  return O::select(O::mor(a_nan, b_nan), nan, s);
+}
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------------------------
+// avg_slope<A>(a, b): the averaged slope s(x=a, x_new=b) of SPEC §1, in the arithmetic of V.
+// ---------------------------------------------------------------------------------------------
+template <Act A, class V>
+AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops<V>::Scalar eps) {
+  using O = Ops<V>;
+  using S = typename O::Scalar;
+  using detail::kSmall;
+  const V zero(S(0)), one(S(1));
+  const V small = V(S(kSmall));
+  V d = b - a;
+  // Fallback lanes (|d| <= eps, never true for NaN d) evaluate every formula at b = a, d = 0:
+  // each formula below then reduces to f'(a) through its own num/den selection.
+  auto fb = O::le(O::abs(d), V(eps));
+  V bb = O::select(fb, a, b);
+  V ad = O::select(fb, zero, O::abs(d));
+  V den_fac = O::select(fb, one, ad);
+  V s;
+
+  if constexpr (A == Act::Sigmoid || A == Act::Tanh || A == Act::Silu) {
+    // tanh(x) = 2 sigma(2x) - 1, so s_tanh(a, b) = 4 s_sigma(2a, 2b) (scaling by 2 is exact).
+    constexpr bool tanh_ = (A == Act::Tanh);
+    V A2 = tanh_ ? a * V(S(2)) : a;
+    V B2 = tanh_ ? bb * V(S(2)) : bb;
+    V AD2 = tanh_ ? ad * V(S(2)) : ad;
+    auto c = detail::sigmoid_core(A2, B2, AD2);
+    V num = O::select(fb, c.p, c.N);  // fallback: sigma'(A) = p / (1+p)^2
+    V den = (one + c.p) * (one + c.q) * (tanh_ ? O::select(fb, one, AD2) : den_fac);
+    if constexpr (A == Act::Silu) {
+      // silu = x sigma(x): s = sigma(b) + a * s_sigma(a, b), over one common denominator.
+      V sb = detail::sigmoid_times_1pq(B2, c.q);
+      s = O::fma(sb * (one + c.p), den_fac, a * num) / den;
+    } else {
+      s = (tanh_ ? num * V(S(4)) : num) / den;
+    }
+  } else if constexpr (A == Act::GeluTanh) {
+    // gelu_tanh = x h(x), h(x) = sigma(U(x)), U(x) = 2k (x + c x^3): s = h(b) + a s_h(a, b), and
+    // U(b) - U(a) = g (b - a) with g = 2k (1 + c (a^2 + a b + b^2)) > 0, so the sigmoid core gets
+    // |U(b) - U(a)| without a subtraction. |x| >= 10 saturates h exactly (e^{-U} < 1.2e-38), so
+    // clamping there keeps x^3 finite without changing the result.
+    const V k2(S(2 * 0.7978845608028654));  // 2 sqrt(2/pi)
+    const V c3(S(0.044715));
+    const V lim(S(10));
+    V ac = O::min(O::max(a, -lim), lim);
+    V bc = O::min(O::max(bb, -lim), lim);
+    V Ua = k2 * ac * O::fma(c3 * ac, ac, one);
+    V Ub = k2 * bc * O::fma(c3 * bc, bc, one);
+    V g = k2 * O::fma(c3, O::fma(ac, ac, O::fma(ac, bc, bc * bc)), one);
+    auto c = detail::sigmoid_core(Ua, Ub, g * O::abs(bc - ac));
+    V num = O::select(fb, c.p * g, c.N);  // fallback: h'(a) = sigma'(U(a)) g(a, a)
+    V den = (one + c.p) * (one + c.q) * den_fac;
+    V hb = detail::sigmoid_times_1pq(Ub, c.q);
+    s = O::fma(hb * (one + c.p), den_fac, a * num) / den;
+  } else if constexpr (A == Act::Gelu) {
+    // gelu = x Phi(x): s = Phi(b) + a s_Phi(a, b). With C(x) = Phi(-|x|) (an erfc, accurate in the
+    // tails): Phi(b) - Phi(a) = |C(a) - C(b)| (same signs) or 1 - C(a) - C(b) (opposite signs),
+    // used for |d| >= kSmall; below it the midpoint expansion of the mean of phi over [a, b]:
+    //   s_Phi = phi(m) sum_k He_2k(m) h^2k / (2k+1)!,  m = (a+b)/2, h = (b-a)/2  (He: Hermite;
+    //   phi^(2k) = He_2k phi).
+    const V rsqrt2(S(0.70710678118654752440));
+    const V rsqrt2pi(S(0.39894228040143267794));
+    V Ca = O::erfc(O::abs(a) * rsqrt2) * V(S(0.5));
+    V Cb = O::erfc(O::abs(bb) * rsqrt2) * V(S(0.5));
+    auto opp = O::mxor(O::lt(a, zero), O::lt(bb, zero));
+    V dPhi = O::select(opp, one - Ca - Cb, O::abs(Ca - Cb));
+    V s_large = dPhi / den_fac;
+    V h = (bb - a) * V(S(0.5));
+    const V mlim(S(40));  // phi(40) == 0 even in float64; keeps m^6 finite
+    V m = O::min(O::max(a + h, -mlim), mlim);
+    V m2 = m * m, h2 = h * h;
+    V phi = O::exp(m2 * V(S(-0.5))) * rsqrt2pi;
+    // sum_{k<K} He_2k(m) h^2k / (2k+1)!, Hermite by recurrence He_{n+1} = m He_n - n He_{n-1}.
+    // |h| <= kSmall/2 makes the first omitted term < 4e-9 (float, K=4) / < 2e-18 (double, K=9).
+    constexpr int K = sizeof(S) == 4 ? 4 : 9;
+    V he_prev = one, he = m, h2k = one, series = one;
+    S inv_fact = S(1);
+    for (int n = 1; n < 2 * K - 1; ++n) {
+      V he_next = O::fma(m, he, -V(S(n)) * he_prev);  // He_{n+1}
+      he_prev = he;
+      he = he_next;
+      if ((n + 1) % 2 == 0) {
+        inv_fact /= S(n + 1) * S(n + 2);  // 1 / (n+2)!
+        h2k = h2k * h2;
+        series = O::fma(he * V(inv_fact), h2k, series);
+      }
+    }
+    V s_small = phi * series;
+    V s_phi = O::select(O::lt(ad, small), s_small, s_large);
+    V phi_b = O::select(O::lt(bb, zero), Cb, one - Cb);
+    s = O::fma(a, s_phi, phi_b);
+  } else if constexpr (A == Act::Elu) {
+    // elu = x (x > 0), alpha (e^x - 1) (x <= 0). With lo <= hi:
+    //   both <= 0: alpha (e^hi - e^lo) = alpha e^hi (1 - e^{-|d|})
+    //   lo <= 0 < hi: hi + alpha (1 - e^lo)       (two positive terms, no cancellation)
+    // Both 1 - e^{-y} use the Taylor series below kSmall; one series evaluation serves both.
+    const V alpha(prm.p0);
+    V lo = O::min(a, bb), hi = O::max(a, bb);
+    V El = O::exp(O::min(lo, zero));
+    V Eh = O::exp(O::min(hi, zero));
+    auto neg = O::le(hi, zero);
+    V y = O::select(neg, ad, -lo);
+    V om = detail::one_minus_exp_neg_small(y);
+    V n_neg = O::select(O::lt(ad, small), Eh * om, Eh - El) * alpha;
+    V n_cross = O::fma(alpha, O::select(O::lt(-lo, small), om, one - El), hi);
+    V N = O::select(O::le(zero, lo), ad, O::select(neg, n_neg, n_cross));
+    V fprime = O::select(O::lt(zero, a), one, El * alpha);  // PyTorch: f'(0) = alpha
+    s = O::select(fb, fprime, N / den_fac);
+  } else if constexpr (A == Act::Relu || A == Act::LeakyRelu) {
+    // Piecewise linear: s = w + slope_neg (1 - w), w = (max(b,0) - max(a,0)) / d is the fraction
+    // of the segment on the positive side (exactly 1 or 0 when both ends are on one side).
+    const V ns((A == Act::LeakyRelu) ? prm.p0 : S(0));
+    V w = (O::max(bb, zero) - O::max(a, zero)) / O::select(fb, one, d);
+    V sec = O::fma(ns, one - w, w);
+    s = O::select(fb, O::select(O::lt(zero, a), one, ns), sec);  // PyTorch: f'(0) = slope_neg
+  } else if constexpr (A == Act::Softplus) {
+    // softplus = log1p(e^{beta x}) / beta for y = beta x <= threshold, else x (PyTorch's switch).
+    // In y units (D = beta |d|, s = delta / D), with lo <= hi both below the threshold and
+    // 1 - e^{-D} by Taylor below kSmall, e^D - 1 = (1 - e^{-D}) / e^{-D}:
+    //   lo + hi <= 0:           delta = log1p(sigma(lo) (e^D - 1))            (argument >= 0)
+    //   lo + hi > 0, lo >= 0 or D < kSmall:
+    //                           delta = D + log1p(-sigma(-lo) (1 - e^{-D}))  (argument in (-0.4, 0])
+    //   lo + hi > 0, lo < 0:    delta = hi + log1p((e^{-hi} - e^{lo}) / (1 + e^{lo}))  (delta >= hi)
+    // Rare lanes (crossing the threshold, or D > 30 where e^D - 1 could overflow) use
+    //   delta = (max(hi,0) + L(hi)) - (max(lo,0) + L(lo)),  L(y) = log1p(e^{-|y|}),
+    // with f(x) = x above the threshold.
+    const V beta(prm.p0), thr(prm.p1);
+    V ya = a * beta, yb = bb * beta;
+    V D = ad * beta;
+    V lo = O::min(ya, yb), hi = O::max(ya, yb);
+    auto hi_above = O::lt(thr, hi);
+    auto lo_above = O::lt(thr, lo);
+    V El = O::exp(-O::abs(lo));
+    V inv1pEl = one / (one + El);
+    auto lo_neg = O::lt(lo, zero);
+    V sig_lo = O::select(lo_neg, El, one) * inv1pEl;  // sigma(lo)
+    V sig_nlo = O::select(lo_neg, one, El) * inv1pEl;  // sigma(-lo)
+    V Ed = O::exp(-D);
+    V om = O::select(O::lt(D, small), detail::one_minus_exp_neg_small(D), one - Ed);
+    auto left = O::le(lo + hi, zero);
+    auto straddle = O::mand(lo_neg, O::le(small, D));  // right-hand lanes only
+    V arg = O::select(left, sig_lo * om / Ed,
+                      O::select(straddle, (Ed / El - El) * inv1pEl, -sig_nlo * om));
+    V lg = O::log1p(arg);
+    V delta = O::select(left, lg, O::select(straddle, hi, D) + lg);
+    auto crossing = O::mxor(hi_above, lo_above);
+    auto rare = O::mor(crossing, O::lt(V(S(30)), D));
+    if (O::any(rare)) {
+      V Llo = O::log1p(El);
+      V f_lo = O::max(lo, zero) + Llo;
+      V f_hi = O::select(hi_above, hi, O::max(hi, zero) + O::log1p(O::exp(-O::abs(hi))));
+      // Crossing with lo close below the threshold: (hi - lo) + min(lo, 0) - L(lo) keeps D exact.
+      V cross = D + O::min(lo, zero) - Llo;
+      V lit = f_hi - f_lo;
+      delta = O::select(rare, O::select(crossing, cross, lit), delta);
+    }
+    V sec = O::select(lo_above, one, delta / O::select(fb, one, D));
+    V fprime = O::select(O::lt(thr, ya), one, sig_lo);  // fallback lanes: lo == ya
+    s = O::select(fb, fprime, sec);
+  }
+  return detail::fix_nonfinite<A>(a, b, s, prm);
+}
+
+// f'(x) as the secant's fallback computes it (shares every formula with avg_slope).
+template <Act A, class V>
+AK_HD V act_deriv(V x, ActParams<typename Ops<V>::Scalar> prm) {
+  return avg_slope<A>(x, x, prm, typename Ops<V>::Scalar(0));
+}
+
+// f(x), the forward. Kernels never need it (the forward is PyTorch's own op, bitwise); it is
+// here so that the header holds each activation whole and tests can check it against PyTorch.
+template <Act A, class V>
+AK_HD V act_value(V x, ActParams<typename Ops<V>::Scalar> prm) {
+  using O = Ops<V>;
+  using S = typename O::Scalar;
+  const V zero(S(0)), one(S(1));
+  if constexpr (A == Act::Tanh || A == Act::Sigmoid || A == Act::Silu) {
+    V X = (A == Act::Tanh) ? x * V(S(2)) : x;
+    V q = O::exp(-O::abs(X));
+    V sig = detail::sigmoid_times_1pq(X, q) / (one + q);
+    if constexpr (A == Act::Tanh) return sig * V(S(2)) - one;  // tanh(x) = 2 sigma(2x) - 1
+    else if constexpr (A == Act::Silu) return x * sig;
+    else return sig;
+  } else if constexpr (A == Act::Relu || A == Act::LeakyRelu) {
+    const S ns = (A == Act::LeakyRelu) ? prm.p0 : S(0);
+    return O::select(O::lt(zero, x), x, x * V(ns));
+  } else if constexpr (A == Act::Elu) {
+    // alpha (e^x - 1): e^x - 1 = -(1 - e^{-(-x)}), by Taylor for |x| < kSmall.
+    V em1 = O::select(O::lt(-x, V(S(detail::kSmall))), -detail::one_minus_exp_neg_small(-x),
+                      O::exp(O::min(x, zero)) - one);
+    return O::select(O::lt(zero, x), x, em1 * V(prm.p0));
+  } else if constexpr (A == Act::Gelu) {
+    V C = O::erfc(O::abs(x) * V(S(0.70710678118654752440))) * V(S(0.5));
+    return x * O::select(O::lt(x, zero), C, one - C);
+  } else if constexpr (A == Act::GeluTanh) {
+    const V lim(S(10));
+    V xc = O::min(O::max(x, -lim), lim);
+    V U = V(S(2 * 0.7978845608028654)) * xc * O::fma(V(S(0.044715)) * xc, xc, one);
+    V q = O::exp(-O::abs(U));
+    return x * detail::sigmoid_times_1pq(U, q) / (one + q);
+  } else {  // Softplus
+    V y = x * V(prm.p0);
+    V sp = (O::max(y, zero) + O::log1p(O::exp(-O::abs(y)))) / V(prm.p0);
+    return O::select(O::lt(V(prm.p1), y), x, sp);
+  }
+}
+
+}  // namespace avg_kernels

@@ -1,0 +1,88 @@
+"""Builds avg_kernels._C: the C++ CPU kernels always, the CUDA kernels when possible.
+
+Environment switches (all optional):
+  AVG_KERNELS_CUDA=auto|0|1   auto (default): build CUDA kernels when torch has CUDA and nvcc is
+                              found; 0: never; 1: always, failing with a clear message if impossible.
+  AVG_KERNELS_CPU_ISA=auto|avx512|avx2|default
+                              SIMD level of the CPU kernels; auto picks what torch.compile picks
+                              on this machine (the extension is built for the machine it runs on).
+  TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured as in torch.utils.cpp_extension.
+Install with `pip install --no-build-isolation -e .` so the build uses the torch you installed.
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError as exc:  # pragma: no cover - only hit by an isolated build
+    raise SystemExit(
+        "avg_kernels builds against the installed torch: install torch first, then run "
+        "`pip install --no-build-isolation -e .` (build isolation would build against another torch)."
+    ) from exc
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+ISA_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
+    "default": [],
+}
+
+
+def cpu_isa() -> str:
+    choice = os.environ.get("AVG_KERNELS_CPU_ISA", "auto").lower()
+    if choice != "auto":
+        if choice not in ISA_FLAGS:
+            raise SystemExit(f"AVG_KERNELS_CPU_ISA={choice!r}: expected one of auto, {', '.join(ISA_FLAGS)}")
+        return choice
+    try:  # the same choice torch.compile's C++ backend makes on this machine
+        from torch._inductor import cpu_vec_isa
+
+        name = str(cpu_vec_isa.pick_vec_isa())
+    except Exception:  # noqa: BLE001 - any failure means: no known SIMD level
+        name = ""
+    return "avx512" if name.startswith("avx512") else "avx2" if name.startswith("avx2") else "default"
+
+
+def cuda_wanted() -> bool:
+    choice = os.environ.get("AVG_KERNELS_CUDA", "auto").lower()
+    if choice not in ("auto", "0", "1"):
+        raise SystemExit(f"AVG_KERNELS_CUDA={choice!r}: expected auto, 0 or 1")
+    nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
+    problems = []
+    if torch.version.cuda is None:
+        problems.append(f"the installed torch {torch.__version__} is a CPU-only build")
+    if not nvcc:
+        problems.append("nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
+    if choice == "1" and problems:
+        raise SystemExit("AVG_KERNELS_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(problems))
+    return choice != "0" and not problems
+
+
+def extension():
+    isa = cpu_isa()
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno", *ISA_FLAGS[isa]]
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+    if cuda_wanted():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc = ["-O3", "-std=c++17", "-DAVG_KERNELS_WITH_CUDA", "--expt-relaxed-constexpr"]
+        if os.environ.get("AVG_KERNELS_PTXAS_VERBOSE"):  # register/spill report per kernel
+            nvcc.append("-Xptxas=-v")
+        return cpp_extension.CUDAExtension(
+            "avg_kernels._C", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx + ["-DAVG_KERNELS_WITH_CUDA"], "nvcc": nvcc},
+        )
+    return cpp_extension.CppExtension(
+        "avg_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
+    )
+
+
+setup(
+    packages=find_packages(include=["avg_kernels", "avg_kernels.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))},
+)

@@ -1,0 +1,79 @@
+"""Input generators and SPEC §1 accuracy bars shared by the averaged-activation tests."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from avg_kernels import EPS, reference
+from avg_kernels.activations import KernelAct, forward, resolve
+
+# Every activation and parameter setting the tests sweep: (public name, params).
+CONFIGS = [
+    ("tanh", {}),
+    ("sigmoid", {}),
+    ("relu", {}),
+    ("leaky_relu", {}),
+    ("leaky_relu", {"negative_slope": 0.2}),
+    ("elu", {}),
+    ("elu", {"alpha": 0.5}),
+    ("gelu", {}),
+    ("gelu", {"approximate": "tanh"}),
+    ("silu", {}),
+    ("softplus", {}),
+    ("softplus", {"beta": 2.0, "threshold": 10.0}),
+]
+SMOOTH = {"tanh", "sigmoid", "elu", "gelu", "silu", "softplus"}
+
+
+def config_id(cfg) -> str:
+    act, params = cfg
+    return act + "".join(f"-{k}={v}" for k, v in params.items())
+
+
+def spec_inputs(n: int, dtype=torch.float32, device="cpu", generator=None):
+    """(grad_out, x, x_new) as SPEC §1 prescribes: x spans saturation (|x| <= 30, half of them
+    within |x| <= 3), d = x_new - x log-uniform in [1e-7, 10] with random sign."""
+    kw = dict(dtype=torch.float64, generator=generator)
+    x = (torch.rand(n, **kw) * 2 - 1) * 30
+    x = torch.where(torch.rand(n, **kw) < 0.5, x, x / 10)
+    d = torch.empty(n, dtype=torch.float64).uniform_(math.log(1e-7), math.log(10), generator=generator).exp()
+    d = d * torch.where(torch.rand(n, **kw) < 0.5, -1.0, 1.0)
+    g = torch.randn(n, **kw)
+    return tuple(t.to(dtype=dtype, device=device) for t in (g, x, x + d))
+
+
+def slope_errors(out: torch.Tensor, g: torch.Tensor, x: torch.Tensor, x_new: torch.Tensor, k: KernelAct,
+                 eps: float = EPS):
+    """Compares grad_in = ``out`` with the float64 reference on the same inputs.
+
+    Returns (mask of elements with |d| > eps, elementwise bar violations among them, normwise
+    relative error over them, reference grad_in in float64).
+    """
+    ref = reference.avg_act_backward(g.double(), x.double(), x_new.double(), k, eps)
+    d = (x_new.double() - x.double()).abs()
+    mask = d > eps
+    s_ref = ref / g.double()
+    s = out.double() / g.double()
+    violations = ((s - s_ref).abs() > 1e-5 * s_ref.abs() + 1e-6) & mask & (g != 0)
+    normwise = ((out.double() - ref)[mask].norm() / ref[mask].norm()).item()
+    return mask, violations, normwise, ref
+
+
+def literal_float32(g, x, x_new, k: KernelAct, eps: float = EPS):
+    """The naive secant in float32, as the papers evaluate it (fails SPEC's bar for smooth f)."""
+    d = x_new - x
+    s = (forward(x_new, k) - forward(x, k)) / d
+    return g * s
+
+
+def kernel_act(cfg) -> KernelAct:
+    return resolve(*cfg)
+
+
+def fp32_rounding_tol(value: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, ulps: float = 8.0) -> torch.Tensor:
+    """'Equal to float32 rounding': a few float32 ulps of |value| plus the absolute rounding that
+    PyTorch's own float32 backward formulas make, |grad| (1 + |x|) ulps (e.g. 1 - tanh^2, or
+    x (1 - sigmoid(x)) in silu's, whose error grows with |x|)."""
+    e32 = torch.finfo(torch.float32).eps
+    return ulps * e32 * (value.abs() + grad.abs() * (1 + x.abs()))

@@ -1,0 +1,60 @@
+"""Shared test setup.
+
+Without a CUDA device the Triton backend runs in Triton's interpreter on CPU tensors, so the
+same parity tests cover it: TRITON_INTERPRET=1 must be set before triton is first imported.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every kernel output is allocated NaN-filled ("poisoned") before the launch, so an element a
+# kernel forgets to write cannot pass a parity test (see avg_kernels/ops/_alloc.py).
+os.environ.setdefault("AVG_KERNELS_POISON_OUTPUTS", "1")
+
+import avg_kernels  # noqa: E402
+
+
+def backend_params():
+    """Every backend, skipped with the reason when it cannot run here."""
+    out = []
+    for name in ("reference", "cpu", "triton", "cuda"):
+        from avg_kernels.ops._backend import unavailable_reason
+
+        reason = unavailable_reason(name)
+        marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where tensors for ``backend`` live: CUDA for cuda/triton when a GPU exists, else CPU."""
+    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    if backend == "reference" and torch.cuda.is_available() and os.environ.get("AVG_KERNELS_TEST_REFERENCE_ON_CUDA"):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def interpreted(backend: str) -> bool:
+    """True when ``backend`` runs in the (slow) Triton interpreter: keep those tests small."""
+    return backend == "triton" and not torch.cuda.is_available()
+
+
+@pytest.fixture(params=backend_params())
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def fresh_seed():
+    """A fresh seed per test run (printed on failure by pytest's captured output)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"seed={seed}")
+    torch.manual_seed(seed)
+    return seed
+
+
+_ = avg_kernels
