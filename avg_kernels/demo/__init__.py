@@ -1,0 +1,5 @@
+"""``python -m avg_kernels demo``: train the demo model with several methods and compare them."""
+from .methods import REGISTRY, Method, Settings, Trainer, register
+from .model import model_b
+
+__all__ = ["REGISTRY", "Method", "Settings", "Trainer", "register", "model_b"]

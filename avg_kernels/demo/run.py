@@ -1,0 +1,149 @@
+"""Runs the demo (SPEC §7): every requested method on the same data, model init and batch order;
+prints a Markdown table and writes a PNG plot of loss against samples seen."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .. import data as datasets
+from .methods import REGISTRY, Settings
+from .model import model_b
+
+DEFAULT_METHODS = ["sgd", "adam", "rmsprop"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"methods to run (default: {' '.join(DEFAULT_METHODS)}); --list shows all")
+    p.add_argument("--list", action="store_true", help="list the registered methods and exit")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--depth", type=int, default=4, help="tanh layers after the convolutions (paper: 27)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate for every method (default: each method's own)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data", default=None, help="folder with the four MNIST IDX files (default: scikit-learn digits)")
+    p.add_argument("--target-loss", type=float, default=0.5, help="train loss whose first crossing counts samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="demo_results", help="folder for demo.md, demo.json, demo.png")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def evaluate(model, split, device, batch=1024):
+    model.eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(split.y), batch):
+            x, y = split.x[i:i + batch].to(device), split.y[i:i + batch].to(device)
+            out = model(x)
+            loss += F.cross_entropy(out, y, reduction="sum").item()
+            correct += (out.argmax(1) == y).sum().item()
+    model.train()
+    return loss / len(split.y), correct / len(split.y)
+
+
+def train_one(name, args, train, test, progress):
+    method = REGISTRY[name]
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)  # the same initial model for every method
+    model = model_b(image_size=train.x.shape[-1], depth=args.depth).to(device)
+    trainer = method.make(model, Settings(lr=args.lr))
+    order = torch.Generator().manual_seed(args.seed + 1)  # the same batch order for every method
+    curve, step_times, epochs = [], [], []
+    seen = 0
+    for epoch in range(args.epochs):
+        perm = torch.randperm(len(train.y), generator=order)
+        for i in range(0, len(perm), args.batch_size):
+            idx = perm[i:i + args.batch_size]
+            x, y = train.x[idx].to(device), train.y[idx].to(device)
+            t0 = time.perf_counter()
+            loss = trainer.step(x, y)
+            step_times.append(time.perf_counter() - t0)
+            seen += len(idx)
+            curve.append((seen, loss))
+            progress.update(1)
+        tr, te = evaluate(model, train, device), evaluate(model, test, device)
+        epochs.append({"epoch": epoch + 1, "samples": seen, "train_loss": tr[0], "train_acc": tr[1],
+                       "test_loss": te[0], "test_acc": te[1]})
+    reached = next((e["samples"] for e in epochs if e["train_loss"] <= args.target_loss), None)
+    return {"method": name, "base": method.base, "lr": args.lr or method.default_lr, "curve": curve,
+            "epochs": epochs, "samples_to_target": reached,
+            "step_ms": 1e3 * statistics.median(step_times[1:] or step_times), **trainer.summary()}
+
+
+def table(results, target_loss):
+    by_name = {r["method"]: r for r in results}
+    extra_cols = sorted({k for r in results for k in r if k not in
+                         {"method", "base", "lr", "curve", "epochs", "samples_to_target", "step_ms"}})
+    head = ["method", "lr", "train loss", "train acc", "test loss", "test acc", f"samples to loss {target_loss}",
+            "ms/step", "time vs base"] + extra_cols
+    rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in results:
+        last = r["epochs"][-1]
+        base = by_name.get(r["base"]) if r["base"] else None
+        rel = f"{r['step_ms'] / base['step_ms']:.2f}x {r['base']}" if base else "-"
+        cells = [r["method"], f"{r['lr']:g}", f"{last['train_loss']:.4f}", f"{last['train_acc']:.3f}",
+                 f"{last['test_loss']:.4f}", f"{last['test_acc']:.3f}", str(r["samples_to_target"] or "not reached"),
+                 f"{r['step_ms']:.2f}", rel]
+        cells += [(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))) for c in extra_cols]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        xs = [s for s, _ in r["curve"]]
+        ys = [l for _, l in r["curve"]]
+        k = max(1, len(ys) // 100)  # moving average over ~1% of the run, for readability
+        smooth = [sum(ys[max(0, i - k + 1):i + 1]) / len(ys[max(0, i - k + 1):i + 1]) for i in range(len(ys))]
+        ax.plot(xs, smooth, label=r["method"])
+    ax.set_xlabel("training samples seen")
+    ax.set_ylabel("batch loss (moving average)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.list:
+        for m in REGISTRY.values():
+            print(f"{m.name:10s} {m.help}")
+        return 0
+    names = args.methods or DEFAULT_METHODS
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; registered: {sorted(REGISTRY)}")
+    train, test = datasets.mnist(args.data) if args.data else datasets.digits(seed=args.seed)
+    steps = args.epochs * -(-len(train.y) // args.batch_size) * len(names)
+    try:
+        from tqdm import tqdm
+
+        progress = tqdm(total=steps, disable=args.no_progress, desc="demo", unit="step")
+    except ImportError:  # pragma: no cover
+        progress = None
+    results = [train_one(n, args, train, test, progress) for n in names]
+    progress.close()
+    text = table(results, args.target_loss)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "demo.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, "demo.json"), "w") as f:
+        json.dump(results, f)
+    plot(results, os.path.join(args.out, "demo.png"))
+    print(f"wrote {args.out}/demo.md, demo.json, demo.png")
+    return 0
