@@ -3,5 +3,6 @@
 Every fast backend is tested against these functions; SPEC.md defines what they compute.
 """
 from .avg_act import avg_act_backward
+from .gram import im2col_gram, linear_gram
 
-__all__ = ["avg_act_backward"]
+__all__ = ["avg_act_backward", "im2col_gram", "linear_gram"]
