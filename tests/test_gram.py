@@ -237,3 +237,40 @@ def test_bad_input_errors_name_the_argument():
     _raises(ValueError, r"kernel_size=\(3,\) has 1 entries", torch.ops.avg_kernels.im2col_gram, x, [3], [1, 1],
             [0, 0], [1, 1], 1, False)
     _raises(ValueError, r"empty output", torch.ops.avg_kernels.im2col_gram, x[:, :, 0], [9], [1], [1], [1], 1, False)
+
+
+def _random_conv_config(gen: torch.Generator):
+    """A random valid Conv1d/Conv2d configuration (small sizes, every argument exercised)."""
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
+    nd = r(1, 2)
+    groups = r(1, 3)
+    c = groups * r(1, 5)
+    k = tuple(r(1, 4) for _ in range(nd))
+    s = tuple(r(1, 3) for _ in range(nd))
+    d = tuple(r(1, 2) for _ in range(nd))
+    p = tuple(r(0, (d[i] * (k[i] - 1)) + 1) for i in range(nd))
+    size = tuple(max(1, d[i] * (k[i] - 1) + 1 - 2 * p[i]) + r(0, 7) for i in range(nd))
+    return (r(1, 3), c, *size), k, s, p, d, groups, bool(r(0, 1))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_im2col_gram_random_configurations(backend, seed):
+    """200 random configurations per seed (interpreted Triton: 15): 1-D/2-D, stride, padding (up to wider
+    than the kernel reach), dilation, groups, bias, odd sizes."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    dev = backend_device(backend)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny problems: OpenMP barriers cost more than they save on a busy machine
+    try:
+        _random_configs(backend, dev, gen)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _random_configs(backend, dev, gen):
+    for _ in range(15 if interpreted(backend) else 200):
+        shape, k, s, p, d, g, b = _random_conv_config(gen)
+        x = torch.randn(shape, generator=gen).to(dev)
+        out = ak.im2col_gram(x, k, s, p, d, g, b, backend=backend)
+        ref = ref_gram(x, k, s, p, d, g, b)
+        assert rel_fro(out, ref) <= TOL, (shape, k, s, p, d, g, b)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..reference.gram import out_dtype
 from . import _backend, _checks
+from ._alloc import new_output
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -145,8 +146,22 @@ def _interim_linear(x, bias):
     return (rows.T @ rows).unsqueeze(0)
 
 
-_CONV_IMPLS = {"reference": _reference_conv, "cpu": _interim_conv, "triton": _interim_conv, "cuda": _interim_conv}
-_LINEAR_IMPLS = {"reference": _reference_linear, "cpu": _interim_linear, "triton": _interim_linear,
+def _cpu_conv(x, geo: ConvGeometry):
+    out = new_output((geo.groups, geo.dim, geo.dim), x, out_dtype(x.dtype))
+    torch.ops.avg_kernels_C.im2col_gram_out(x, list(geo.kernel_size), list(geo.stride), list(geo.padding),
+                                            list(geo.dilation), geo.groups, geo.bias, out)
+    return out
+
+
+def _cpu_linear(x, bias):
+    dim = x.shape[-1] + int(bias)
+    out = new_output((1, dim, dim), x, out_dtype(x.dtype))
+    torch.ops.avg_kernels_C.linear_gram_out(x, bias, out)
+    return out
+
+
+_CONV_IMPLS = {"reference": _reference_conv, "cpu": _cpu_conv, "triton": _interim_conv, "cuda": _interim_conv}
+_LINEAR_IMPLS = {"reference": _reference_linear, "cpu": _cpu_linear, "triton": _interim_linear,
                  "cuda": _interim_linear}
 
 
