@@ -274,3 +274,25 @@ def _random_configs(backend, dev, gen):
         out = ak.im2col_gram(x, k, s, p, d, g, b, backend=backend)
         ref = ref_gram(x, k, s, p, d, g, b)
         assert rel_fro(out, ref) <= TOL, (shape, k, s, p, d, g, b)
+
+
+@pytest.mark.parametrize("splits,wide", [(1, False), (2, False), (3, True)])
+def test_triton_splits_and_tile_edges(splits, wide, fresh_seed):
+    """The Triton kernel's split-M partial Grams (workspace + sum) and tiles across D: D_IN = 64 puts
+    the bias row alone in the second 64-wide tile; D = 72 cuts a tile; M not a multiple of BLOCK_M; the
+    int64 position arithmetic used from M = 2^31 on (``wide``) on small inputs."""
+    from avg_kernels.ops._backend import unavailable_reason
+
+    if unavailable_reason("triton"):
+        pytest.skip(unavailable_reason("triton"))
+    from avg_kernels._triton import gram as tg
+
+    dev = backend_device("triton")
+    for shape, k, s, p, d, g, b in [((3, 16, 5, 6), 2, 1, 0, 1, 1, True), ((2, 8, 7, 5), 3, 1, 1, 1, 1, True),
+                                    ((2, 6, 9), 3, 2, 1, 1, 2, False)]:
+        x = torch.randn(shape, device=dev)
+        geo = ak.ops.gram.conv_geometry(x, k, s, p, d, g, b)
+        out = tg.im2col_gram(x, geo.kernel_size, geo.stride, geo.padding, geo.dilation, g, b, splits=splits, wide=wide)
+        assert rel_fro(out, ref_gram(x, k, s, p, d, g, b)) <= TOL
+    x = torch.randn(37, 70, device=dev)
+    assert rel_fro(tg.linear_gram(x, True, splits=splits, wide=wide), ak.linear_gram(x.double(), True, backend="reference")) <= TOL

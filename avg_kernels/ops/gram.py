@@ -160,8 +160,20 @@ def _cpu_linear(x, bias):
     return out
 
 
-_CONV_IMPLS = {"reference": _reference_conv, "cpu": _cpu_conv, "triton": _interim_conv, "cuda": _interim_conv}
-_LINEAR_IMPLS = {"reference": _reference_linear, "cpu": _cpu_linear, "triton": _interim_linear,
+def _triton_conv(x, geo: ConvGeometry):
+    from .._triton import gram as triton_gram
+
+    return triton_gram.im2col_gram(x, geo.kernel_size, geo.stride, geo.padding, geo.dilation, geo.groups, geo.bias)
+
+
+def _triton_linear(x, bias):
+    from .._triton import gram as triton_gram
+
+    return triton_gram.linear_gram(x, bias)
+
+
+_CONV_IMPLS = {"reference": _reference_conv, "cpu": _cpu_conv, "triton": _triton_conv, "cuda": _interim_conv}
+_LINEAR_IMPLS = {"reference": _reference_linear, "cpu": _cpu_linear, "triton": _triton_linear,
                  "cuda": _interim_linear}
 
 

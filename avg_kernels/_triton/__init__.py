@@ -1,0 +1,1 @@
+"""Triton kernels of avg_kernels, one module per op family (SPEC §5 "triton" backend)."""
