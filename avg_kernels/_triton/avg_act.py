@@ -285,7 +285,7 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
                 h2k = h2k * h2
                 series = tl.fma(he * _gelu_inv_fact(n, C == tl.float64), h2k, series)
         s_small = phi * series
-        s_phi = tl.where(ad < K_SMALL, s_small, s_large)
+        s_phi = tl.where(ad * _max(tl.abs(m), 1.0) < K_SMALL, s_small, s_large)  # series only where |h| max(1,|m|) < kSmall/2
         phi_b = tl.where(bb < 0.0, Cb, 1.0 - Cb)
         s = tl.fma(a, s_phi, phi_b)
     elif ACT == ELU:
