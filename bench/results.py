@@ -10,14 +10,18 @@ from . import machine as machine_mod
 from .harness import Report, Row, log2_size
 
 
+def _3sig(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
 def fmt_time(s: float | None) -> str:
     if s is None:
         return "fail"
     if s < 1e-3:
-        return f"{s * 1e6:.1f} µs"
+        return f"{_3sig(s * 1e6)} µs"
     if s < 1:
-        return f"{s * 1e3:.3g} ms"
-    return f"{s:.3g} s"
+        return f"{_3sig(s * 1e3)} ms"
+    return f"{_3sig(s)} s"
 
 
 NOISY = 0.2  # interquartile range above this fraction of the median: the time is marked "±"

@@ -5,6 +5,7 @@ A command is a module in this package (``avg_kernels/cli/<name>.py``) that defin
     COMMAND = "<name>"                      # the subcommand
     HELP = "one line for --help"
     def configure(parser): ...              # adds its arguments to its argparse sub-parser
+                                            # (set_defaults(_accept_extra=True): it takes unknown ones too)
     def run(args) -> int: ...               # runs it; the exit status
 
 Modules are discovered here, so adding a command means adding one file, no edit elsewhere. Keep
@@ -39,7 +40,7 @@ class _Broken:
         self.COMMAND, self.HELP, self._tb = name, f"(unavailable: its module failed to import)", tb
 
     def configure(self, parser):
-        parser.add_argument("rest", nargs=argparse.REMAINDER)
+        parser.set_defaults(_accept_extra=True)
 
     def run(self, args) -> int:
         print(f"error: the {self.COMMAND!r} command failed to import:\n{self._tb}", file=sys.stderr)
@@ -59,5 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "_accept_extra", False):  # a command that cannot run takes anything
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args._run(args) or 0)

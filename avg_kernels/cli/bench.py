@@ -37,8 +37,7 @@ def locate_bench():
 def configure(parser: argparse.ArgumentParser) -> None:
     runner = locate_bench()
     if isinstance(runner, str):
-        parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        parser.set_defaults(_bench_error=runner)
+        parser.set_defaults(_bench_error=runner, _accept_extra=True)  # options unknown: say why, not "usage"
         return
     runner.add_arguments(parser)
 
