@@ -108,7 +108,7 @@ def machine_info() -> dict:
         "extension": extension_state(),
         "source": source_state(),
         "env": {k: v for k, v in os.environ.items()
-                if k in ("OMP_NUM_THREADS", "TRITON_INTERPRET", "AVG_KERNELS_POISON_OUTPUTS", "CUDA_VISIBLE_DEVICES",
+                if k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TRITON_INTERPRET", "AVG_KERNELS_POISON_OUTPUTS", "CUDA_VISIBLE_DEVICES",
                          "TORCHINDUCTOR_CACHE_DIR")},
     }
 
