@@ -4,6 +4,9 @@ Per activation, input distribution, dtype and size, in one run and back to back:
 
 * every available compiled backend ("cpu" on CPU; "triton" and "cuda" on a GPU; never the float64
   "reference" nor Triton's CPU interpreter);
+* ``cpu_kernel`` / ``cuda_kernel``: the same compiled kernel called bare (the internal op
+  ``torch.ops.avg_kernels_C.avg_act_backward_out`` into a preallocated output): the difference to the
+  backend's row is the public op's Python, checks and allocation overhead;
 * ``eager``: the literal formula in eager PyTorch, in the input dtype,
   ``where(|d| <= eps, PyTorch's g*f'(x), g * (f(x_new) - f(x)) / d)`` (the papers' float32 secant);
 * ``compile``: ``torch.compile(dynamic=False)`` of that same function (compiled per activation, dtype
@@ -139,6 +142,7 @@ def run(ctx: Context) -> Report:
     dtypes = ctx.dtypes or DTYPES[ctx.mode]
     acc_size = min(sizes, key=lambda s: abs(math.log2(s) - math.log2(ACC_SIZE)))
     backends = subjects(dev)
+    raw_op = getattr(torch.ops.avg_kernels_C, "avg_act_backward_out", None) if backends else None
     rows: list[Row] = []
     accuracy: dict[tuple, float] = {}
     compile_s: list[float] = []
@@ -164,6 +168,10 @@ def run(ctx: Context) -> Report:
                     y = forward(x, k)
                     fns = {b: (lambda b=b: ak.avg_act_backward(g, x, xn, public, backend=b, **params))
                            for b in backends}
+                    for b in backends:  # the bare kernel: no Python wrapper, no checks, output preallocated
+                        if b in ("cpu", "cuda") and raw_op is not None:
+                            out = torch.empty_like(x)
+                            fns[f"{b}_kernel"] = (lambda out=out: raw_op(g, x, xn, out, k.kernel_id, k.p0, k.p1, EPS))
                     fns["eager"] = lambda: literal(g, x, xn)
                     if compiled is not None:
                         fns["compile"] = lambda: compiled(g, x, xn)
@@ -176,7 +184,7 @@ def run(ctx: Context) -> Report:
                     for impl, row in measured.items():
                         if impl == "compile":
                             row.extra["compile_s"] = round(c_s, 3)
-                        if n == acc_size and row.error is None and impl != "copy":
+                        if n == acc_size and row.error is None and impl not in ("copy", "cpu_kernel", "cuda_kernel"):
                             accuracy[(act, kd, dt, impl)] = normwise_error(fns[impl](), g, x, xn, k)
                         rows.append(row)
                     if compiled is None and do_compile:
@@ -198,7 +206,8 @@ def run(ctx: Context) -> Report:
     ours = ", ".join(f"`{b}`" for b in backends) or "NONE (no compiled backend available: build the extension)"
     notes = [
         f"Subjects: {ours} = `avg_kernels.avg_act_backward(..., backend=...)` through the public op (its Python "
-        "and dispatch overhead included). Peers: `eager` = the literal secant `where(|d|<=eps, g*f'(x), "
+        "and dispatch overhead included); `cpu_kernel`/`cuda_kernel` = the same kernel called bare (internal op, "
+        "preallocated output: the gap is the public op's overhead). Peers: `eager` = the literal secant `where(|d|<=eps, g*f'(x), "
         "g*(f(x_new)-f(x))/d)` in eager PyTorch in the input dtype; `compile` = torch.compile(dynamic=False) of "
         "that function (compile time excluded); `native` = PyTorch's own backward of f (g*f'(x), not the "
         "average; reads 3 tensors not 4); `copy` = copy_ of 2n elements (the same 4n elements of traffic).",

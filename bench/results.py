@@ -45,12 +45,8 @@ def fmt_err(e: float | None) -> str:
 
 
 def _impl_order(report: Report) -> list[str]:
-    seen = OrderedDict()
-    for name in [*report.subjects, *(p for p in report.peers)]:
-        seen[name] = None
-    for r in report.rows:
-        seen[r.impl] = None
-    return [i for i in seen if any(r.impl == i for r in report.rows)]
+    """Implementations in the order the benchmark measured them (it lists its subjects first)."""
+    return list(OrderedDict((r.impl, None) for r in report.rows))
 
 
 def _sections(rows: list[Row]) -> "OrderedDict[tuple, list[Row]]":
