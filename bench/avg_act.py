@@ -220,6 +220,9 @@ def run(ctx: Context) -> Report:
         "float32: 1e-6). For `native` it is the distance of the plain gradient g*f'(x) from the averaged one "
         "(what averaging changes), not a rounding error.",
     ]
+    if torch.float64 in dtypes:
+        notes.append("float64: the reference IS the literal secant in float64, so `err eager` is 0 there and the "
+                     "other float64 errors (~1e-10) are mostly the reference's own cancellation at |d| ~ 1e-7.")
     if compile_s:
         notes.append(f"torch.compile: {len(compile_s)} compiles, {sum(compile_s):.0f} s in total (first call "
                      f"of each; median {sorted(compile_s)[len(compile_s) // 2]:.1f} s), excluded from the times.")

@@ -11,7 +11,7 @@ from pathlib import Path
 from . import OPS
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-MIN_RUN_TIME = {"cpu": {"quick": 0.3, "full": 0.6}, "cuda": {"quick": 0.1, "full": 0.2}}
+MIN_RUN_TIME = {"cpu": {"quick": 0.3, "full": 0.6}, "cuda": {"quick": 0.1, "full": 0.1}}
 ROUNDS = {"cpu": 3, "cuda": 1}
 
 
