@@ -64,12 +64,14 @@ def cuda_wanted() -> bool:
 
 def extension():
     isa = cpu_isa()
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno", *ISA_FLAGS[isa]]
+    # No -std flag: torch.utils.cpp_extension adds the standard the installed torch needs (c++20
+    # since torch 2.13's cpp_extension; torch 2.14's headers reject anything older).
+    cxx = ["-O3", "-fno-math-errno", *ISA_FLAGS[isa]]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     if cuda_wanted():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "-std=c++17", "-DAVG_KERNELS_WITH_CUDA", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", "-DAVG_KERNELS_WITH_CUDA", "--expt-relaxed-constexpr"]
         if os.environ.get("AVG_KERNELS_PTXAS_VERBOSE"):  # register/spill report per kernel
             nvcc.append("-Xptxas=-v")
         return cpp_extension.CUDAExtension(
