@@ -46,6 +46,8 @@ CONV_CONFIGS = [
     ((2, 5, 10, 12), (1, 3), 1, (0, 1), 1, 5, False),  # depthwise
     ((1, 13, 7, 6), 2, 1, 0, 1, 1, True),  # channels not a multiple of anything
     ((2, 4, 9, 9), 3, 3, 0, 1, 4, True),  # stride = kernel
+    ((2, 70, 6, 5), 3, 1, 1, 1, 70, True),  # depthwise, 70 groups: vector tails across groups
+    ((1, 33, 11), 3, 2, 2, 2, 33, False),  # depthwise Conv1d, strided and dilated
 ]
 
 
@@ -186,6 +188,11 @@ def test_torch_compile_fullgraph(fresh_seed):
     torch.testing.assert_close(b, b0)
     c = torch.compile(lambda x: ak.im2col_gram(x, 3, stride=2, groups=3), fullgraph=True)(x)
     assert rel_fro(c, ref_gram(x, 3, stride=2, groups=3)) <= TOL
+    dyn = torch.compile(lambda x: ak.im2col_gram(x, (3, 1), padding=(1, 0), bias=True), fullgraph=True, dynamic=True,
+                        backend="aot_eager")
+    for shape in [(2, 3, 8, 8), (3, 3, 9, 5)]:  # symbolic batch and spatial sizes
+        x = torch.randn(shape)
+        assert rel_fro(dyn(x), ref_gram(x, (3, 1), 1, (1, 0), 1, 1, True)) <= TOL
 
 
 def test_autograd_gradcheck():

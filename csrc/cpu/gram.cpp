@@ -109,6 +109,40 @@ const auto& micro_fns() {
   return table;
 }
 
+// Depthwise (one channel per group): acc[g] += Σ_k a[k][g] · b[k][g] for `count` consecutive groups
+// (<= NVEC vectors), vectorised across groups; the buffer then has one channel per group, no padding.
+template <typename T, typename C, int NVEC>
+void micro_dw(const T* a, int64_t bdelta, const int64_t* rows, int64_t nrows, int64_t len, int64_t ps, C* c,
+              int64_t count) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int VL = Vec::size();
+  Vec acc[NVEC];
+  for (int v = 0; v < NVEC; ++v) acc[v] = Vec(T(0));
+  for (int64_t t = 0; t < nrows; ++t) {
+    const T* pa = a + rows[t];
+    for (int64_t w = 0; w < len; ++w, pa += ps) {
+      const T* pb = pa + bdelta;
+      for (int v = 0; v < NVEC; ++v) {
+        const int64_t n = std::min<int64_t>(VL, count - v * VL);
+        acc[v] = at::vec::fmadd(Vec::loadu(pa + v * VL, n), Vec::loadu(pb + v * VL, n), acc[v]);
+      }
+    }
+  }
+  for (int v = 0; v < NVEC; ++v) {
+    const int64_t n = std::min<int64_t>(VL, count - v * VL);
+    if (n == VL) {
+      add_to<T, C>(acc[v], c + v * VL);
+    } else {
+      T tmp[VL];
+      acc[v].store(tmp);
+      for (int64_t i = 0; i < n; ++i) c[v * VL + i] += C(tmp[i]);
+    }
+  }
+}
+
+template <typename T, typename C>
+using MicroDwFn = void (*)(const T*, int64_t, const int64_t*, int64_t, int64_t, int64_t, C*, int64_t);
+
 struct Geometry {
   int64_t groups, cg, cgp, ct;  // groups, channels per group, padded to the vector width, buffer channel stride
   int64_t k2, dim;              // kernel offsets, D (with bias)
@@ -118,6 +152,8 @@ struct Geometry {
   // straight into A, rows of `dim`. Otherwise one (groups, cg, cgp) block per atom, atom_off[key][atom]
   // into one zeroed workspace, scattered into A's interleaved (c·k2 + i) layout once at the end.
   bool direct;
+  // Depthwise (cg == 1, groups > 1): no channel padding (cgp = 1), items are blocks of groups.
+  bool depthwise;
   std::vector<std::vector<int64_t>> atom_off;
 };
 
@@ -180,6 +216,28 @@ void run_item(const Key& key, int32_t key_index, const Geometry& geo, const T* b
   }
 }
 
+// Depthwise work item: groups [g0, g0 + count) of one key, vectorised across groups.
+template <typename T, typename C>
+void run_item_dw(const Key& key, int32_t key_index, const Geometry& geo, const T* buf, int64_t phase_stride,
+                 int64_t nsamples, int64_t g0, int64_t count, int64_t* rowoff, C* acc) {
+  constexpr int64_t VL = at::vec::Vectorized<T>::size();
+  static const std::array<MicroDwFn<T, C>, kNV> fns = {&micro_dw<T, C, 1>, &micro_dw<T, C, 2>, &micro_dw<T, C, 3>,
+                                                        &micro_dw<T, C, 4>};
+  static_assert(kNV == 4, "one micro_dw per vector count");
+  const int64_t ct = geo.ct;
+  const T* buf_p = buf + key.phase_p * phase_stride + g0;
+  const T* buf_q = buf + key.phase_q * phase_stride + g0;
+  const int64_t bdelta = (buf_q - buf_p) + (key.dh * geo.buf_w + key.dw) * ct;
+  const int64_t k_block = std::clamp<int64_t>(kPanelBytes / (kNV * VL * int64_t(sizeof(T))), kKMin, kKMax);
+  const int nvec = static_cast<int>((count + VL - 1) / VL);
+  for (size_t ai = 0; ai < key.atoms.size(); ++ai) {
+    C* target = acc + geo.atom_off[key_index][ai] + g0;  // one element per group (cg = cgp = 1)
+    for_k_blocks(key.atoms[ai], geo, nsamples, k_block, rowoff, [&](const int64_t* rows, int64_t nrows, int64_t len) {
+      fns[nvec - 1](buf_p, bdelta, rows, nrows, len, ct, target, count);
+    });
+  }
+}
+
 // Column sums of offset i over the packed chunk, accumulated into sums (groups × cgp).
 template <typename T>
 void run_bias_item(const Plan& plan, const Geometry& geo, const T* buf, int64_t phase_stride, int64_t nsamples,
@@ -192,7 +250,10 @@ void run_bias_item(const Plan& plan, const Geometry& geo, const T* buf, int64_t 
     for (int64_t h = rect[0].lo; h < rect[0].hi; ++h)
       for (int64_t w = rect[1].lo; w < rect[1].hi; ++w) {
         const T* src = base + ((n * geo.buf_h + h) * geo.buf_w + w) * geo.ct;
-        for (int64_t c = 0; c < geo.ct; c += VL) (Vec::loadu(src + c) + Vec::loadu(sums + c)).store(sums + c);
+        for (int64_t c = 0; c < geo.ct; c += VL) {
+          const int64_t n = std::min<int64_t>(VL, geo.ct - c);
+          (Vec::loadu(src + c, n) + Vec::loadu(sums + c, n)).store(sums + c, n);
+        }
       }
 }
 
@@ -273,7 +334,8 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
   Geometry geo;
   geo.groups = groups;
   geo.cg = c_total / groups;
-  geo.cgp = (geo.cg + VL - 1) / VL * VL;
+  geo.depthwise = geo.cg == 1 && groups > 1;
+  geo.cgp = geo.depthwise ? 1 : (geo.cg + VL - 1) / VL * VL;
   geo.ct = groups * geo.cgp;
   geo.k2 = plan.k2();
   geo.dim = geo.cg * geo.k2 + (bias ? 1 : 0);
@@ -313,7 +375,10 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
     for (size_t k = 0; k < plan.keys.size(); ++k) {
       if (plan.keys[k].atoms.empty()) continue;
       for (int64_t g = 0; g < groups; ++g)
-        for (int64_t rb = 0; rb < cg; rb += kRowBlock) items.push_back({int32_t(k), g, rb, std::min(cg, rb + kRowBlock)});
+        if (!geo.depthwise)
+          for (int64_t rb = 0; rb < cg; rb += kRowBlock) items.push_back({int32_t(k), g, rb, std::min(cg, rb + kRowBlock)});
+      if (geo.depthwise)  // (key, block of groups): g = first group, rb1 = number of groups
+        for (int64_t g = 0; g < groups; g += kNV * VL) items.push_back({int32_t(k), g, 0, std::min(kNV * VL, groups - g)});
     }
     // Bigger items first (the diagonal keys compute a triangle): a better dynamic schedule.
     std::stable_sort(items.begin(), items.end(), [&](const Item& a, const Item& b) {
@@ -344,7 +409,10 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
         for (int64_t it = next++; it < n_items; it = next++) {
           if (it < int64_t(items.size())) {
             const Item& item = items[it];
-            if (geo.direct)
+            if (geo.depthwise)
+              run_item_dw<T, double>(plan.keys[item.key], item.key, geo, bp, phase_stride, ns, item.g, item.rb1,
+                                     rowoff, ap);
+            else if (geo.direct)
               run_item<T, T>(plan.keys[item.key], item.key, geo, bp, phase_stride, ns, item.g, item.rb0, item.rb1,
                              rowoff, o);
             else
