@@ -411,3 +411,23 @@ def test_cuda_kernel_addresses_beyond_2_31(fresh_seed):
                 want_off = n * strides[0] + (g * cg + c) * strides[1] + ih * strides[2] + iw * strides[3]
         assert (int(kind[e]), int(off[e])) == (want_kind, want_off), (m, d)
     assert int(off.max()) > 2**35
+
+
+def test_bench_smoke(tmp_path):
+    """bench/gram.py end to end on case (a) with batch 1: time rows for cpu and unfold+matmul, the
+    error, and a peak-memory figure from the LD_PRELOADed tracking allocator."""
+    import json
+
+    _needs_extension()
+    from bench import runner
+
+    argv = ["--ops", "gram", "--gram-cases", "a", "--gram-batch", "1", "--min-run-time", "0.01", "--rounds", "1",
+            "--no-progress", "--out", str(tmp_path)]
+    assert runner.main(argv) == 0
+    doc = json.loads((tmp_path / "gram-cpu-quick.json").read_text())
+    by_impl = {r["impl"]: r for r in doc["rows"]}
+    assert set(by_impl) == {"cpu", "unfold+matmul"} and all(r["median_s"] > 0 for r in by_impl.values())
+    assert by_impl["cpu"]["accuracy"] < TOL and "unfold+matmul" in by_impl["cpu"]["ratios"]
+    # unfold + matmul of one 64x56x56 sample holds its 7.2 MB of columns; the kernel ~2 MB at most
+    assert by_impl["unfold+matmul"]["extra"]["peak_extra_bytes"] > 7e6
+    assert by_impl["cpu"]["extra"]["peak_extra_bytes"] < 3e6
