@@ -362,6 +362,8 @@ def test_cuda_kernel_emulated_linear_and_empty(fresh_seed):
     assert rel_fro(out, ak.linear_gram(x.double(), True, backend="reference")) <= TOL
     out, info = _emulated(torch.randn(0, 4, 5, 5), 3, 1, 1, 1, 2, True)
     assert (out == 0).all() and info[2] == 0
+    out, _ = _emulated(torch.randn(2, 0, 6), 3, b=True)  # no channels: only the bias count M
+    assert out.shape == (1, 1, 1) and out.item() == 8
 
 
 def test_cuda_kernel_tile_numbering():

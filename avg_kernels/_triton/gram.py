@@ -192,6 +192,8 @@ def im2col_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, groups:
     steps_total = -(-m // launch.block_m)
     steps = -(-steps_total // splits)
     splits = max(1, -(-steps_total // steps)) if steps_total else 1
+    if groups > 65535 or splits > 65535:  # CUDA's grid.y / grid.z limits
+        raise ValueError(f"im2col_gram (triton): groups={groups} or splits={splits} exceeds the launch grid's 65535")
     ws = out if splits == 1 else new_output((splits, groups, dim, dim), x, acc_dtype)
     grid = (tiles.shape[0], groups, splits)
     gram_kernel[grid](
