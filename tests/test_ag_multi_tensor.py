@@ -314,3 +314,16 @@ def test_triton_small_chunks(mix, fresh_seed):
     for p, r in zip(ps, ref):
         tol = 2 * torch.finfo(p.dtype).eps * r.double().abs() + 1e-6
         assert ((p.double() - r.double()).abs() <= tol).all()
+
+
+def test_triton_aot_registry_has_the_ag_kernels():
+    """tests/test_triton_aot.py compiles these for sm_80/sm_90 (no spills, 128-bit loads for aligned
+    groups, 64-bit offsets); this checks they are registered at all."""
+    pytest.importorskip("triton")
+    from avg_kernels._triton import aot
+
+    names = {c.name for c in aot.configs()}
+    for kernel in ("ag1_update", "ag2_reduce", "ag2_scale"):
+        for group in ("fp32", "bf16", "fp16", "fp64", "bf16,fp32,fp32", "fp32,unaligned"):
+            assert f"{kernel}[{group}]" in names
+    assert "ag2_final" in names

@@ -75,15 +75,24 @@ FINAL_BLOCK = 1024
 # Typed access through int64 addresses.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _ptr(addr, CODE: tl.constexpr):
+def _ptr(meta, row, k: tl.constexpr, CODE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Typed pointer to member k of table row ``row``. In aligned groups the compiler is told the
+    address is a multiple of 16 bytes, so contiguous loads and stores become 128-bit accesses. The
+    hint must sit on the int -> pointer cast itself (not on an integer before it, which the alignment
+    analysis does not carry through the cast, nor on a value returned by another jit function, whose
+    call is inlined after the hint is lost): hence one cast per branch, here."""
+    a = tl.load(meta + (row + k))
     if CODE == BF16:
-        return addr.to(tl.pointer_type(tl.uint16), bitcast=True)
+        p = a.to(tl.pointer_type(tl.uint16), bitcast=True)
     elif CODE == F16:
-        return addr.to(tl.pointer_type(tl.float16), bitcast=True)
+        p = a.to(tl.pointer_type(tl.float16), bitcast=True)
     elif CODE == F32:
-        return addr.to(tl.pointer_type(tl.float32), bitcast=True)
+        p = a.to(tl.pointer_type(tl.float32), bitcast=True)
     else:
-        return addr.to(tl.pointer_type(tl.float64), bitcast=True)
+        p = a.to(tl.pointer_type(tl.float64), bitcast=True)
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
 
 
 @triton.jit
@@ -115,20 +124,12 @@ def _narrow(x, CODE: tl.constexpr):
 @triton.jit
 def _row(meta, blk_off, pid, CHUNK: tl.constexpr):
     """(table row offset, first element, end element) of program ``pid``."""
-    b = meta + blk_off + 2 * pid.to(tl.int64)
-    row = tl.load(b) * 4
-    start = tl.multiple_of(tl.load(b + 1), 16)
-    n = tl.load(meta + row + 3)
+    b = blk_off.to(tl.int64) + 2 * pid.to(tl.int64)
+    row = tl.load(meta + b) * 4
+    start = tl.multiple_of(tl.load(meta + (b + 1)), 16)
+    n = tl.load(meta + (row + 3))
     end = tl.minimum(start + CHUNK, n)
     return row, start, end
-
-
-@triton.jit
-def _addr(meta, row, k: tl.constexpr, ALIGNED: tl.constexpr):
-    a = tl.load(meta + row + k)
-    if ALIGNED:
-        a = tl.multiple_of(a, 16)
-    return a
 
 
 @triton.jit
@@ -142,9 +143,9 @@ def ag1_kernel(meta, blk_off, P: tl.constexpr, Q: tl.constexpr, G: tl.constexpr,
                ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """θ ← θ − |θ' − θ| ⊙ sign(ḡ) on one chunk (P, Q, G: type codes of θ, θ', ḡ)."""
     row, start, end = _row(meta, blk_off, tl.program_id(0), CHUNK)
-    p = _ptr(_addr(meta, row, 0, ALIGNED), P)
-    q = _ptr(_addr(meta, row, 1, ALIGNED), Q)
-    g = _ptr(_addr(meta, row, 2, ALIGNED), G)
+    p = _ptr(meta, row, 0, P, ALIGNED)
+    q = _ptr(meta, row, 1, Q, ALIGNED)
+    g = _ptr(meta, row, 2, G, ALIGNED)
     lanes = tl.arange(0, BLOCK)
     full = start + (end - start) // BLOCK * BLOCK
     for base in range(start, full, BLOCK):
@@ -166,9 +167,9 @@ def ag2_reduce_kernel(meta, blk_off, partials, part_off, P: tl.constexpr, O: tl.
     O: θ (params_old), S: θ' (params_step))."""
     pid = tl.program_id(0)
     row, start, end = _row(meta, blk_off, pid, CHUNK)
-    p = _ptr(_addr(meta, row, 0, ALIGNED), P)
-    o = _ptr(_addr(meta, row, 1, ALIGNED), O)
-    s = _ptr(_addr(meta, row, 2, ALIGNED), S)
+    p = _ptr(meta, row, 0, P, ALIGNED)
+    o = _ptr(meta, row, 1, O, ALIGNED)
+    s = _ptr(meta, row, 2, S, ALIGNED)
     lanes = tl.arange(0, BLOCK)
     acc_step = tl.zeros([BLOCK], dtype=tl.float64)
     acc_delta = tl.zeros([BLOCK], dtype=tl.float64)
@@ -183,28 +184,30 @@ def ag2_reduce_kernel(meta, blk_off, partials, part_off, P: tl.constexpr, O: tl.
     t = _widen(tl.load(o + idx, mask=m, other=0), O, OP)
     acc_step += tl.abs(_widen(tl.load(s + idx, mask=m, other=0), S, OP) - t).to(tl.float64)
     acc_delta += tl.abs(_widen(tl.load(p + idx, mask=m, other=0), P, OP) - t).to(tl.float64)
-    out = partials + 2 * (part_off + pid.to(tl.int64))
-    tl.store(out, tl.sum(acc_step, axis=0))
-    tl.store(out + 1, tl.sum(acc_delta, axis=0))
+    k = 2 * (part_off.to(tl.int64) + pid.to(tl.int64))
+    tl.store(partials + k, tl.sum(acc_step, axis=0))
+    tl.store(partials + (k + 1), tl.sum(acc_delta, axis=0))
 
 
 @triton.jit
 def ag2_final_kernel(partials, n_parts, norms, BLOCK: tl.constexpr):
     """One program: norms = (‖θ' − θ‖₁, ‖θ'' − θ‖₁, scale) from the partials, in a fixed order."""
-    lanes = tl.arange(0, BLOCK)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
     acc_step = tl.zeros([BLOCK], dtype=tl.float64)
     acc_delta = tl.zeros([BLOCK], dtype=tl.float64)
-    for base in range(0, n_parts, BLOCK):
+    n = n_parts.to(tl.int64)
+    for base in range(0, n, BLOCK):
         i = base + lanes
-        m = i < n_parts
+        m = i < n
         acc_step += tl.load(partials + 2 * i, mask=m, other=0.0)
-        acc_delta += tl.load(partials + 2 * i + 1, mask=m, other=0.0)
+        acc_delta += tl.load(partials + (2 * i + 1), mask=m, other=0.0)
     n_step = tl.sum(acc_step, axis=0)
     n_delta = tl.sum(acc_delta, axis=0)
     scale = tl.where(n_delta == 0, 0.0, n_step / n_delta)
+    one = tl.full([], 1, tl.int64)
     tl.store(norms, n_step)
-    tl.store(norms + 1, n_delta)
-    tl.store(norms + 2, scale)
+    tl.store(norms + one, n_delta)
+    tl.store(norms + 2 * one, scale)
 
 
 @triton.jit
@@ -217,10 +220,11 @@ def ag2_scale_kernel(meta, blk_off, norms, P: tl.constexpr, O: tl.constexpr, OP:
                      ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """θ'' ← θ + (θ'' − θ) · scale on one chunk; nothing is written when ‖θ'' − θ‖₁ = 0."""
     row, start, end = _row(meta, blk_off, tl.program_id(0), CHUNK)
-    p = _ptr(_addr(meta, row, 0, ALIGNED), P)
-    o = _ptr(_addr(meta, row, 1, ALIGNED), O)
-    n_delta = tl.load(norms + 1)
-    scale = tl.load(norms + 2).to(OP)
+    p = _ptr(meta, row, 0, P, ALIGNED)
+    o = _ptr(meta, row, 1, O, ALIGNED)
+    one = tl.full([], 1, tl.int64)
+    n_delta = tl.load(norms + one)
+    scale = tl.load(norms + 2 * one).to(OP)
     if n_delta == 0:
         end = start  # ‖Δ‖₁ = 0: leave every element as it is
     lanes = tl.arange(0, BLOCK)
@@ -331,3 +335,48 @@ def ag2_rescale_(entries: Sequence[FlatEntry], device: torch.device, launch: Lau
         _launch(ag2_scale_kernel, (g.n_programs,), device, meta, g.blk_off, norms, P=g.codes[0], O=g.codes[1],
                 OP=g.op, ALIGNED=g.aligned, CHUNK=launch.chunk, BLOCK=launch.block, num_warps=launch.num_warps)
     return norms
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile checks (tests/test_triton_aot.py): the production launch configuration for
+# the common dtype groups, aligned and not, on sm_80/sm_90.
+# ---------------------------------------------------------------------------------------------
+_AOT_GROUPS = {  # name -> (member type codes, aligned)
+    "fp32": ((2, 2, 2), True), "bf16": ((1, 1, 1), True), "fp16": ((0, 0, 0), True),
+    "fp64": ((3, 3, 3), True), "bf16,fp32,fp32": ((1, 2, 2), True), "fp32,unaligned": ((2, 2, 2), False),
+}
+
+
+def _register_aot() -> None:
+    from . import aot
+
+    common = dict(CHUNK=LAUNCH.chunk, BLOCK=LAUNCH.block)
+    for name, (codes, aligned) in _AOT_GROUPS.items():
+        op = tl.float64 if 3 in codes else tl.float32
+        consts = {**common, "OP": op, "ALIGNED": aligned}
+        aot.register(aot.KernelConfig(
+            name=f"ag1_update[{name}]", kernel=f"{__name__}:ag1_kernel",
+            signature={"meta": "*i64", "blk_off": "i32", "P": "constexpr", "Q": "constexpr", "G": "constexpr",
+                       "OP": "constexpr", "ALIGNED": "constexpr", "CHUNK": "constexpr", "BLOCK": "constexpr"},
+            constexprs={**consts, "P": codes[0], "Q": codes[1], "G": codes[2]},
+            aligned=("meta",), num_warps=LAUNCH.num_warps))
+        aot.register(aot.KernelConfig(
+            name=f"ag2_reduce[{name}]", kernel=f"{__name__}:ag2_reduce_kernel",
+            signature={"meta": "*i64", "blk_off": "i32", "partials": "*fp64", "part_off": "i32", "P": "constexpr",
+                       "O": "constexpr", "S": "constexpr", "OP": "constexpr", "ALIGNED": "constexpr",
+                       "CHUNK": "constexpr", "BLOCK": "constexpr"},
+            constexprs={**consts, "P": codes[0], "O": codes[1], "S": codes[2]},
+            aligned=("meta", "partials"), num_warps=LAUNCH.num_warps))
+        aot.register(aot.KernelConfig(
+            name=f"ag2_scale[{name}]", kernel=f"{__name__}:ag2_scale_kernel",
+            signature={"meta": "*i64", "blk_off": "i32", "norms": "*fp64", "P": "constexpr", "O": "constexpr",
+                       "OP": "constexpr", "ALIGNED": "constexpr", "CHUNK": "constexpr", "BLOCK": "constexpr"},
+            constexprs={**consts, "P": codes[0], "O": codes[1]},
+            aligned=("meta", "norms"), num_warps=LAUNCH.num_warps))
+    aot.register(aot.KernelConfig(
+        name="ag2_final", kernel=f"{__name__}:ag2_final_kernel",
+        signature={"partials": "*fp64", "n_parts": "i32", "norms": "*fp64", "BLOCK": "constexpr"},
+        constexprs={"BLOCK": FINAL_BLOCK}, aligned=("partials", "norms"), num_warps=4))
+
+
+_register_aot()
