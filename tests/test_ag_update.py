@@ -597,3 +597,19 @@ def test_torch_compile_fullgraph(backend, fresh_seed):
     out_e = step(b, qs, gs, os_, qs)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     torch.testing.assert_close(out_c, out_e)
+
+
+@pytest.mark.parametrize("op", [AG1, AG2])
+def test_version_counters_bumped(backend, op):
+    """In-place writes are visible to autograd: a graph that saved a parameter refuses to backward
+    through a value the op overwrote."""
+    dev = backend_device(backend)
+    w = torch.randn(5, device=dev, requires_grad=True)
+    v = w.detach()  # shares w's version counter
+    y = (w * w).sum()  # saves w
+    v0 = v._version
+    fn = ak.ag1_update_ if op == AG1 else ak.ag2_rescale_
+    fn([v], [v + 1], [torch.ones_like(v) if op == AG1 else v + 2], backend=backend)
+    assert v._version > v0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
