@@ -613,3 +613,18 @@ def test_version_counters_bumped(backend, op):
     assert v._version > v0
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+def test_python_checks_run_without_the_extension(monkeypatch):
+    """Without the compiled extension the reference and Triton backends check in Python (same errors)."""
+    from avg_kernels import _build
+
+    monkeypatch.setattr(_build, "extension", lambda: None)
+    base = torch.randn(10)
+    p = [base[:5], torch.randn(4)]
+    before = clone_all(p)
+    with pytest.raises(ValueError, match=r"ag1_update_: params_new\[1\] has shape \(5,\) but params\[1\] has shape \(4,\)"):
+        ak.ag1_update_(p, [torch.randn(5), torch.randn(5)], [None, torch.randn(4)], backend="reference")
+    with pytest.raises(ValueError, match=r"ag2_rescale_: params\[0\] overlaps params_step\[1\] in memory"):
+        ak.ag2_rescale_(p, [torch.randn(5), torch.randn(4)], [torch.randn(5), base[3:7]], backend="reference")
+    assert all(torch.equal(x, y) for x, y in zip(p, before))
