@@ -123,7 +123,8 @@ DTYPE_MIXES = {
     "f16": [(torch.float16,) * 3],
     "bf16": [(torch.bfloat16,) * 3],
     "mixed": [(torch.bfloat16, torch.float32, torch.float32), (torch.float32, torch.float32, torch.float64),
-              (torch.float16, torch.bfloat16, torch.float32), (torch.float32,) * 3, (torch.float64, torch.float16, torch.bfloat16)],
+              (torch.float16, torch.bfloat16, torch.float32), (torch.float32,) * 3, (torch.float64, torch.float16, torch.bfloat16),
+              (torch.bfloat16,) * 3, (torch.float16,) * 3],
 }
 
 
