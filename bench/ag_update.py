@@ -39,7 +39,7 @@ from bench.harness import Context, Report, Row, add_ratios, dtype_name
 
 NAME = "ag_update"
 OPS = ("ag1_update", "ag2_rescale")
-MODELS = {"quick": ["transformer_small", "resnet152"], "full": ["transformer_small", "resnet152", "gpt2_small"]}
+MODELS = {"quick": ["transformer_small", "resnet152", "gpt2_small"], "full": ["transformer_small", "resnet152", "gpt2_small"]}
 DTYPES = {"quick": [torch.float32, torch.bfloat16], "full": [torch.float32, torch.bfloat16, torch.float16]}
 ACC_MODEL = "transformer_small"
 PASSES = {"ag1_update": 4, "ag2_rescale": 6}  # compulsory passes over the values (reads + writes)
