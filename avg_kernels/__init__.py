@@ -2,16 +2,17 @@
 
 Public API (see README.md and SPEC.md):
     avg_act, avg_act_backward, EPS, ACTIVATIONS        averaged activation ops (SPEC §1)
+    ag1_update_, ag2_rescale_                            multi-tensor AG-1 / AG-2 updates (SPEC §2)
     im2col_gram, linear_gram                             input Grams of im2col layers (SPEC §3)
     available_backends, use_backend                      backend choice (SPEC §5)
 """
 from . import _build
 from .activations import ACTIVATIONS, EPS
-from .ops import (BackendUnavailableError, available_backends, avg_act, avg_act_backward, current_backend,
-                  im2col_gram, linear_gram, use_backend)
+from .ops import (BackendUnavailableError, ag1_update_, ag2_rescale_, available_backends, avg_act, avg_act_backward,
+                  current_backend, im2col_gram, linear_gram, use_backend)
 
 _build.extension()  # registers torch.ops.avg_kernels_C.* when the extension is built
 
 __version__ = "0.1.0"
-__all__ = ["ACTIVATIONS", "EPS", "BackendUnavailableError", "available_backends", "avg_act", "avg_act_backward",
-           "current_backend", "im2col_gram", "linear_gram", "use_backend"]
+__all__ = ["ACTIVATIONS", "EPS", "BackendUnavailableError", "ag1_update_", "ag2_rescale_", "available_backends", "avg_act",
+           "avg_act_backward", "current_backend", "im2col_gram", "linear_gram", "use_backend"]

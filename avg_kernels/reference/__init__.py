@@ -2,7 +2,8 @@
 
 Every fast backend is tested against these functions; SPEC.md defines what they compute.
 """
+from .ag_update import ag1_update_, ag2_rescale_
 from .avg_act import avg_act_backward
 from .gram import im2col_gram, linear_gram
 
-__all__ = ["avg_act_backward", "im2col_gram", "linear_gram"]
+__all__ = ["ag1_update_", "ag2_rescale_", "avg_act_backward", "im2col_gram", "linear_gram"]
