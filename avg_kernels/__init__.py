@@ -3,6 +3,9 @@
 Public API (see README.md and SPEC.md):
     avg_act, avg_act_backward, EPS, ACTIVATIONS        averaged activation ops (SPEC §1)
     available_backends, use_backend                      backend choice (SPEC §5)
+    avg_kernels.nn       averaged activation modules, convert(model)      (SPEC §4)
+    avg_kernels.optim    AG-1 / AG-2 / AG-3-1 steps over a torch.optim base (SPEC §4)
+    avg_kernels.metrics  RD and relative sample efficiency                 (SPEC §4)
 """
 from . import _build
 from .activations import ACTIVATIONS, EPS
@@ -11,6 +14,8 @@ from .ops import (BackendUnavailableError, available_backends, avg_act, avg_act_
 
 _build.extension()  # registers torch.ops.avg_kernels_C.* when the extension is built
 
+from . import metrics, nn, optim  # noqa: E402  (model-level layers, above the ops)
+
 __version__ = "0.1.0"
 __all__ = ["ACTIVATIONS", "EPS", "BackendUnavailableError", "available_backends", "avg_act", "avg_act_backward",
-           "current_backend", "use_backend"]
+           "current_backend", "use_backend", "metrics", "nn", "optim"]
