@@ -25,6 +25,10 @@ class Settings:
 class Trainer:
     """A torch.optim optimizer driven by an ordinary forward/backward (base methods, C-methods)."""
 
+    #: seconds of the last ``step()`` spent on evaluation that is not the method's cost (excluded from
+    #: the demo's time per step; e.g. AG's opt-in ℓ(θ_{t+1}) forward for RD)
+    untimed_s: float = 0.0
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model, self.optimizer = model, optimizer
 

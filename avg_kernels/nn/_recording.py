@@ -4,10 +4,12 @@ While an AG step runs, exactly one ``Recorder`` is active (module global ``ACTIV
 activation call (a converted module or ``avg_kernels.nn.functional``) asks it what to do:
 
 * ``GRAPH`` (the forward at θ that builds the graph): the call registers a ``Slot`` (in call order) and
-  runs ``_SlotAct``, an autograd Function that keeps the slot in its context. Its backward reads the
-  slot when it runs: empty -> PyTorch's own f' backward (bitwise the gradient PyTorch computes),
-  filled -> the averaged backward ``grad * s(x, x')`` through the public op
-  ``torch.ops.avg_kernels.avg_act_backward``.
+  runs ``_SlotAct``, an autograd Function that computes f(x) with PyTorch's own op and keeps the slot in
+  its context. Its backward reads the slot when it runs: empty -> PyTorch's own f' backward formula
+  (``activations.native_backward``: bitwise the gradient PyTorch computes); filled -> the averaged
+  backward ``grad * s(x, x')`` through the public op ``torch.ops.avg_kernels.avg_act_backward``.
+  (A post-hook on PyTorch's own autograd node would also work, but autograd cannot skip the node, so
+  the averaged backward would pay for f' as well; measured ~2 % of a ResNet-18-shaped AG-3-1 step.)
 * ``REPLAY`` (the no-grad forward at θ' -- or at θ_{t-1} for AG-3-1): call k checks that its input
   matches slot k (shape, dtype, device, activation) and stores it as slot k's x'. A different number of
   calls or a different shape is a ``PairingError`` naming the call index and both shapes.
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -48,28 +50,28 @@ class CheckpointingError(RuntimeError):
     """An averaged activation ran during an AG step's backward (activation checkpointing/recomputation)."""
 
 
-def _shape(t_or_shape) -> tuple:
-    return tuple(t_or_shape.shape if isinstance(t_or_shape, torch.Tensor) else t_or_shape)
+def activations_name(k: KernelAct) -> str:
+    return "gelu(approximate='tanh')" if k.name == "gelu_tanh" else k.name
+
+
+def _where_text(where) -> str:
+    return where if isinstance(where, str) else where._where()
 
 
 class Slot:
     """One averaged-activation call of the graph pass: what it saw, and x' once the replay filled it."""
 
-    __slots__ = ("index", "k", "where", "shape", "dtype", "device", "x_new", "x_new_version", "in_graph")
+    __slots__ = ("index", "k", "where", "shape", "dtype", "device", "read", "x_new", "x_new_version", "recorder")
 
-    def __init__(self, index: int, k: KernelAct, where: str, x: torch.Tensor, in_graph: bool):
-        self.index, self.k, self.where = index, k, where
-        self.shape, self.dtype, self.device = tuple(x.shape), x.dtype, x.device
+    def __init__(self, index: int, k: KernelAct, where, x: torch.Tensor, recorder: "Recorder"):
+        self.index, self.k, self.where, self.recorder = index, k, where, recorder
+        self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
+        self.read = False  # True when a backward will read the slot (the call is part of the graph)
         self.x_new: Optional[torch.Tensor] = None
         self.x_new_version = 0
-        self.in_graph = in_graph  # False: the call ran without grad (no backward will read the slot)
 
     def describe(self) -> str:
-        return f"{activations_name(self.k)} at {self.where}"
-
-
-def activations_name(k: KernelAct) -> str:
-    return "gelu(approximate='tanh')" if k.name == "gelu_tanh" else k.name
+        return f"{activations_name(self.k)} at {_where_text(self.where)}"
 
 
 class Recorder:
@@ -100,7 +102,7 @@ class Recorder:
         self.clear()
 
     def clear(self) -> None:
-        """Empties every slot (the graph, if still alive, then back-propagates with f' again)."""
+        """Empties every slot (a graph still alive then back-propagates with f' again)."""
         for s in self.slots:
             s.x_new = None
         self.slots = []
@@ -110,17 +112,18 @@ class Recorder:
         self.phase, self.cursor, self.replay_label = REPLAY, 0, label
 
     def finish_replay(self) -> None:
-        """Checks the replay paired every slot, and that no x' was modified in place since."""
+        """Checks the replay paired every slot."""
         n = len(self.slots)
         if self.cursor != n:
             s = self.slots[self.cursor]
             raise PairingError(
                 f"AG step: the pass at {self.replay_label} made {self.cursor} averaged-activation calls but the "
-                f"pass at θ made {n}; call {s.index} ({s.describe()}, input shape {s.shape}) has no partner. "
-                "Calls are paired by order: the closure must run the same computation on the same batch "
-                "in both passes.")
+                f"pass at θ made {n}; call {s.index} ({s.describe()}, input shape {tuple(s.shape)}) has no "
+                "partner. Calls are paired by order: the closure must run the same computation on the same "
+                "batch in both passes.")
 
     def check_unmodified(self) -> None:
+        """Every x' is still what the replay recorded (not modified in place by the model afterwards)."""
         for s in self.slots:
             if s.x_new is not None and s.x_new._version != s.x_new_version:
                 raise RuntimeError(
@@ -129,60 +132,54 @@ class Recorder:
                     "backward needs it unchanged (use an out-of-place op in the model).")
 
     # -- the call ----------------------------------------------------------------------------------
-    def call(self, x: torch.Tensor, k: KernelAct, where: str) -> torch.Tensor:
+    def call(self, x: torch.Tensor, k: KernelAct, where: Union[str, object]) -> torch.Tensor:
+        """One averaged-activation call; ``where`` is a string or an object with ``_where()``."""
         phase = self.phase
         if phase == GRAPH:
-            in_graph = torch.is_grad_enabled()
-            slot = Slot(len(self.slots), k, where, x, in_graph)
+            slot = Slot(len(self.slots), k, where, x, self)
             self.slots.append(slot)
-            if not in_graph:
-                if _inside_checkpoint():  # reentrant checkpoint: runs the forward without grad, recomputes later
-                    raise CheckpointingError(
-                        f"AG step: averaged-activation call {slot.index} ({slot.describe()}) runs inside "
-                        "torch.utils.checkpoint. Activation checkpointing recomputes the forward during "
-                        "backward, which breaks the pairing of the two passes (and hides the parameters "
-                        "inside from the step); AG steps reject it. Disable checkpointing for AG training.")
-                return activations.forward(x, k)  # e.g. a torch.no_grad() block in the model: paired, never read
-            return _SlotAct.apply(x, slot, self)
+            if torch.is_grad_enabled() and x.requires_grad:
+                return _SlotAct.apply(x, slot)
+            if not torch.is_grad_enabled() and _inside_checkpoint():
+                raise CheckpointingError(
+                    f"AG step: averaged-activation call {slot.index} ({slot.describe()}) runs inside "
+                    "torch.utils.checkpoint. Activation checkpointing recomputes the forward during backward, "
+                    "which breaks the pairing of the two passes (and hides the parameters inside from the "
+                    "step); AG steps reject it. Disable checkpointing for AG training.")
+            # no backward reaches it (no grad needed, or a torch.no_grad() block): paired, never read
+            return activations.forward(x, k)
         if phase == REPLAY:
             i = self.cursor
-            if i >= len(self.slots):
+            slots = self.slots
+            if i >= len(slots):
                 raise PairingError(
-                    f"AG step: averaged-activation call {i} ({activations_name(k)} at {where}, input shape "
-                    f"{_shape(x)}) in the pass at {self.replay_label} has no partner: the pass at θ made only "
-                    f"{len(self.slots)} calls. Calls are paired by order: the closure must run the same "
+                    f"AG step: averaged-activation call {i} ({activations_name(k)} at {_where_text(where)}, input "
+                    f"shape {tuple(x.shape)}) in the pass at {self.replay_label} has no partner: the pass at θ made "
+                    f"only {len(slots)} calls. Calls are paired by order: the closure must run the same "
                     "computation on the same batch in both passes.")
-            s = self.slots[i]
-            if tuple(x.shape) != s.shape or k != s.k:
+            s = slots[i]
+            if x.shape != s.shape or k != s.k:
                 raise PairingError(
-                    f"AG step: averaged-activation call {i} is {activations_name(k)} at {where} with input shape "
-                    f"{_shape(x)} in the pass at {self.replay_label} but {s.describe()} with input shape "
-                    f"{s.shape} in the pass at θ. Calls are paired by order: the closure must run the same "
-                    "computation on the same batch in both passes.")
+                    f"AG step: averaged-activation call {i} is {activations_name(k)} at {_where_text(where)} with "
+                    f"input shape {tuple(x.shape)} in the pass at {self.replay_label} but {s.describe()} with "
+                    f"input shape {tuple(s.shape)} in the pass at θ. Calls are paired by order: the closure must "
+                    "run the same computation on the same batch in both passes.")
             if x.dtype != s.dtype or x.device != s.device:
                 raise PairingError(
                     f"AG step: averaged-activation call {i} ({s.describe()}) has input dtype {x.dtype} on "
                     f"{x.device} in the pass at {self.replay_label} but {s.dtype} on {s.device} in the pass at θ.")
-            x_new = x.detach()
-            s.x_new, s.x_new_version = x_new, x_new._version
+            if s.read:
+                x_new = x.detach()
+                s.x_new, s.x_new_version = x_new, x_new._version
             self.cursor = i + 1
             return activations.forward(x, k)
         if phase == BACKWARD:
             raise CheckpointingError(
-                f"AG step: an averaged activation ({activations_name(k)} at {where}) ran during the backward "
-                "pass. This happens with activation checkpointing (torch.utils.checkpoint), which recomputes "
-                "the forward during backward and would break the pairing of the two passes; AG steps reject "
-                "it. Disable checkpointing for AG training.")
+                f"AG step: an averaged activation ({activations_name(k)} at {_where_text(where)}) ran during the "
+                "backward pass. This happens with activation checkpointing (torch.utils.checkpoint), which "
+                "recomputes the forward during backward and would break the pairing of the two passes; AG "
+                "steps reject it. Disable checkpointing for AG training.")
         return activations.forward(x, k)
-
-
-def _inside_checkpoint() -> bool:
-    f = sys._getframe(2)
-    while f is not None:
-        if f.f_code.co_filename.replace("\\", "/").endswith("torch/utils/checkpoint.py"):
-            return True
-        f = f.f_back
-    return False
 
 
 def _native_needs_output(k: KernelAct) -> bool:
@@ -193,25 +190,35 @@ class _SlotAct(torch.autograd.Function):
     """f(x) whose backward reads its slot when it runs (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, slot, recorder):  # noqa: D401 - autograd signature
-        y = activations.forward(x, slot.k)
-        if _native_needs_output(slot.k):
+    def forward(ctx, x, slot):  # noqa: D401 - autograd signature
+        k = slot.k
+        y = activations.forward(x, k)
+        if _native_needs_output(k):
             ctx.save_for_backward(x, y)
         else:
             ctx.save_for_backward(x)
-        ctx.slot, ctx.eps, ctx.backend = slot, recorder.eps, recorder.backend
+        ctx.slot = slot
+        slot.read = True
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         saved = ctx.saved_tensors
-        x = saved[0]
         slot = ctx.slot
         k = slot.k
-        if slot.x_new is None:
-            y = saved[1] if len(saved) > 1 else None
-            return activations.native_backward(grad, x, y, k), None, None
-        g = torch.ops.avg_kernels.avg_act_backward(grad, x, slot.x_new, k.name, [k.p0, k.p1], ctx.eps, ctx.backend)
-        return g, None, None
+        x_new = slot.x_new
+        if x_new is None:
+            return activations.native_backward(grad, saved[0], saved[1] if len(saved) > 1 else None, k), None
+        rec = slot.recorder
+        return torch.ops.avg_kernels.avg_act_backward(grad, saved[0], x_new, k.name, [k.p0, k.p1], rec.eps,
+                                                      rec.backend), None
 
+
+def _inside_checkpoint() -> bool:
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code.co_filename.replace("\\", "/").endswith("torch/utils/checkpoint.py"):
+            return True
+        f = f.f_back
+    return False

@@ -20,9 +20,20 @@ from . import _recording
 __all__ = ["tanh", "sigmoid", "relu", "leaky_relu", "elu", "gelu", "silu", "softplus"]
 
 
-def _caller(name: str) -> str:
-    f = sys._getframe(2)
-    return f"avg_kernels.nn.functional.{name} called from {f.f_code.co_filename}:{f.f_lineno}"
+class _Caller:
+    """Where a functional call came from (formatted only for an error message)."""
+
+    __slots__ = ("name", "file", "line")
+
+    def __init__(self, name: str):
+        f = sys._getframe(2)
+        self.name, self.file, self.line = name, f.f_code.co_filename, f.f_lineno
+
+    def _where(self) -> str:
+        return f"avg_kernels.nn.functional.{self.name} called from {self.file}:{self.line}"
+
+
+_caller = _Caller
 
 
 def tanh(input: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,13 @@ class AveragedActivation:
 
     def kernel_act(self) -> KernelAct:
         """The activation and its current parameters, validated (``avg_kernels.activations.resolve``)."""
-        return activations.resolve(self.act, self._act_params())
+        params = self._act_params()
+        key = tuple(params.values())
+        cached = self.__dict__.get("_avg_k")
+        if cached is None or cached[0] != key:  # parameters are read at every call, validated once per value
+            cached = (key, activations.resolve(self.act, params))
+            self.__dict__["_avg_k"] = cached
+        return cached[1]
 
     def _act_params(self) -> dict:
         return {}
@@ -59,7 +65,7 @@ class Tanh(AveragedActivation, nn.Tanh):
         rec = _recording.ACTIVE
         if rec is None:
             return torch.tanh(input)
-        return rec.call(input, _TANH, self._where())
+        return rec.call(input, _TANH, self)
 
 
 class Sigmoid(AveragedActivation, nn.Sigmoid):
@@ -74,7 +80,7 @@ class Sigmoid(AveragedActivation, nn.Sigmoid):
         rec = _recording.ACTIVE
         if rec is None:
             return torch.sigmoid(input)
-        return rec.call(input, _SIGMOID, self._where())
+        return rec.call(input, _SIGMOID, self)
 
 
 class ReLU(AveragedActivation, nn.ReLU):
@@ -93,7 +99,7 @@ class ReLU(AveragedActivation, nn.ReLU):
         rec = _recording.ACTIVE
         if rec is None:
             return F.relu(input)
-        return rec.call(input, _RELU, self._where())
+        return rec.call(input, _RELU, self)
 
 
 class LeakyReLU(AveragedActivation, nn.LeakyReLU):
@@ -112,7 +118,7 @@ class LeakyReLU(AveragedActivation, nn.LeakyReLU):
         rec = _recording.ACTIVE
         if rec is None:
             return F.leaky_relu(input, self.negative_slope)
-        return rec.call(input, self.kernel_act(), self._where())
+        return rec.call(input, self.kernel_act(), self)
 
 
 class ELU(AveragedActivation, nn.ELU):
@@ -131,7 +137,7 @@ class ELU(AveragedActivation, nn.ELU):
         rec = _recording.ACTIVE
         if rec is None:
             return F.elu(input, self.alpha)
-        return rec.call(input, self.kernel_act(), self._where())
+        return rec.call(input, self.kernel_act(), self)
 
 
 class GELU(AveragedActivation, nn.GELU):
@@ -146,7 +152,7 @@ class GELU(AveragedActivation, nn.GELU):
         rec = _recording.ACTIVE
         if rec is None:
             return F.gelu(input, approximate=self.approximate)
-        return rec.call(input, self.kernel_act(), self._where())
+        return rec.call(input, self.kernel_act(), self)
 
 
 class SiLU(AveragedActivation, nn.SiLU):
@@ -165,7 +171,7 @@ class SiLU(AveragedActivation, nn.SiLU):
         rec = _recording.ACTIVE
         if rec is None:
             return F.silu(input)
-        return rec.call(input, _SILU, self._where())
+        return rec.call(input, _SILU, self)
 
 
 class Softplus(AveragedActivation, nn.Softplus):
@@ -180,7 +186,7 @@ class Softplus(AveragedActivation, nn.Softplus):
         rec = _recording.ACTIVE
         if rec is None:
             return F.softplus(input, self.beta, self.threshold)
-        return rec.call(input, self.kernel_act(), self._where())
+        return rec.call(input, self.kernel_act(), self)
 
 
 #: torch.nn class -> its averaged replacement (exact types; subclasses are reported, not converted)

@@ -68,6 +68,8 @@ class AGStepInfo:
     loss_new: Optional[torch.Tensor] = None  # ℓ(θ') on the batch: after the base optimizer's own step (ag1/ag2)
     loss_prev: Optional[torch.Tensor] = None  # ℓ(θ_{t-1}) on the batch (ag3-1)
     loss_after: Optional[torch.Tensor] = None  # ℓ(θ_{t+1}) on the batch (track_loss_after=True)
+    # times: seconds per phase when profiling; "loss_after" (the extra forward for ℓ(θ_{t+1}), not part of
+    # the step's cost) is always recorded when track_loss_after=True
     activation_calls: int = 0  # averaged-activation calls paired in this step
     plain: bool = False  # True for a plain base step (the first AG-3-1 step)
     times: dict = field(default_factory=dict)  # seconds per phase (profile=True); "loss_after" is extra
@@ -93,23 +95,32 @@ class AGStepInfo:
 
 
 class _Phases:
-    """Wall time per phase, synchronising the device between phases (only when profiling)."""
+    """Time per phase, synchronising the device between phases (only when profiling)."""
 
-    def __init__(self, enabled: bool, cuda: bool):
-        self.enabled, self.cuda = enabled, cuda
+    def __init__(self, profile, cuda: bool):
+        self.enabled, self.cuda = bool(profile), cuda
+        self.clock = profile if callable(profile) else time.perf_counter
         self.times: dict[str, float] = {}
-        self._t = self._now() if enabled else 0.0
+        self._t = self._now() if self.enabled else 0.0
 
     def _now(self) -> float:
         if self.cuda:
             torch.cuda.synchronize()
-        return time.perf_counter()
+        return self.clock()
 
     def mark(self, phase: str) -> None:
         if self.enabled:
             t = self._now()
             self.times[phase] = self.times.get(phase, 0.0) + (t - self._t)
             self._t = t
+
+    def now(self) -> float:
+        """The clock, synchronised (used for the untimed ℓ(θ_{t+1}) pass even when not profiling)."""
+        return self._now()
+
+    def restart(self) -> None:
+        if self.enabled:
+            self._t = self._now()
 
 
 class _Sites:
@@ -178,7 +189,9 @@ class AG(torch.optim.Optimizer):
         track_loss_after: also evaluate ℓ(θ_{t+1}) on the batch (one more no-grad forward, same
             dropout masks, no buffer change) into ``last.loss_after``; needed for RD. Its time is
             reported separately (``last.times["loss_after"]`` when profiling) and is not part of the step.
-        profile: record per-phase wall times in ``last.times`` (synchronises CUDA between phases).
+        profile: record per-phase times in ``last.times`` (synchronises CUDA between phases): True for wall
+            time, or a clock function returning seconds (e.g. ``time.process_time``: CPU time, robust to other
+            processes on a shared machine).
         require_activations: raise when the pass at θ made no averaged-activation call (the model was
             not converted, so AG would silently be the base optimizer with a sign/rescale step).
         check_unaveraged: on the first step, trace the no-grad pass for activation functions that bypass
@@ -222,7 +235,10 @@ class AG(torch.optim.Optimizer):
             raise ValueError(f"AG steps replay dropout masks on CPU and CUDA only; model has tensors on {sorted(devs)}")
         self.model, self.base, self.mode = model, base, mode
         self.eps, self.backend = float(eps), backend
-        self.track_loss_after, self.profile = bool(track_loss_after), bool(profile)
+        self.track_loss_after = bool(track_loss_after)
+        if not (isinstance(profile, bool) or callable(profile)):
+            raise TypeError(f"profile must be a bool or a clock function, got {type(profile).__name__}")
+        self.profile = profile
         self.require_activations, self.check_unaveraged = bool(require_activations), bool(check_unaveraged)
         self._ready = False
         super().__init__(params, {})
@@ -365,11 +381,15 @@ class AG(torch.optim.Optimizer):
         return loss
 
     def _loss_after(self, closure, sites, buffers, rng, ph) -> torch.Tensor:
+        """ℓ(θ_{t+1}) on the batch; its time is always recorded in ``times["loss_after"]`` (not part of
+        the step's cost: callers that time steps subtract it)."""
+        t0 = ph.now()
         repl = {id(b): s.clone() for b, s in buffers}
         rec = _recording.ACTIVE
         rec.phase = PLAIN
         loss = self._no_grad_pass(closure, sites, repl, rng)
-        ph.mark("loss_after")
+        ph.times["loss_after"] = ph.now() - t0
+        ph.restart()
         return loss
 
     def _step_forward(self, closure, params, cuda, ph: _Phases) -> AGStepInfo:
