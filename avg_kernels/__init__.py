@@ -2,6 +2,7 @@
 
 Public API (see README.md and SPEC.md):
     avg_act, avg_act_backward, EPS, ACTIVATIONS        averaged activation ops (SPEC §1)
+    ag1_update_, ag2_rescale_                            multi-tensor AG-1 / AG-2 updates (SPEC §2)
     available_backends, use_backend                      backend choice (SPEC §5)
     avg_kernels.nn       averaged activation modules, convert(model)      (SPEC §4)
     avg_kernels.optim    AG-1 / AG-2 / AG-3-1 steps over a torch.optim base (SPEC §4)
@@ -9,13 +10,13 @@ Public API (see README.md and SPEC.md):
 """
 from . import _build
 from .activations import ACTIVATIONS, EPS
-from .ops import (BackendUnavailableError, available_backends, avg_act, avg_act_backward, current_backend,
-                  use_backend)
+from .ops import (BackendUnavailableError, ag1_update_, ag2_rescale_, available_backends, avg_act, avg_act_backward,
+                  current_backend, use_backend)
 
 _build.extension()  # registers torch.ops.avg_kernels_C.* when the extension is built
 
 from . import metrics, nn, optim  # noqa: E402  (model-level layers, above the ops)
 
 __version__ = "0.1.0"
-__all__ = ["ACTIVATIONS", "EPS", "BackendUnavailableError", "available_backends", "avg_act", "avg_act_backward",
-           "current_backend", "use_backend", "metrics", "nn", "optim"]
+__all__ = ["ACTIVATIONS", "EPS", "BackendUnavailableError", "ag1_update_", "ag2_rescale_", "available_backends", "avg_act",
+           "avg_act_backward", "current_backend", "use_backend", "metrics", "nn", "optim"]

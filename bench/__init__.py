@@ -18,4 +18,5 @@ Adding an op family's benchmark:
 #: Op family name -> module that benchmarks it. Order = run order.
 OPS = {
     "avg_act": "bench.avg_act",
+    "ag_update": "bench.ag_update",
 }

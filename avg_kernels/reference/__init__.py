@@ -2,6 +2,7 @@
 
 Every fast backend is tested against these functions; SPEC.md defines what they compute.
 """
+from .ag_update import ag1_update_, ag2_rescale_
 from .avg_act import avg_act_backward
 
-__all__ = ["avg_act_backward"]
+__all__ = ["ag1_update_", "ag2_rescale_", "avg_act_backward"]
