@@ -17,11 +17,8 @@ import avg_kernels
 from avg_kernels.nn import CheckpointingError, PairingError
 from avg_kernels.optim import AG
 
-from _ag_ops_fallback import ag_ops  # noqa: F401  (fixture)
 import _ag_reference as ref
 from conftest import backend_device, interpreted
-
-pytestmark = pytest.mark.usefixtures("ag_ops")
 
 
 def mlp(dtype=torch.float64, p_drop=0.2):

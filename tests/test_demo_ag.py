@@ -6,11 +6,8 @@ import json
 import pytest
 import torch
 
-from _ag_ops_fallback import ag_ops  # noqa: F401  (fixture)
 from avg_kernels.demo import REGISTRY, Settings, model_b, run
 from avg_kernels.demo.ag_methods import AGTrainer
-
-pytestmark = pytest.mark.usefixtures("ag_ops")
 
 
 def _args(tmp_path, *extra):
