@@ -19,4 +19,5 @@ Adding an op family's benchmark:
 OPS = {
     "avg_act": "bench.avg_act",
     "ag_update": "bench.ag_update",
+    "ag_train": "bench.ag_train",
 }

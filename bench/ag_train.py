@@ -1,51 +1,58 @@
-"""Time per training step of AG-1, AG-2 and AG-3-1 relative to the base optimizer's own step.
+"""Time per training step of AG-1, AG-2 and AG-3-1 relative to the base optimizer's own step (ISSUE 6).
 
-Models (one run measures all of them, every method interleaved with its base):
+Models (one run measures all of them; within a model every method is interleaved with its base):
 
-* ``demo``: the demo's Model B on 8x8 digits-shaped input (batch 64), RMSProp base (AG-2 over Adam:
-  its base row is Adam);
-* ``resnet18``: a ResNet-18-shaped CNN (BasicBlock x [2, 2, 2, 2], BatchNorm, SiLU, CIFAR stem) on
-  32x32 RGB input, RMSProp base (AG-2 over Adam). ``--quick`` (the default) uses base width 32 and
-  batch 16, ``--full`` width 64 (the real ResNet-18 widths 64-512) and batch 32 (CPU) / 128 (CUDA).
+* ``demo``: the demo's Model B (depth 4) on 8x8 digits-shaped input, batch 64;
+* ``resnet18``: a ResNet-18-shaped CNN (BasicBlock x [2, 2, 2, 2], BatchNorm, SiLU, CIFAR stem: 3x3
+  conv, no max-pool) on 32x32 RGB input. ``--quick``: widths 32-256 and batch 16 on CPU; ``--full``:
+  the real ResNet-18 widths 64-512, batch 32 on CPU, 128 on CUDA.
 
-Timing: CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` medians, several interleaved rounds
-(the base step and every AG step alternate, so load changes on a shared machine hit all of them);
-CUDA: ``triton.testing.do_bench`` medians. Each timed call is one complete training step
-(``base``: zero_grad + forward + loss + backward + step; AG: ``opt.step(closure)``).
-The breakdown (forwards, backwards, copies, update, base optimizer step) comes from separate runs with
-``AG(profile=True)``, which synchronises the device between phases; its per-phase times are medians
-over the profiled steps and do not add up exactly to the unprofiled step time.
+AG-1 and AG-3-1 run over RMSProp, AG-2 over Adam (as in the demo); each is compared with its base's own
+step on the same model: ``rmsprop``/``adam`` = zero_grad + forward + loss + backward + step; an AG step =
+``opt.step(closure)``, everything included (the graph pass, the no-grad pass, both backwards, the base
+step, copies, the fused update).
 
-    python bench/ag_train.py [--quick|--full] [--device cpu|cuda] [--models demo,resnet18] [--out DIR]
+Timing: the harness policy (CPU: Timer.blocked_autorange medians in interleaved rounds; CUDA: do_bench).
+``--ag-clock cpu`` times CPU runs by ``time.process_time`` of this process instead (the work done,
+insensitive to other processes sharing the cores; use with ``--threads 1``).
+The breakdown (forwards, backwards, copies, update, base step) comes from separate runs with
+``AG(profile=...)``, which synchronises the device between phases: medians per phase over the profiled
+steps, so they need not add up exactly to the unprofiled step time. It is written to
+``ag_train-<device>-<mode>-breakdown.md`` next to the harness's table.
 
-Targets (ISSUE 6): AG-1 <= 2.1x and AG-3-1 <= 1.4x the base step.
+Targets: AG-1 <= 2.1x and AG-3-1 <= 1.4x the base step (paper 000's implementation took ~3x, its
+estimate of an optimal one is "slightly more than two times").
+
+    python -m avg_kernels bench --ops ag_train [--quick|--full] [--threads 1] [--ag-models demo,resnet18]
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
+import dataclasses
 import statistics
 import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__" and not __package__:  # run as a script: python bench/ag_train.py [options]
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import avg_kernels
+from avg_kernels.demo.model import model_b
 
-import avg_kernels  # noqa: E402
-from avg_kernels.demo.model import model_b  # noqa: E402
+from bench.harness import Context, Report, Row
 
 NAME = "ag_train"
 MODES = ("ag1", "ag2", "ag3-1")
 BASE_OF = {"ag1": "rmsprop", "ag2": "adam", "ag3-1": "rmsprop"}
 TARGETS = {"ag1": 2.1, "ag3-1": 1.4}
+OPTIMIZERS = {
+    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+}
 PHASE_GROUPS = {
     "forwards": ("forward_graph", "forward_replay"),
     "backwards": ("backward_grad", "backward_avg"),
@@ -53,6 +60,7 @@ PHASE_GROUPS = {
     "update": ("update",),
     "base step": ("base_step",),
 }
+LABEL = {"rmsprop": "RMSProp", "adam": "Adam", "ag1": "AG-1/RMSProp", "ag2": "AG-2/Adam", "ag3-1": "AG-3-1/RMSProp"}
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -74,8 +82,8 @@ class BasicBlock(nn.Module):
         return self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))) + self.short(x))
 
 
-def resnet18(width=64, classes=10, act=nn.SiLU):
-    """ResNet-18 topology (CIFAR stem: 3x3 conv, no max-pool), widths width x (1, 2, 4, 8)."""
+def resnet18(width: int = 64, classes: int = 10, act=nn.SiLU) -> nn.Sequential:
+    """ResNet-18 topology (CIFAR stem: 3x3 conv, no max-pool), stage widths width x (1, 2, 4, 8)."""
     layers = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), act()]
     cin = width
     for i, blocks in enumerate((2, 2, 2, 2)):
@@ -88,31 +96,23 @@ def resnet18(width=64, classes=10, act=nn.SiLU):
 
 
 def cases(mode: str, device: torch.device, names):
-    """(name, description, model factory, input batch) per model."""
+    """(name, description, model factory, x, y) per model."""
     out = []
     g = torch.Generator().manual_seed(0)
     if "demo" in names:
-        x = torch.rand(64, 1, 8, 8, generator=g)
-        y = torch.randint(0, 10, (64,), generator=g)
-        out.append(("demo", "Model B depth 4 (8x8, batch 64)", lambda: model_b(depth=4), x, y))
+        x, y = torch.rand(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
+        out.append(("demo", "Model B depth 4, 8x8 input, batch 64", lambda: model_b(depth=4), x, y))
     if "resnet18" in names:
         width = 32 if mode == "quick" else 64
         batch = 16 if mode == "quick" else (128 if device.type == "cuda" else 32)
-        x = torch.randn(batch, 3, 32, 32, generator=g)
-        y = torch.randint(0, 10, (batch,), generator=g)
-        out.append(("resnet18", f"ResNet-18-shaped, SiLU, width {width} (32x32, batch {batch})",
+        x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+        out.append(("resnet18", f"ResNet-18-shaped, SiLU, widths {width}-{8 * width}, 32x32 input, batch {batch}",
                     lambda: resnet18(width), x, y))
     return [(n, d, f, x.to(device), y.to(device)) for n, d, f, x, y in out]
 
 
-OPTIMIZERS = {
-    "rmsprop": lambda ps: torch.optim.RMSprop(ps, lr=1e-3),
-    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
-}
-
-
-def make_steps(factory, x, y, device, profile=False):
-    """One training-step callable per method (own model copy each, same initial weights)."""
+def make_steps(factory, x, y, device, profile=False) -> dict:
+    """name -> (step callable, AG optimizer or None); every method on its own copy of the same model."""
     steps = {}
     for name in ("rmsprop", "adam") + MODES:
         torch.manual_seed(0)
@@ -125,30 +125,26 @@ def make_steps(factory, x, y, device, profile=False):
                 loss.backward()
                 base.step()
                 return loss
-            steps[name] = step
+
+            steps[name] = (step, None)
         else:
             opt = avg_kernels.optim.AG(model, base, mode=name, profile=profile, check_unaveraged=False)
-            closure = (lambda model=model: F.cross_entropy(model(x), y))
-            steps[name] = (lambda opt=opt, closure=closure: opt.step(closure)), opt
+            steps[name] = ((lambda opt=opt, model=model: opt.step(lambda: F.cross_entropy(model(x), y))), opt)
     return steps
 
 
 # -- timing ----------------------------------------------------------------------------------------
 
 def time_cpu_clock(fns: dict, min_run_time: float, rounds: int) -> dict:
-    """Median CPU seconds (``time.process_time``: this process, all threads) per call, interleaved rounds.
-
-    On a shared machine wall time measures how much of a core the scheduler gave us; CPU time measures
-    the work. Blocks of calls run until each has used ``min_run_time / rounds`` CPU seconds."""
+    """Median CPU seconds (``time.process_time``) per call, in interleaved rotated rounds."""
     per = {k: [] for k in fns}
     names = list(fns)
     budget = min_run_time / rounds
     for r in range(rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
-            f = fns[k]
             n, t0 = 0, time.process_time()
             while True:
-                f()
+                fns[k]()
                 n += 1
                 used = time.process_time() - t0
                 if used >= budget and n >= 3:
@@ -157,34 +153,11 @@ def time_cpu_clock(fns: dict, min_run_time: float, rounds: int) -> dict:
     return {k: statistics.median(v) for k, v in per.items()}
 
 
-def time_interleaved(fns: dict, device: torch.device, min_run_time: float, rounds: int, clock: str) -> dict:
-    """Median seconds per call of each fn; CPU: interleaved Timer rounds (or CPU time), CUDA: do_bench."""
-    if device.type == "cpu" and clock == "cpu":
-        return time_cpu_clock(fns, min_run_time, rounds)
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return {k: do_bench(f, warmup=5, rep=max(50, int(min_run_time * 1e3))) * 1e-3 for k, f in fns.items()}
-    from torch.utils import benchmark
-
-    timers = {k: benchmark.Timer(stmt="fn()", globals={"fn": f}, num_threads=torch.get_num_threads())
-              for k, f in fns.items()}
-    parts = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for k in order:
-            parts[k].append(timers[k].blocked_autorange(min_run_time=min_run_time / rounds))
-    return {k: benchmark.Measurement.merge(v)[0].median for k, v in parts.items()}
-
-
-def base_breakdown(model_factory, x, y, device, base_name, steps=20, clock=time.perf_counter):
-    torch.manual_seed(0)
-    model = avg_kernels.nn.convert(model_factory()).to(device)
-    base = OPTIMIZERS[base_name](model.parameters())
+def base_breakdown(model, base, x, y, device, steps, clock):
+    """Phases of a plain base-optimizer step, timed like AG's profile."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     acc = {"forwards": [], "backwards": [], "base step": []}
-    for i in range(steps + 3):
+    for i in range(steps + 2):
         sync()
         t0 = clock()
         base.zero_grad(set_to_none=True)
@@ -197,123 +170,138 @@ def base_breakdown(model_factory, x, y, device, base_name, steps=20, clock=time.
         base.step()
         sync()
         t3 = clock()
-        if i >= 3:
+        if i >= 2:
             acc["forwards"].append(t1 - t0)
             acc["backwards"].append(t2 - t1)
             acc["base step"].append(t3 - t2)
     return {k: statistics.median(v) for k, v in acc.items()}
 
 
-def ag_breakdown(opt_and_step, steps=20):
-    step, opt = opt_and_step
+def ag_breakdown(step, opt, steps):
     acc: dict[str, list] = {}
-    for i in range(steps + 3):
+    for i in range(steps + 2):
         step()
-        if i >= 3:
+        if i >= 2:
             for group, phases in PHASE_GROUPS.items():
                 acc.setdefault(group, []).append(sum(opt.last.times.get(p, 0.0) for p in phases))
     return {k: statistics.median(v) for k, v in acc.items()}
 
 
-def run_case(name, desc, factory, x, y, device, min_run_time, rounds, profile_steps, clock):
-    steps = make_steps(factory, x, y, device)
-    fns = {k: (v[0] if isinstance(v, tuple) else v) for k, v in steps.items()}
-    for f in fns.values():  # warm-up (first-step allocations, AG-3-1's plain first step)
-        for _ in range(3):
-            f()
-    times = time_interleaved(fns, device, min_run_time, rounds, clock)
-    clock_fn = time.process_time if (clock == "cpu" and device.type == "cpu") else time.perf_counter
-    prof = make_steps(factory, x, y, device, profile=clock_fn if clock_fn is not time.perf_counter else True)
-    breakdown = {k: base_breakdown(factory, x, y, device, k, profile_steps, clock_fn) for k in OPTIMIZERS}
-    for mode in MODES:
-        breakdown[mode] = ag_breakdown(prof[mode], profile_steps)
-    n_params = sum(p.numel() for p in factory().parameters())
-    rows = []
-    for method in ("rmsprop", "adam") + MODES:
-        base = BASE_OF.get(method, method)
-        rows.append({"model": name, "description": desc, "params": n_params, "method": method,
-                     "base": base, "step_s": times[method], "ratio": times[method] / times[base],
-                     "target": TARGETS.get(method), "breakdown_s": breakdown[method]})
-    return rows
+def add_arguments(group) -> None:
+    group.add_argument("--ag-models", default="demo,resnet18", help="comma-separated: demo, resnet18")
+    group.add_argument("--ag-clock", choices=("wall", "cpu"), default="wall",
+                       help="CPU runs: wall (the harness policy, default) or cpu (time.process_time: the work done, "
+                            "insensitive to other processes on a shared machine; use with --threads 1)")
+    group.add_argument("--ag-profile-steps", type=int, default=None, help="profiled steps per method (breakdown)")
 
 
-# -- output ----------------------------------------------------------------------------------------
+def run(ctx: Context) -> Report:
+    dev = ctx.device
+    args = ctx.args
+    names = [n.strip() for n in (getattr(args, "ag_models", None) or "demo,resnet18").split(",") if n.strip()]
+    bad = sorted(set(names) - {"demo", "resnet18"})
+    if bad:
+        raise SystemExit(f"--ag-models: unknown {bad}; expected demo, resnet18")
+    cpu_clock = dev.type == "cpu" and getattr(args, "ag_clock", "wall") == "cpu"
+    clock = time.process_time if cpu_clock else time.perf_counter
+    profile_steps = getattr(args, "ag_profile_steps", None) or (8 if ctx.mode == "quick" else 25)
+    rows: list[Row] = []
+    notes: list[str] = []
+    breakdown_lines: list[str] = []
+    todo = cases(ctx.mode, dev, names)
+    bar = ctx.bar(len(todo), f"{NAME} on {dev.type}")
+    for name, desc, factory, x, y in todo:
+        steps = make_steps(factory, x, y, dev)
+        fns = {k: v[0] for k, v in steps.items()}
+        t0 = time.perf_counter()
+        for f in fns.values():  # warm-up: allocations, AG-3-1's plain first step; estimate the step time
+            for _ in range(3):
+                f()
+        per_step = (time.perf_counter() - t0) / (3 * len(fns))
+        # a training step is noisier than an op: >= 2 s (quick) / 5 s (full) per method on CPU, and at
+        # least ~8 steps per method and round whatever the model size
+        floor = (2.0 if ctx.mode == "quick" else 5.0) if dev.type == "cpu" else ctx.min_run_time
+        min_run = max(ctx.min_run_time, floor, 8 * per_step * ctx.rounds)
+        n_params = sum(p.numel() for p in factory().parameters())
+        common = dict(op=NAME, case=name, inputs=desc, size=n_params, dtype="float32")
+        if cpu_clock:
+            times = time_cpu_clock(fns, min_run, max(ctx.rounds, 1))
+            got = {k: Row(device=str(dev), impl=k, median_s=t, samples=ctx.rounds,
+                          extra={"method": f"time.process_time, {ctx.rounds} interleaved rounds"}, **common)
+                   for k, t in times.items()}
+        else:
+            got = dataclasses.replace(ctx, min_run_time=min_run).measure_many(fns, None, **common)
+        # the breakdown: profiled copies of every method
+        prof = make_steps(factory, x, y, dev, profile=clock if cpu_clock else True)
+        breakdown = {}
+        for k in OPTIMIZERS:
+            torch.manual_seed(0)
+            model = avg_kernels.nn.convert(factory()).to(dev)
+            breakdown[k] = base_breakdown(model, OPTIMIZERS[k](model.parameters()), x, y, dev, profile_steps, clock)
+        for k in MODES:
+            breakdown[k] = ag_breakdown(prof[k][0], prof[k][1], profile_steps)
+        for k, r in got.items():
+            r.extra["breakdown_s"] = breakdown[k]
+            base = got[BASE_OF.get(k, k)]
+            if k in MODES and r.median_s and base.median_s:
+                r.ratios[base.impl] = base.median_s / r.median_s  # harness convention: peer time / this time
+                r.extra["x_base_step"] = r.median_s / base.median_s
+            rows.append(r)
+        for k in MODES:
+            r = got[k]
+            if r.median_s is None or "x_base_step" not in r.extra:
+                notes.append(f"{name}: {LABEL[k]} failed: {r.error}")
+                continue
+            x_base = r.extra["x_base_step"]
+            tgt = TARGETS.get(k)
+            verdict = "" if tgt is None else f" (target <= {tgt}x: {'met' if x_base <= tgt else 'MISSED'})"
+            notes.append(f"{name}: {LABEL[k]} step = {x_base:.2f}x the {LABEL[BASE_OF[k]]} step{verdict}")
+        breakdown_lines += _breakdown_table(name, desc, got, breakdown)
+        bar.update(1)
+    bar.close()
+    clock_text = "time.process_time (CPU time of this process)" if cpu_clock else "the harness's timing policy"
+    notes.insert(0, f"Times per training step, measured with {clock_text}; every AG method is interleaved with "
+                    "its base (AG-1 and AG-3-1 over RMSProp, AG-2 over Adam). `X vs P` = time(P) / time(X), so "
+                    "AG rows read 1 / (x base step).")
+    notes.append("Breakdown (forwards, backwards, copies, update, base step) per method: see the -breakdown.md "
+                 "file written next to this table.")
+    out = getattr(args, "out", None)
+    if out is not None:
+        stem = "-".join(filter(None, [NAME, dev.type, ctx.mode, getattr(args, "tag", "")]))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        text = [f"# AG training step breakdown ({dev.type}, {ctx.mode}, {clock_text})", "",
+                f"torch {torch.__version__}, {torch.get_num_threads()} threads; commit of the sources: see the "
+                f"main table ({stem}.md).", "",
+                "ms per step (medians). `x base` = this step / the base optimizer's own step (timed, "
+                "interleaved). The phase columns come from separately profiled steps (device synchronised "
+                "between phases): forwards = the pass with graph + the no-grad pass; backwards = every backward "
+                "(AG-1/AG-2: g and ḡ; AG-3-1: ḡ only); copies = parameter/buffer copies and AG-2's optimizer-state "
+                "snapshot; update = the fused ag1_update_ / (AG-2) second base-optimizer call + ag2_rescale_; base "
+                "step = the base optimizer's step with g (AG-3-1: with ḡ).", ""] + breakdown_lines
+        (Path(out) / f"{stem}-breakdown.md").write_text("\n".join(text) + "\n")
+    title = f"AG training step time relative to the base optimizer's step, {dev.type.upper()}, {ctx.mode}"
+    return Report(op=NAME, title=title, rows=rows, subjects=list(MODES), peers=list(OPTIMIZERS), ceiling=None,
+                  notes=notes, config={"models": names, "clock": "cpu" if cpu_clock else "wall",
+                                       "profile_steps": profile_steps})
 
-def table(rows) -> str:
-    head = ["model", "method", "ms/step", "x base step", "target", "forwards", "backwards", "copies", "update",
-            "base step"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for r in rows:
-        b = r["breakdown_s"]
-        method = r["method"] if r["method"] in OPTIMIZERS else f"{r['method']}/{r['base']}"
-        tgt = "-" if r["target"] is None else (f"<= {r['target']}x " + ("met" if r["ratio"] <= r["target"] else "MISSED"))
-        cells = [r["model"], method, f"{r['step_s'] * 1e3:.2f}", f"{r['ratio']:.2f}x", tgt]
-        cells += [f"{b[k] * 1e3:.2f}" if k in b else "-" for k in ("forwards", "backwards", "copies", "update",
-                                                                     "base step")]
+
+def _breakdown_table(name, desc, got, breakdown) -> list[str]:
+    head = ["method", "ms/step", "x base", "target", "forwards", "backwards", "copies", "update", "base step"]
+    lines = [f"## {name} — {desc}", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for k in ("rmsprop", "adam") + MODES:
+        r = got[k]
+        b = breakdown[k]
+        xb = r.extra.get("x_base_step")
+        tgt = TARGETS.get(k)
+        cells = [LABEL[k], "fail" if r.median_s is None else f"{r.median_s * 1e3:.2f}",
+                 "1.00x" if k in OPTIMIZERS else ("-" if xb is None else f"{xb:.2f}x"),
+                 "-" if tgt is None or xb is None else f"<= {tgt}x: {'met' if xb <= tgt else 'MISSED'}"]
+        cells += [f"{b[c] * 1e3:.2f}" if c in b else "-" for c in ("forwards", "backwards", "copies", "update", "base step")]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def machine_line(device) -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    dev = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine()
-    return (f"{dev}; torch {torch.__version__}; {torch.get_num_threads()} threads; load average {load:.1f} on "
-            f"{os.cpu_count()} CPUs at the start")
-
-
-def add_arguments(p):
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", dest="mode", action="store_const", const="quick")
-    mode.add_argument("--full", dest="mode", action="store_const", const="full")
-    p.set_defaults(mode="quick")
-    p.add_argument("--device", default=None)
-    p.add_argument("--models", default="demo,resnet18")
-    p.add_argument("--min-run-time", type=float, default=None, help="seconds per method and model (all rounds)")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--profile-steps", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="CPU only: wall (Timer.blocked_autorange, default) or cpu (time.process_time of this process: "
-                        "the work done, insensitive to other processes sharing the cores; use with --threads 1)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    unknown = set(names) - {"demo", "resnet18"}
-    if unknown:
-        p.error(f"--models: unknown {sorted(unknown)}")
-    min_run = args.min_run_time or (2.0 if args.mode == "quick" else 6.0) * (1 if device.type == "cpu" else 0.25)
-    rounds = args.rounds or (4 if device.type == "cpu" else 1)
-    profile_steps = args.profile_steps or (10 if args.mode == "quick" else 30)
-    header = machine_line(device)
-    rows = []
-    for case in cases(args.mode, device, names):
-        print(f"[{NAME}] {case[1]} ...", file=sys.stderr, flush=True)
-        rows += run_case(*case, device, min_run, rounds, profile_steps, args.clock)
-    clock = "CPU time (time.process_time)" if (args.clock == "cpu" and device.type == "cpu") else "wall time"
-    text = (f"# AG training step time relative to the base optimizer's step ({device.type}, --{args.mode}, {clock})\n\n"
-            f"{header}\n\n{table(rows)}\n\n"
-            "Times in ms; `x base step` = this step / the base optimizer's own step on the same model (AG-1 and "
-            "AG-3-1 over RMSProp, AG-2 over Adam), medians of interleaved rounds. The breakdown columns are "
-            "medians of separately profiled steps (device synchronised between phases): forwards = the pass "
-            "with graph + the no-grad pass, backwards = all backward passes, copies = parameter/buffer/optimizer-"
-            "state copies, update = the fused AG update (AG-2: its second base-optimizer call + rescale), base "
-            "step = the base optimizer's step.\n")
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{NAME}_{device.type}" + ("_cputime" if clock.startswith("CPU") else "")
-    (args.out / f"{stem}.md").write_text(text)
-    (args.out / f"{stem}.json").write_text(json.dumps({"machine": header, "mode": args.mode, "rows": rows}, indent=1))
-    print(f"wrote {args.out / (stem + '.md')}", file=sys.stderr)
-    return 0
+    return lines + [""]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench.runner import main
+
+    sys.exit(main(["--ops", NAME, *sys.argv[1:]]))

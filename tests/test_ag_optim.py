@@ -500,3 +500,55 @@ def test_ag_step_on_every_backend(backend, mode):
     for p, q in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_weights_frozen_and_unoptimized_parameters():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec, self.head = nn.Linear(4, 6, bias=False), nn.Linear(6, 4, bias=False), nn.Linear(4, 2)
+            self.dec.weight = nn.Parameter(self.enc.weight.t().detach().clone())
+            self.act = avg_kernels.nn.Tanh()
+            self.frozen = nn.Linear(4, 4)
+            self.frozen.requires_grad_(False)
+
+        def forward(self, x):
+            h = self.act(self.enc(x))
+            return self.head(self.act(self.dec(h)) + self.frozen(x) + F.linear(h, self.enc.weight.t()))
+
+    torch.manual_seed(0)
+    model = Tied()
+    other = torch.optim.SGD(model.head.parameters(), lr=0.1)  # head is optimized elsewhere
+    params = [model.enc.weight, model.dec.weight]
+    opt = AG(model, torch.optim.SGD(params + list(model.frozen.parameters()), lr=0.0))
+    x = torch.randn(5, 4)
+    frozen = [p.clone() for p in model.frozen.parameters()]
+    twin = copy.deepcopy(model)
+    opt.step(lambda: model(x).square().mean())
+    g = torch.autograd.grad(twin(x).square().mean(), [twin.enc.weight, twin.dec.weight])
+    for p, gi in zip(params, g):
+        torch.testing.assert_close(p.grad, gi, rtol=1e-6, atol=1e-7)
+    assert all(p.grad is None and torch.equal(p, f) for p, f in zip(model.frozen.parameters(), frozen))
+    assert model.head.weight.grad is None  # not the AG optimizer's: untouched
+    assert opt.state is opt.base.state
+    del other
+
+
+@pytest.mark.parametrize("mode", ["ag1", "ag3-1"])
+def test_parameter_read_outside_its_module_is_detected_on_the_first_step(mode):
+    class Sneaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.act = nn.Linear(3, 3), avg_kernels.nn.Tanh()
+            self.refs = [self.lin.weight]  # a reference AG cannot swap for its copy
+
+        def forward(self, x):
+            return self.act(F.linear(x, self.refs[0], self.lin.bias)).sum()
+
+    model = Sneaky()
+    opt = AG(model, torch.optim.SGD(model.parameters(), lr=0.1), mode=mode)
+    x = torch.randn(2, 3)
+    if mode == "ag3-1":
+        opt.step(lambda: model(x))  # the plain first step swaps nothing
+    with pytest.raises(RuntimeError, match=r"parameter 'lin.weight' passed to linear .* Read parameters through"):
+        opt.step(lambda: model(x))

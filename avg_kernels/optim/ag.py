@@ -37,6 +37,8 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree
 
 from ..activations import EPS
 from ..nn import _recording
@@ -166,6 +168,33 @@ class _RNG:
             yield
 
 
+class _DirectUse(TorchFunctionMode):
+    """First-step check: does any torch function receive one of the REAL parameters while they are
+    swapped out for other tensors? Such a parameter is read through a reference AG cannot swap (a list,
+    a closure ...): its value in that pass would be wrong and, in the graph pass, its gradient lost."""
+
+    def __init__(self, names: dict[int, str]):
+        super().__init__()
+        self.names = names
+        self.found: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.found:
+            for a in _pytree.tree_leaves((args, kwargs or {})):
+                if isinstance(a, torch.Tensor) and id(a) in self.names:
+                    self.found.append(f"parameter {self.names[id(a)]!r} passed to {getattr(func, '__name__', func)}")
+                    break
+        return func(*args, **(kwargs or {}))
+
+    def check(self, label: str) -> None:
+        if self.found:
+            raise RuntimeError(
+                f"AG step: {self.found[0]} during the pass at {label} although the step had swapped that parameter "
+                "for another tensor: the model reads it through a reference AG cannot swap (e.g. kept in a list or "
+                "a closure instead of Module._parameters). Its value in that pass would be wrong and its gradient "
+                "lost. Read parameters through their module.")
+
+
 def _eager():
     """AG steps run eagerly: compiled submodules called by the closure fall back to eager for the step."""
     set_stance = getattr(torch.compiler, "set_stance", None)
@@ -244,6 +273,7 @@ class AG(torch.optim.Optimizer):
         super().__init__(params, {})
         self.param_groups = base.param_groups  # shared: LR schedulers on either object act on the base
         self.defaults = base.defaults
+        self.state = base.state  # what torch.optim users inspect (AG's own state: see state_dict())
         self._ready = True
         self.last: Optional[AGStepInfo] = None
         self.steps = 0
@@ -332,12 +362,22 @@ class AG(torch.optim.Optimizer):
         self.last = info
         return info.loss
 
-    def _graph_pass(self, closure, params, rec: Recorder, swap) -> torch.Tensor:
+    def _direct_use_check(self, params):
+        """On the first step: a detector of real parameters used while swapped out (else a no-op)."""
+        if self._checked:
+            return contextlib.nullcontext()
+        names = {id(p): n for n, p in self.model.named_parameters() if any(p is q for q in params)}
+        return _DirectUse(names)
+
+    def _graph_pass(self, closure, params, rec: Recorder, swap, swapped_params: bool) -> torch.Tensor:
         for p in params:
             p.grad = None
         rec.phase = GRAPH
-        with swap, _eager():
+        detector = self._direct_use_check(params) if swapped_params else contextlib.nullcontext()
+        with swap, _eager(), detector:
             loss = closure()
+        if isinstance(detector, _DirectUse):
+            detector.check("θ (graph on copies of the parameters)")
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
         if loss.numel() != 1:
@@ -355,25 +395,26 @@ class AG(torch.optim.Optimizer):
                 "require_activations=False to allow this")
         return loss
 
-    def _replay(self, closure, sites, repl, rng, rec: Recorder, label: str):
+    def _replay(self, closure, sites, repl, rng, rec: Recorder, label: str, params, swapped_params: bool):
         rec.start_replay(label)
+        first = not self._checked
         counter = None
-        if self.check_unaveraged and not self._checked:
+        if self.check_unaveraged and first:
             from ..nn.convert import UnaveragedCallCounter
 
             counter = UnaveragedCallCounter().attach(self.model)
+        detector = self._direct_use_check(params) if (first and swapped_params) else contextlib.nullcontext()
         try:
-            if counter is not None:
-                with counter:
-                    loss = self._no_grad_pass(closure, sites, repl, rng)
-            else:
+            with (counter if counter is not None else contextlib.nullcontext()), detector:
                 loss = self._no_grad_pass(closure, sites, repl, rng)
         finally:
             if counter is not None:
                 counter.detach()
+        if isinstance(detector, _DirectUse):
+            detector.check(label)
         rec.finish_replay()
+        self._checked = True
         if counter is not None:
-            self._checked = True
             found = counter.findings()
             if found:
                 warnings.warn("AG step: these activation calls bypass avg_kernels.nn and are NOT averaged:\n  "
@@ -410,10 +451,11 @@ class AG(torch.optim.Optimizer):
         rng = _RNG(cuda)
         ph.mark("copies")
         with Recorder(self.eps, self.backend) as rec:
-            loss = self._graph_pass(closure, params, rec, sites.swapped({id(p): t for p, t in zip(params, theta)}))
+            loss = self._graph_pass(closure, params, rec, sites.swapped({id(p): t for p, t in zip(params, theta)}),
+                                    swapped_params=True)
             ph.mark("forward_graph")
             rec.phase = BACKWARD
-            g = torch.autograd.grad(loss, theta, retain_graph=True, allow_unused=True)
+            g = _grad(loss, theta, retain_graph=True)
             for p, gi in zip(params, g):
                 p.grad = gi
             ph.mark("backward_grad")
@@ -426,11 +468,11 @@ class AG(torch.optim.Optimizer):
                     repl = {id(b): s.clone() for b, s in buffers}
                 else:
                     repl = {id(b): s for b, s in buffers}
-                loss_new = self._replay(closure, sites, repl, rng, rec, "θ'")
+                loss_new = self._replay(closure, sites, repl, rng, rec, "θ'", params, swapped_params=False)
                 ph.mark("forward_replay")
                 rec.check_unmodified()
                 rec.phase = BACKWARD
-                gbar = torch.autograd.grad(loss, theta, allow_unused=True)
+                gbar = _grad(loss, theta)
                 ph.mark("backward_avg")
                 with torch.no_grad():
                     if self.mode == "ag1":
@@ -454,11 +496,14 @@ class AG(torch.optim.Optimizer):
                             _install(self.base, params, after)  # s_{t+1} persists
                         _op("ag2_rescale_")([p.detach() for p in params], theta_data, spare, backend=self.backend)
                         ph.mark("update")
-            except BaseException:
+            except BaseException as exc:
                 with torch.no_grad():  # leave θ as it was before the step, not at θ'
                     torch._foreach_copy_([p.detach() for p in params], theta_data)
                 for p in params:
                     p.grad = None
+                if hasattr(exc, "add_note"):
+                    exc.add_note("avg_kernels AG step: the parameters were restored to their values before the "
+                                 "step; the base optimizer's state has advanced by one step (its step with g ran).")
                 raise
             for p, gi in zip(params, gbar):
                 p.grad = gi
@@ -488,18 +533,18 @@ class AG(torch.optim.Optimizer):
                 loss_prev, n_calls = None, 0
                 ph.mark("forward_graph")
                 rec.phase = BACKWARD
-                g = torch.autograd.grad(loss, params, allow_unused=True)
+                g = _grad(loss, params)
                 ph.mark("backward_avg")
             else:
-                loss = self._graph_pass(closure, params, rec, contextlib.nullcontext())
+                loss = self._graph_pass(closure, params, rec, contextlib.nullcontext(), swapped_params=False)
                 ph.mark("forward_graph")
                 repl = {id(p): t for p, t in zip(params, self._prev)}
                 repl.update({id(b): (s.clone() if self.track_loss_after else s) for b, s in buffers})
-                loss_prev = self._replay(closure, sites, repl, rng, rec, "θ_(t-1)")
+                loss_prev = self._replay(closure, sites, repl, rng, rec, "θ_(t-1)", params, swapped_params=True)
                 ph.mark("forward_replay")
                 rec.check_unmodified()
                 rec.phase = BACKWARD
-                g = torch.autograd.grad(loss, params, allow_unused=True)
+                g = _grad(loss, params)
                 ph.mark("backward_avg")
                 n_calls = len(rec.slots)
             rec.clear()
@@ -519,6 +564,19 @@ class AG(torch.optim.Optimizer):
             if self.track_loss_after:
                 info.loss_after = self._loss_after(closure, sites, buffers, rng, ph)
         return info
+
+
+def _grad(loss, inputs, retain_graph=False):
+    try:
+        return torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True)
+    except RuntimeError as exc:
+        if "modified by an inplace operation" in str(exc) and hasattr(exc, "add_note"):
+            exc.add_note("avg_kernels AG step: the graph at θ is built on copies of the parameters, found through "
+                         "the modules' registered parameters. A parameter read through another reference (e.g. "
+                         "kept in a list or a closure instead of Module._parameters) stays in the graph itself and "
+                         "is then changed in place by the base optimizer's step. Read parameters through their "
+                         "module.")
+        raise
 
 
 def _loss_value(loss) -> torch.Tensor:
