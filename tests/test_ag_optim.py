@@ -552,3 +552,15 @@ def test_parameter_read_outside_its_module_is_detected_on_the_first_step(mode):
         opt.step(lambda: model(x))  # the plain first step swaps nothing
     with pytest.raises(RuntimeError, match=r"parameter 'lin.weight' passed to linear .* Read parameters through"):
         opt.step(lambda: model(x))
+
+
+@pytest.mark.parametrize("mode", ["ag1", "ag2", "ag3-1"])
+def test_first_step_checks_do_not_flag_a_clean_converted_model(mode):
+    torch.manual_seed(0)
+    model = avg_kernels.nn.convert(cnn(torch.float32))
+    opt = AG(model, torch.optim.Adam(model.parameters(), lr=1e-3), mode=mode)
+    x, y = batch("cnn", torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            opt.step(lambda: F.cross_entropy(model(x), y))

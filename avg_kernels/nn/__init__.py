@@ -10,7 +10,7 @@ Outside AG steps all of them are exactly PyTorch's op, forward and backward.
 """
 from . import functional
 from ._recording import CheckpointingError, PairingError
-from .convert import ConvertReport, NotAveraged, convert, report, revert
+from ._convert import ConvertReport, NotAveraged, convert, report, revert
 from .modules import ELU, GELU, AveragedActivation, LeakyReLU, ReLU, Sigmoid, SiLU, Softplus, Tanh
 
 __all__ = ["Tanh", "Sigmoid", "ReLU", "LeakyReLU", "ELU", "GELU", "SiLU", "Softplus", "AveragedActivation",

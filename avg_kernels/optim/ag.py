@@ -400,7 +400,7 @@ class AG(torch.optim.Optimizer):
         first = not self._checked
         counter = None
         if self.check_unaveraged and first:
-            from ..nn.convert import UnaveragedCallCounter
+            from ..nn._convert import UnaveragedCallCounter
 
             counter = UnaveragedCallCounter().attach(self.model)
         detector = self._direct_use_check(params) if (first and swapped_params) else contextlib.nullcontext()

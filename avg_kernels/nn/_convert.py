@@ -298,12 +298,14 @@ class UnaveragedCallCounter(TorchFunctionMode):
 
 
 def _called_from_avg_kernels() -> bool:
+    """Whether the torch function being dispatched was called by avg_kernels' own activation code
+    (skipping torch's frames and other modes' ``__torch_function__`` frames in between)."""
     f = sys._getframe(2)
     while f is not None:
         fn = os.path.normcase(os.path.abspath(f.f_code.co_filename))
         if fn in _OWN_FILES:
             return True
-        if not fn.startswith(_TORCH_DIR) and fn != os.path.normcase(os.path.abspath(__file__)):
+        if not (fn.startswith(_TORCH_DIR) or f.f_code.co_name == "__torch_function__"):
             return False
         f = f.f_back
     return False
