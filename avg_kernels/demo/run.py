@@ -57,16 +57,17 @@ def train_one(name, args, train, test, progress):
     model = model_b(image_size=train.x.shape[-1], depth=args.depth).to(device)
     trainer = method.make(model, Settings(lr=args.lr))
     order = torch.Generator().manual_seed(args.seed + 1)  # the same batch order for every method
-    curve, step_times, epochs = [], [], []
+    curve, step_times, step_cpu, epochs = [], [], [], []
     seen = 0
     for epoch in range(args.epochs):
         perm = torch.randperm(len(train.y), generator=order)
         for i in range(0, len(perm), args.batch_size):
             idx = perm[i:i + args.batch_size]
             x, y = train.x[idx].to(device), train.y[idx].to(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = trainer.step(x, y)
             step_times.append(time.perf_counter() - t0 - trainer.untimed_s)
+            step_cpu.append(time.process_time() - c0 - trainer.untimed_cpu_s)
             seen += len(idx)
             curve.append((seen, loss))
             if progress is not None:
@@ -77,10 +78,11 @@ def train_one(name, args, train, test, progress):
     reached = next((e["samples"] for e in epochs if e["train_loss"] <= args.target_loss), None)
     return {"method": name, "base": method.base, "lr": args.lr or method.default_lr, "curve": curve,
             "epochs": epochs, "samples_to_target": reached,
-            "step_ms": 1e3 * statistics.median(step_times[1:] or step_times), **trainer.summary()}
+            "step_ms": 1e3 * statistics.median(step_times[1:] or step_times),
+            "step_cpu_ms": 1e3 * statistics.median(step_cpu[1:] or step_cpu), **trainer.summary()}
 
 
-_KNOWN = {"method", "base", "lr", "curve", "epochs", "samples_to_target", "step_ms", "RD"}
+_KNOWN = {"method", "base", "lr", "curve", "epochs", "samples_to_target", "step_ms", "step_cpu_ms", "RD"}
 
 
 def _fmt(v) -> str:
@@ -103,24 +105,27 @@ def table(results, target_loss):
     by_name = {r["method"]: r for r in results}
     extra_cols = sorted({k for r in results for k in r if k not in _KNOWN})
     head = ["method", "base", "lr", "train loss", "train acc", "test loss", "test acc", f"samples to loss {target_loss}",
-            "rel. sample efficiency", "RD", "ms/step", "time vs base"] + extra_cols
+            "rel. sample efficiency", "RD", "ms/step", "CPU ms/step", "time vs base"] + extra_cols
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
         last = r["epochs"][-1]
         base = by_name.get(r["base"]) if r["base"] else None
-        rel = f"{r['step_ms'] / base['step_ms']:.2f}x" if base else "-"
+        rel = f"{r['step_cpu_ms'] / base['step_cpu_ms']:.2f}x" if base and base["step_cpu_ms"] > 0 else "-"
         eff = relative_efficiency(r, base)
         cells = [r["method"], r["base"] or "-", f"{r['lr']:g}", f"{last['train_loss']:.4f}", f"{last['train_acc']:.3f}",
                  f"{last['test_loss']:.4f}", f"{last['test_acc']:.3f}", str(r["samples_to_target"] or "not reached"),
-                 "-" if eff is None else f"{eff:.2f}", _fmt(r.get("RD")), f"{r['step_ms']:.2f}", rel]
+                 "-" if eff is None else f"{eff:.2f}", _fmt(r.get("RD")), f"{r['step_ms']:.2f}",
+                 f"{r['step_cpu_ms']:.2f}", rel]
         cells += [_fmt(r.get(c)) for c in extra_cols]
         rows.append("| " + " | ".join(cells) + " |")
     rows += ["", "rel. sample efficiency: paper 002 §4.1(a) on the per-epoch full-train losses against the `base` "
              "column's run (2.0 = reaches the base's best losses in half the epochs; 0 = never matches them). "
              "RD: SPEC §4 / paper 000 Eq. 7, summed batch-loss reductions of the AG update against the base "
              "optimizer's own step on the same batch and parameters (> 0: AG reduced the batch loss more; AG-1/AG-2 "
-             "only). time vs base: median step time against the base method's (the extra forward that RD needs is "
-             "not timed)."]
+             "only). ms/step: median wall time of a step; CPU ms/step: its CPU time (time.process_time, all threads of "
+             "this process); time vs base: CPU time per step against the base method's (CPU time, because the "
+             "methods run one after another and wall time on a shared machine measures the load as much as "
+             "the method). The extra forward that RD needs is not timed."]
     return "\n".join(rows)
 
 

@@ -71,7 +71,8 @@ class AGStepInfo:
     loss_prev: Optional[torch.Tensor] = None  # ℓ(θ_{t-1}) on the batch (ag3-1)
     loss_after: Optional[torch.Tensor] = None  # ℓ(θ_{t+1}) on the batch (track_loss_after=True)
     # times: seconds per phase when profiling; "loss_after" (the extra forward for ℓ(θ_{t+1}), not part of
-    # the step's cost) is always recorded when track_loss_after=True
+    # the step's cost) and "loss_after_cpu" (its CPU time, time.process_time) are always recorded when
+    # track_loss_after=True
     activation_calls: int = 0  # averaged-activation calls paired in this step
     plain: bool = False  # True for a plain base step (the first AG-3-1 step)
     times: dict = field(default_factory=dict)  # seconds per phase (profile=True); "loss_after" is extra
@@ -259,6 +260,9 @@ class AG(torch.optim.Optimizer):
             if isinstance(p, nn.parameter.UninitializedParameter):
                 raise ValueError(f"parameter {model_params[id(p)]!r} is uninitialized (lazy module): run one "
                                  "forward before creating the optimizer")
+        if mode == "ag2" and len({p.device for p in params}) > 1:
+            raise ValueError(f"mode='ag2' rescales the step by a global L1 norm over all parameters, which must then "
+                             f"be on one device; the base optimizer's parameters are on {sorted(map(str, {p.device for p in params}))}")
         devs = {p.device.type for p in params} | {b.device.type for b in model.buffers()}
         if devs - {"cpu", "cuda"}:
             raise ValueError(f"AG steps replay dropout masks on CPU and CUDA only; model has tensors on {sorted(devs)}")
@@ -424,12 +428,13 @@ class AG(torch.optim.Optimizer):
     def _loss_after(self, closure, sites, buffers, rng, ph) -> torch.Tensor:
         """ℓ(θ_{t+1}) on the batch; its time is always recorded in ``times["loss_after"]`` (not part of
         the step's cost: callers that time steps subtract it)."""
-        t0 = ph.now()
+        t0, c0 = ph.now(), time.process_time()
         repl = {id(b): s.clone() for b, s in buffers}
         rec = _recording.ACTIVE
         rec.phase = PLAIN
         loss = self._no_grad_pass(closure, sites, repl, rng)
         ph.times["loss_after"] = ph.now() - t0
+        ph.times["loss_after_cpu"] = time.process_time() - c0
         ph.restart()
         return loss
 
@@ -476,7 +481,7 @@ class AG(torch.optim.Optimizer):
                 ph.mark("backward_avg")
                 with torch.no_grad():
                     if self.mode == "ag1":
-                        _op("ag1_update_")(theta_data, [p.detach() for p in params], list(gbar), backend=self.backend)
+                        _ag1_by_device(theta_data, [p.detach() for p in params], list(gbar), self.backend)
                         ph.mark("update")
                         torch._foreach_copy_([p.detach() for p in params], theta_data)
                         ph.mark("copies")
@@ -564,6 +569,18 @@ class AG(torch.optim.Optimizer):
             if self.track_loss_after:
                 info.loss_after = self._loss_after(closure, sites, buffers, rng, ph)
         return info
+
+
+def _ag1_by_device(params, params_new, avg_grads, backend) -> None:
+    """``ag1_update_`` once per device (the op takes one device per call; AG-1 is elementwise)."""
+    devices = {t.device for t in params}
+    if len(devices) <= 1:
+        _op("ag1_update_")(params, params_new, avg_grads, backend=backend)
+        return
+    for dev in devices:
+        idx = [i for i, t in enumerate(params) if t.device == dev]
+        _op("ag1_update_")([params[i] for i in idx], [params_new[i] for i in idx], [avg_grads[i] for i in idx],
+                           backend=backend)
 
 
 def _grad(loss, inputs, retain_graph=False):
