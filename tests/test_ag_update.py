@@ -123,7 +123,8 @@ DTYPE_MIXES = {
     "f16": [(torch.float16,) * 3],
     "bf16": [(torch.bfloat16,) * 3],
     "mixed": [(torch.bfloat16, torch.float32, torch.float32), (torch.float32, torch.float32, torch.float64),
-              (torch.float16, torch.bfloat16, torch.float32), (torch.float32,) * 3, (torch.float64, torch.float16, torch.bfloat16)],
+              (torch.float16, torch.bfloat16, torch.float32), (torch.float32,) * 3, (torch.float64, torch.float16, torch.bfloat16),
+              (torch.bfloat16,) * 3, (torch.float16,) * 3],
 }
 
 
@@ -613,3 +614,89 @@ def test_version_counters_bumped(backend, op):
     assert v._version > v0
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
+
+
+def test_python_checks_run_without_the_extension(monkeypatch):
+    """Without the compiled extension the reference and Triton backends check in Python (same errors)."""
+    from avg_kernels import _build
+
+    monkeypatch.setattr(_build, "extension", lambda: None)
+    base = torch.randn(10)
+    p = [base[:5], torch.randn(4)]
+    before = clone_all(p)
+    with pytest.raises(ValueError, match=r"ag1_update_: params_new\[1\] has shape \(5,\) but params\[1\] has shape \(4,\)"):
+        ak.ag1_update_(p, [torch.randn(5), torch.randn(5)], [None, torch.randn(4)], backend="reference")
+    with pytest.raises(ValueError, match=r"ag2_rescale_: params\[0\] overlaps params_step\[1\] in memory"):
+        ak.ag2_rescale_(p, [torch.randn(5), torch.randn(4)], [torch.randn(5), base[3:7]], backend="reference")
+    assert all(torch.equal(x, y) for x, y in zip(p, before))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU-only properties (run by bench/gpu_check.sh on a CUDA machine; skipped here).
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+def test_gpu_no_host_synchronisation(backend_name):
+    """SPEC §2: no device-to-host synchronisation (AG-2's scale stays on the device)."""
+    if backend_name not in ak.available_backends():
+        pytest.skip(f"{backend_name} unavailable")
+    ps, qs, gs = ag1_lists([(300, 70), (5,), (3, 3, 3, 3)], DTYPE_MIXES["mixed"], torch.device("cuda"))
+    for _ in range(2):  # the second call runs with compiled kernels / warm caches
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ak.ag1_update_(ps, qs, gs, backend=backend_name)
+            ak.ag2_rescale_(ps, qs, [q + 1 for q in qs], backend=backend_name)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend_name", ["cuda", "triton"])
+@pytest.mark.parametrize("n", [4, 200])
+def test_gpu_launch_count(backend_name, n):
+    """Kernel launches per call do not grow with the number of tensors (SPEC §2 "Launch count")."""
+    if backend_name not in ak.available_backends():
+        pytest.skip(f"{backend_name} unavailable")
+    from torch.profiler import ProfilerActivity, profile
+
+    ps = [torch.randn(7, device="cuda") for _ in range(n)]
+    qs = [p + 1 for p in ps]
+    gs = [torch.ones(7, device="cuda") for _ in range(n)]
+    ak.ag1_update_(ps, qs, gs, backend=backend_name)  # compile / warm up
+    ak.ag2_rescale_(ps, qs, gs, backend=backend_name)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        ak.ag1_update_(ps, qs, gs, backend=backend_name)
+        ak.ag2_rescale_(ps, qs, gs, backend=backend_name)
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ag = [nm for nm in names if "ag1" in nm or "ag2" in nm]
+    assert len(ag) == 4, names  # AG-1: 1; AG-2: reduce + final + scale
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_capture():
+    """The CUDA backend keeps everything in kernel arguments and device memory: it can be captured in
+    a CUDA graph and replayed (the tensors' addresses are baked in, as for any captured step)."""
+    if "cuda" not in ak.available_backends():
+        pytest.skip("cuda unavailable")
+    torch.manual_seed(0)
+    ps, qs, gs = ag1_lists([(300, 70), (5,), (3, 3, 3, 3)], DTYPE_MIXES["f32"], torch.device("cuda"))
+    start = clone_all(ps)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ak.ag1_update_(ps, qs, gs, backend="cuda")  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ak.ag1_update_(ps, qs, gs, backend="cuda")
+        ak.ag2_rescale_(ps, start, qs, backend="cuda")
+    for p, st in zip(ps, start):
+        p.copy_(st)
+    graph.replay()
+    expected = clone_all(start)
+    ak.ag1_update_(expected, qs, gs, backend="cuda")
+    ak.ag2_rescale_(expected, start, qs, backend="cuda")
+    assert all(same_bits(a, b) for a, b in zip(ps, expected))

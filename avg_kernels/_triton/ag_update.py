@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._alloc import new_output
 from ..ops._lists import FlatEntry
 
 # Element type codes (constexpr): which loads/stores a member uses.
@@ -319,13 +320,15 @@ def ag2_rescale_(entries: Sequence[FlatEntry], device: torch.device, launch: Lau
                  final_block: int = FINAL_BLOCK) -> torch.Tensor:
     """AG-2 on prepared entries (bufs = [θ'', θ, θ'], flat, validated). Returns the device tensor
     ``(‖θ' − θ‖₁, ‖θ'' − θ‖₁, scale)`` (float64), never read back on the host."""
-    norms = torch.zeros(3, dtype=torch.float64, device=device)
     if not entries:
-        return norms
+        return torch.zeros(3, dtype=torch.float64, device=device)
     meta_cpu, groups = build_tables(entries, launch.chunk)
     meta = _to_device(meta_cpu, device)
     n_parts = sum(g.n_programs for g in groups)
-    partials = torch.empty(2 * n_parts, dtype=torch.float64, device=device)
+    # one allocation, no memset (NaN-filled under AVG_KERNELS_POISON_OUTPUTS=1: a program that
+    # forgets its partial, or a final reduce that skips one, poisons the norms)
+    buf = new_output((2 * n_parts + 3,), meta, dtype=torch.float64)  # meta lives on the device
+    partials, norms = buf[: 2 * n_parts], buf[2 * n_parts:]
     for g in groups:
         _launch(ag2_reduce_kernel, (g.n_programs,), device, meta, g.blk_off, partials, g.part_off, P=g.codes[0],
                 O=g.codes[1], S=g.codes[2], OP=g.op, ALIGNED=g.aligned, CHUNK=launch.chunk, BLOCK=launch.block,

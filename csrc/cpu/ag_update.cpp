@@ -9,7 +9,8 @@
 //
 // Mixed dtypes: an item is processed in tiles of kTile elements; a member whose dtype is the
 // arithmetic type is read (and the parameter written) in place, any other member is converted into
-// a tile buffer first (at::vec conversions), so the common same-dtype case copies nothing.
+// a tile buffer first (at::vec conversions), so the float32/float64 same-dtype case copies nothing.
+// All-float16 / all-bfloat16 triples take a fused loop that converts in registers instead.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
@@ -23,6 +24,8 @@
 #endif
 
 #include <algorithm>
+#include <array>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -138,6 +141,31 @@ inline double lane_sum(const Vectorized<double>& lo, const Vectorized<double>& h
 }
 
 // ---------------------------------------------------------------------------------------------
+// All members float16 (or all bfloat16): the common mixed-precision case gets a fused loop that
+// widens in registers (no tile buffers). Same float32 operations in the same order as the tile path.
+// ---------------------------------------------------------------------------------------------
+inline bool all_of(const FlatEntry<3>& e, at::ScalarType t, int members) {
+  for (int r = 0; r < members; ++r)
+    if (e.dtype[r] != t) return false;
+  return true;
+}
+
+// f(i, count, float vectors of each member: lo = elements [i, i+16), hi = [i+16, i+32)) -> writes
+template <class T, int N, class F>
+void for_each_16(const FlatEntry<3>& e, int64_t begin, int64_t end, const F& f) {
+  using SV = Vectorized<T>;
+  for (int64_t i = begin; i < end; i += SV::size()) {
+    const int64_t c = std::min<int64_t>(SV::size(), end - i);
+    std::array<std::tuple<Vectorized<float>, Vectorized<float>>, N> v;
+    for (int r = 0; r < N; ++r) {
+      const T* ptr = static_cast<const T*>(e.ptr[r]) + i;
+      v[r] = at::vec::convert_to_float<T>(c == SV::size() ? SV::loadu(ptr) : SV::loadu(ptr, c));
+    }
+    f(i, c, v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Work items.
 // ---------------------------------------------------------------------------------------------
 struct Item {
@@ -184,8 +212,21 @@ void for_each_item(const std::vector<Item>& items, const F& f) {
 // ---------------------------------------------------------------------------------------------
 // AG-1.
 // ---------------------------------------------------------------------------------------------
+template <class T>
+void ag1_item16(const FlatEntry<3>& e, int64_t begin, int64_t end) {
+  for_each_16<T, 3>(e, begin, end, [&](int64_t i, int64_t c, auto& v) {
+    const auto r0 = ag1_vec(std::get<0>(v[0]), std::get<0>(v[1]), std::get<0>(v[2]));
+    const auto r1 = ag1_vec(std::get<1>(v[0]), std::get<1>(v[1]), std::get<1>(v[2]));
+    at::vec::convert_from_float<T>(r0, r1).store(static_cast<T*>(e.ptr[0]) + i, c);
+  });
+}
+
 template <class Op>
 void ag1_item(const FlatEntry<3>& e, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<Op, float>) {
+    if (all_of(e, at::kBFloat16, 3)) return ag1_item16<at::BFloat16>(e, begin, end);
+    if (all_of(e, at::kHalf, 3)) return ag1_item16<at::Half>(e, begin, end);
+  }
   using V = Vectorized<Op>;
   alignas(64) Op bt[kTile], bq[kTile], bg[kTile], bo[kTile];
   for (int64_t off = begin; off < end; off += kTile) {
@@ -210,8 +251,24 @@ void ag1_item(const FlatEntry<3>& e, int64_t begin, int64_t end) {
 // AG-2: (Σ|θ' − θ|, Σ|θ'' − θ|) per item, then θ ← θ + (θ'' − θ)·scale.
 // Members: ptr[0] = params (θ''), ptr[1] = params_old (θ), ptr[2] = params_step (θ').
 // ---------------------------------------------------------------------------------------------
+template <class T>
+std::pair<double, double> ag2_partial16(const FlatEntry<3>& e, int64_t begin, int64_t end) {
+  Vectorized<double> s_lo(0.0), s_hi(0.0), d_lo(0.0), d_hi(0.0);
+  for_each_16<T, 3>(e, begin, end, [&](int64_t, int64_t, auto& v) {  // lanes past the end are zeros
+    add_widened(s_lo, s_hi, (std::get<0>(v[2]) - std::get<0>(v[1])).abs());
+    add_widened(d_lo, d_hi, (std::get<0>(v[0]) - std::get<0>(v[1])).abs());
+    add_widened(s_lo, s_hi, (std::get<1>(v[2]) - std::get<1>(v[1])).abs());
+    add_widened(d_lo, d_hi, (std::get<1>(v[0]) - std::get<1>(v[1])).abs());
+  });
+  return {lane_sum(s_lo, s_hi), lane_sum(d_lo, d_hi)};
+}
+
 template <class Op>
 std::pair<double, double> ag2_partial(const FlatEntry<3>& e, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<Op, float>) {
+    if (all_of(e, at::kBFloat16, 3)) return ag2_partial16<at::BFloat16>(e, begin, end);
+    if (all_of(e, at::kHalf, 3)) return ag2_partial16<at::Half>(e, begin, end);
+  }
   using V = Vectorized<Op>;
   alignas(64) Op bp[kTile], bt[kTile], bs[kTile];
   Vectorized<double> s_lo(0.0), s_hi(0.0), d_lo(0.0), d_hi(0.0);
@@ -236,8 +293,23 @@ std::pair<double, double> ag2_partial(const FlatEntry<3>& e, int64_t begin, int6
   return {lane_sum(s_lo, s_hi), lane_sum(d_lo, d_hi)};
 }
 
+template <class T>
+void ag2_scale_item16(const FlatEntry<3>& e, int64_t begin, int64_t end, double scale_d) {
+  const Vectorized<float> scale(static_cast<float>(scale_d));
+  for_each_16<T, 2>(e, begin, end, [&](int64_t i, int64_t c, auto& v) {
+    const auto& [p0, p1] = v[0];
+    const auto& [t0, t1] = v[1];
+    at::vec::convert_from_float<T>(at::vec::fmadd(p0 - t0, scale, t0), at::vec::fmadd(p1 - t1, scale, t1))
+        .store(static_cast<T*>(e.ptr[0]) + i, c);
+  });
+}
+
 template <class Op>
 void ag2_scale_item(const FlatEntry<3>& e, int64_t begin, int64_t end, double scale_d) {
+  if constexpr (std::is_same_v<Op, float>) {  // params and params_old (params_step is not read here)
+    if (all_of(e, at::kBFloat16, 2)) return ag2_scale_item16<at::BFloat16>(e, begin, end, scale_d);
+    if (all_of(e, at::kHalf, 2)) return ag2_scale_item16<at::Half>(e, begin, end, scale_d);
+  }
   using V = Vectorized<Op>;
   alignas(64) Op bp[kTile], bt[kTile], bo[kTile];
   const V scale(static_cast<Op>(scale_d));

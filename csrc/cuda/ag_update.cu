@@ -8,6 +8,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <limits>
+#include <string>
+
 #include "ag_update_host.h"
 
 namespace avg_kernels::ag_cuda {
@@ -65,7 +69,14 @@ at::Tensor ag2_rescale_cuda(at::TensorList params, at::TensorList params_old, at
   make_groups(prep, groups);
   const Limits lim;
   const int64_t n_blocks = mta::count_blocks(groups[0], lim.chunk) + mta::count_blocks(groups[1], lim.chunk);
-  at::Tensor buf = at::empty({2 * n_blocks + 3}, params[0].options().dtype(at::kDouble));
+  // Partials and norms in one allocation, not cleared: every block writes its partial and the final
+  // reduce writes the norms. NaN-filled under AVG_KERNELS_POISON_OUTPUTS=1 (the test suite), so a
+  // partial that a block forgets poisons the result.
+  const char* poison = std::getenv("AVG_KERNELS_POISON_OUTPUTS");
+  at::Tensor buf = (poison && std::string(poison) == "1")
+                       ? at::full({2 * n_blocks + 3}, std::numeric_limits<double>::quiet_NaN(),
+                                  params[0].options().dtype(at::kDouble))
+                       : at::empty({2 * n_blocks + 3}, params[0].options().dtype(at::kDouble));
   double* partials = buf.data_ptr<double>();
   double* norms = partials + 2 * n_blocks;
   CudaLauncher launcher{at::cuda::getCurrentCUDAStream()};
