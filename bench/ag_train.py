@@ -157,7 +157,7 @@ def base_breakdown(model, base, x, y, device, steps, clock):
     """Phases of a plain base-optimizer step, timed like AG's profile."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     acc = {"forwards": [], "backwards": [], "base step": []}
-    for i in range(steps + 2):
+    for i in range(steps + 1):
         sync()
         t0 = clock()
         base.zero_grad(set_to_none=True)
@@ -170,7 +170,7 @@ def base_breakdown(model, base, x, y, device, steps, clock):
         base.step()
         sync()
         t3 = clock()
-        if i >= 2:
+        if i >= 1:
             acc["forwards"].append(t1 - t0)
             acc["backwards"].append(t2 - t1)
             acc["base step"].append(t3 - t2)
@@ -179,7 +179,7 @@ def base_breakdown(model, base, x, y, device, steps, clock):
 
 def ag_breakdown(step, opt, steps):
     acc: dict[str, list] = {}
-    for i in range(steps + 2):
+    for i in range(steps + 2):  # AG-3-1's first step is plain
         step()
         if i >= 2:
             for group, phases in PHASE_GROUPS.items():
@@ -188,7 +188,9 @@ def ag_breakdown(step, opt, steps):
 
 
 def add_arguments(group) -> None:
-    group.add_argument("--ag-models", default="demo,resnet18", help="comma-separated: demo, resnet18")
+    group.add_argument("--ag-models", default=None,
+                       help="comma-separated: demo, resnet18 (default: both; only demo for a smoke run, i.e. an "
+                            "explicit --min-run-time below 0.1 s)")
     group.add_argument("--ag-clock", choices=("wall", "cpu"), default="wall",
                        help="CPU runs: wall (the harness policy, default) or cpu (time.process_time: the work done, "
                             "insensitive to other processes on a shared machine; use with --threads 1)")
@@ -198,13 +200,16 @@ def add_arguments(group) -> None:
 def run(ctx: Context) -> Report:
     dev = ctx.device
     args = ctx.args
-    names = [n.strip() for n in (getattr(args, "ag_models", None) or "demo,resnet18").split(",") if n.strip()]
+    explicit = getattr(args, "min_run_time", None) is not None  # --min-run-time given: no floors (smoke runs)
+    smoke = explicit and ctx.min_run_time < 0.1
+    default_models = "demo" if smoke else "demo,resnet18"
+    names = [n.strip() for n in (getattr(args, "ag_models", None) or default_models).split(",") if n.strip()]
     bad = sorted(set(names) - {"demo", "resnet18"})
     if bad:
         raise SystemExit(f"--ag-models: unknown {bad}; expected demo, resnet18")
     cpu_clock = dev.type == "cpu" and getattr(args, "ag_clock", "wall") == "cpu"
     clock = time.process_time if cpu_clock else time.perf_counter
-    profile_steps = getattr(args, "ag_profile_steps", None) or (8 if ctx.mode == "quick" else 25)
+    profile_steps = getattr(args, "ag_profile_steps", None) or (2 if smoke else (8 if ctx.mode == "quick" else 25))
     rows: list[Row] = []
     notes: list[str] = []
     breakdown_lines: list[str] = []
@@ -214,14 +219,18 @@ def run(ctx: Context) -> Report:
         steps = make_steps(factory, x, y, dev)
         fns = {k: v[0] for k, v in steps.items()}
         t0 = time.perf_counter()
+        warm = 2 if explicit else 3
         for f in fns.values():  # warm-up: allocations, AG-3-1's plain first step; estimate the step time
-            for _ in range(3):
+            for _ in range(warm):
                 f()
-        per_step = (time.perf_counter() - t0) / (3 * len(fns))
-        # a training step is noisier than an op: >= 2 s (quick) / 5 s (full) per method on CPU, and at
-        # least ~8 steps per method and round whatever the model size
-        floor = (2.0 if ctx.mode == "quick" else 5.0) if dev.type == "cpu" else ctx.min_run_time
-        min_run = max(ctx.min_run_time, floor, 8 * per_step * ctx.rounds)
+        per_step = (time.perf_counter() - t0) / (warm * len(fns))
+        if explicit:
+            min_run = ctx.min_run_time
+        else:
+            # a training step is noisier than an op: >= 2 s (quick) / 5 s (full) per method on CPU, and at
+            # least ~8 steps per method and round whatever the model size
+            floor = (2.0 if ctx.mode == "quick" else 5.0) if dev.type == "cpu" else ctx.min_run_time
+            min_run = max(ctx.min_run_time, floor, 8 * per_step * ctx.rounds)
         n_params = sum(p.numel() for p in factory().parameters())
         common = dict(op=NAME, case=name, inputs=desc, size=n_params, dtype="float32")
         if cpu_clock:
