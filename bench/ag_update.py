@@ -164,7 +164,7 @@ def run(ctx: Context) -> Report:
     for m in models:
         sh = model_shapes.MODELS[m]()
         described.append(f"{m} = {model_shapes.numel(sh):,} values in {len(sh)} tensors")
-    inputs_label = "parameter lists of " + "; ".join(described)
+    inputs_label = "model parameter lists: " + "; ".join(described)
     bar = ctx.bar(len(OPS) * len(models) * len(dtypes), f"{NAME} on {dev.type}")
     for dtype in dtypes:
         dt = dtype_name(dtype)

@@ -631,6 +631,25 @@ def test_python_checks_run_without_the_extension(monkeypatch):
     assert all(torch.equal(x, y) for x, y in zip(p, before))
 
 
+@pytest.mark.skipif("cpu" not in ak.available_backends(), reason="the C++ extension is not built")
+def test_torch_compile_inductor(fresh_seed):
+    """The default torch.compile backend (Inductor) with the mutating list ops inside the graph."""
+    ps, qs, gs = ag1_lists([(3, 4), (5,)], DTYPE_MIXES["f32"], torch.device("cpu"))
+    os_ = clone_all(ps)
+
+    def step(params, new, grads, old, stepped):
+        ak.ag1_update_(params, new, grads)
+        ak.ag2_rescale_(params, old, stepped)
+        return params[0].sum()
+
+    torch._dynamo.reset()
+    a, b = clone_all(ps), clone_all(ps)
+    out_c = torch.compile(step, fullgraph=True)(a, qs, gs, os_, qs)
+    out_e = step(b, qs, gs, os_, qs)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    torch.testing.assert_close(out_c, out_e)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU-only properties (run by bench/gpu_check.sh on a CUDA machine; skipped here).
 # ---------------------------------------------------------------------------------------------

@@ -204,7 +204,7 @@ def ag2_final_kernel(partials, n_parts, norms, BLOCK: tl.constexpr):
         acc_delta += tl.load(partials + (2 * i + 1), mask=m, other=0.0)
     n_step = tl.sum(acc_step, axis=0)
     n_delta = tl.sum(acc_delta, axis=0)
-    scale = tl.where(n_delta == 0, 0.0, n_step / n_delta)
+    scale = tl.where(n_delta == 0, 0.0, n_step / tl.where(n_delta == 0, 1.0, n_delta))
     one = tl.full([], 1, tl.int64)
     tl.store(norms, n_step)
     tl.store(norms + one, n_delta)

@@ -29,9 +29,9 @@
 #include <vector>
 #endif
 
+#include <avg_kernels/half_bits.h>
+
 #if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #define AK_MTA_HD __host__ __device__ __forceinline__
 #define AK_MTA_UNROLL _Pragma("unroll")
 #else
@@ -196,75 +196,7 @@ AK_MTA_HD bool group_aligned(const void* p, uint8_t dt) {
   return (reinterpret_cast<uintptr_t>(p) % uintptr_t(kILP * dtype_size(dt))) == 0;
 }
 
-// ---------------------------------------------------------------------------------------------
-// float16 / bfloat16 <-> float, round to nearest even. Device: the hardware conversions; host:
-// exact bit manipulation (tests compare with PyTorch's conversions).
-// ---------------------------------------------------------------------------------------------
-AK_MTA_HD float bits_to_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  memcpy(&f, &u, 4);
-  return f;
-#endif
-}
-
-AK_MTA_HD uint32_t float_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  return u;
-#endif
-}
-
-AK_MTA_HD float half_to_float(uint16_t h) {
-#if defined(__CUDA_ARCH__)
-  return __half2float(__ushort_as_half(h));
-#else
-  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-  if (exp == 0) {
-    const float v = float(man) * 5.9604644775390625e-08f;  // subnormal: man * 2^-24, exact
-    return sign ? -v : v;
-  }
-  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (man << 13));
-  return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
-#endif
-}
-
-AK_MTA_HD uint16_t float_to_half(float f) {
-#if defined(__CUDA_ARCH__)
-  return __half_as_ushort(__float2half_rn(f));
-#else
-  const uint32_t u = float_to_bits(f);
-  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
-  const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);   // NaN
-  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);  // rounds to inf
-  if (a >= 0x38800000u) return uint16_t(sign | ((a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13));
-  const uint32_t e = a >> 23, shift = 126u - e;  // subnormal half
-  if (shift > 24u) return sign;
-  const uint32_t m = (a & 0x7fffffu) | (e ? 0x800000u : 0u);
-  uint32_t q = m >> shift;
-  const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
-  if (rem > half || (rem == half && (q & 1u))) ++q;
-  return uint16_t(sign | q);
-#endif
-}
-
-AK_MTA_HD float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
-
-AK_MTA_HD uint16_t float_to_bf16(float f) {
-#if defined(__CUDA_ARCH__)
-  return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-#else
-  const uint32_t u = float_to_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // NaN stays NaN
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-#endif
-}
+// float16 / bfloat16 <-> float: avg_kernels/half_bits.h (shared with the elementwise kernels).
 
 // ---------------------------------------------------------------------------------------------
 // Element I/O with runtime element types: a group of `count` (<= kILP) elements at index i of the
@@ -303,7 +235,7 @@ AK_MTA_HD void load_group(const void* base, uint8_t dt, int64_t i, int count, bo
         for (int k = 0; k < kILP; ++k) v[k] = k < count ? p[i + k] : uint16_t(0);
       }
       AK_MTA_UNROLL
-      for (int k = 0; k < kILP; ++k) out[k] = Op(dt == kHalf ? half_to_float(v[k]) : bf16_to_float(v[k]));
+      for (int k = 0; k < kILP; ++k) out[k] = Op(dt == kHalf ? half_bits_to_float(v[k]) : bf16_bits_to_float(v[k]));
       break;
     }
     case kFloat: {
@@ -342,7 +274,7 @@ AK_MTA_HD void store_group(void* base, uint8_t dt, int64_t i, int count, bool wh
     case kBFloat16: {
       alignas(8) uint16_t v[kILP];
       AK_MTA_UNROLL
-      for (int k = 0; k < kILP; ++k) v[k] = dt == kHalf ? float_to_half(float(x[k])) : float_to_bf16(float(x[k]));
+      for (int k = 0; k < kILP; ++k) v[k] = dt == kHalf ? float_to_half_bits(float(x[k])) : float_to_bf16_bits(float(x[k]));
       uint16_t* p = static_cast<uint16_t*>(base);
       if (whole) {
         copy_group<2 * kILP>(p + i, v);
