@@ -5,6 +5,9 @@ Public API (see README.md and SPEC.md):
     ag1_update_, ag2_rescale_                            multi-tensor AG-1 / AG-2 updates (SPEC §2)
     im2col_gram, linear_gram                             input Grams of im2col layers (SPEC §3)
     available_backends, use_backend                      backend choice (SPEC §5)
+    avg_kernels.nn       averaged activation modules, convert(model)      (SPEC §4)
+    avg_kernels.optim    AG-1 / AG-2 / AG-3-1 steps over a torch.optim base (SPEC §4)
+    avg_kernels.metrics  RD and relative sample efficiency                 (SPEC §4)
 """
 from . import _build
 from .activations import ACTIVATIONS, EPS
@@ -13,6 +16,9 @@ from .ops import (BackendUnavailableError, ag1_update_, ag2_rescale_, available_
 
 _build.extension()  # registers torch.ops.avg_kernels_C.* when the extension is built
 
+from . import metrics, nn, optim  # noqa: E402  (model-level layers, above the ops)
+
 __version__ = "0.1.0"
 __all__ = ["ACTIVATIONS", "EPS", "BackendUnavailableError", "ag1_update_", "ag2_rescale_", "available_backends", "avg_act",
-           "avg_act_backward", "current_backend", "im2col_gram", "linear_gram", "use_backend"]
+           "avg_act_backward", "current_backend", "im2col_gram", "linear_gram", "use_backend", "metrics", "nn",
+           "optim"]

@@ -20,4 +20,5 @@ OPS = {
     "avg_act": "bench.avg_act",
     "ag_update": "bench.ag_update",
     "gram": "bench.gram",
+    "ag_train": "bench.ag_train",
 }

@@ -15,7 +15,7 @@ from .. import data as datasets
 from .methods import REGISTRY, Settings
 from .model import model_b
 
-DEFAULT_METHODS = ["sgd", "adam", "rmsprop"]
+DEFAULT_METHODS = ["rmsprop", "ag1", "ag3-1", "adam", "ag2"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-loss", type=float, default=0.5, help="train loss whose first crossing counts samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="demo_results", help="folder for demo.md, demo.json, demo.png")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: the demo's tensors are tiny, so more threads only add "
+                        "synchronisation, which is very slow on a busy machine; 0 = torch's default)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -54,44 +57,75 @@ def train_one(name, args, train, test, progress):
     model = model_b(image_size=train.x.shape[-1], depth=args.depth).to(device)
     trainer = method.make(model, Settings(lr=args.lr))
     order = torch.Generator().manual_seed(args.seed + 1)  # the same batch order for every method
-    curve, step_times, epochs = [], [], []
+    curve, step_times, step_cpu, epochs = [], [], [], []
     seen = 0
     for epoch in range(args.epochs):
         perm = torch.randperm(len(train.y), generator=order)
         for i in range(0, len(perm), args.batch_size):
             idx = perm[i:i + args.batch_size]
             x, y = train.x[idx].to(device), train.y[idx].to(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = trainer.step(x, y)
-            step_times.append(time.perf_counter() - t0)
+            step_times.append(time.perf_counter() - t0 - trainer.untimed_s)
+            step_cpu.append(time.process_time() - c0 - trainer.untimed_cpu_s)
             seen += len(idx)
             curve.append((seen, loss))
-            progress.update(1)
+            if progress is not None:
+                progress.update(1)
         tr, te = evaluate(model, train, device), evaluate(model, test, device)
         epochs.append({"epoch": epoch + 1, "samples": seen, "train_loss": tr[0], "train_acc": tr[1],
                        "test_loss": te[0], "test_acc": te[1]})
     reached = next((e["samples"] for e in epochs if e["train_loss"] <= args.target_loss), None)
     return {"method": name, "base": method.base, "lr": args.lr or method.default_lr, "curve": curve,
             "epochs": epochs, "samples_to_target": reached,
-            "step_ms": 1e3 * statistics.median(step_times[1:] or step_times), **trainer.summary()}
+            "step_ms": 1e3 * statistics.median(step_times[1:] or step_times),
+            "step_cpu_ms": 1e3 * statistics.median(step_cpu[1:] or step_cpu), **trainer.summary()}
+
+
+_KNOWN = {"method", "base", "lr", "curve", "epochs", "samples_to_target", "step_ms", "step_cpu_ms", "RD"}
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def relative_efficiency(r, base) -> float | None:
+    """Relative sample efficiency of run ``r`` against ``base`` on the per-epoch full-train losses
+    (paper 002 §4.1(a), one run each: avg_kernels.metrics.relative_sample_efficiency)."""
+    if base is None:
+        return None
+    from ..metrics import relative_sample_efficiency
+
+    return relative_sample_efficiency([e["train_loss"] for e in r["epochs"]], [e["train_loss"] for e in base["epochs"]])
 
 
 def table(results, target_loss):
     by_name = {r["method"]: r for r in results}
-    extra_cols = sorted({k for r in results for k in r if k not in
-                         {"method", "base", "lr", "curve", "epochs", "samples_to_target", "step_ms"}})
-    head = ["method", "lr", "train loss", "train acc", "test loss", "test acc", f"samples to loss {target_loss}",
-            "ms/step", "time vs base"] + extra_cols
+    extra_cols = sorted({k for r in results for k in r if k not in _KNOWN})
+    head = ["method", "base", "lr", "train loss", "train acc", "test loss", "test acc", f"samples to loss {target_loss}",
+            "rel. sample efficiency", "RD", "ms/step", "CPU ms/step", "time vs base"] + extra_cols
     rows = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
         last = r["epochs"][-1]
         base = by_name.get(r["base"]) if r["base"] else None
-        rel = f"{r['step_ms'] / base['step_ms']:.2f}x {r['base']}" if base else "-"
-        cells = [r["method"], f"{r['lr']:g}", f"{last['train_loss']:.4f}", f"{last['train_acc']:.3f}",
+        rel = f"{r['step_cpu_ms'] / base['step_cpu_ms']:.2f}x" if base and base["step_cpu_ms"] > 0 else "-"
+        eff = relative_efficiency(r, base)
+        cells = [r["method"], r["base"] or "-", f"{r['lr']:g}", f"{last['train_loss']:.4f}", f"{last['train_acc']:.3f}",
                  f"{last['test_loss']:.4f}", f"{last['test_acc']:.3f}", str(r["samples_to_target"] or "not reached"),
-                 f"{r['step_ms']:.2f}", rel]
-        cells += [(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-"))) for c in extra_cols]
+                 "-" if eff is None else f"{eff:.2f}", _fmt(r.get("RD")), f"{r['step_ms']:.2f}",
+                 f"{r['step_cpu_ms']:.2f}", rel]
+        cells += [_fmt(r.get(c)) for c in extra_cols]
         rows.append("| " + " | ".join(cells) + " |")
+    rows += ["", "rel. sample efficiency: paper 002 §4.1(a) on the per-epoch full-train losses against the `base` "
+             "column's run (2.0 = reaches the base's best losses in half the epochs; 0 = never matches them). "
+             "RD: SPEC §4 / paper 000 Eq. 7, summed batch-loss reductions of the AG update against the base "
+             "optimizer's own step on the same batch and parameters (> 0: AG reduced the batch loss more; AG-1/AG-2 "
+             "only). ms/step: median wall time of a step; CPU ms/step: its CPU time (time.process_time, all threads of "
+             "this process); time vs base: CPU time per step against the base method's (CPU time, because the "
+             "methods run one after another and wall time on a shared machine measures the load as much as "
+             "the method). The extra forward that RD needs is not timed."]
     return "\n".join(rows)
 
 
@@ -127,6 +161,16 @@ def main(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; registered: {sorted(REGISTRY)}")
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, names)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace, names: list[str]) -> int:
     train, test = datasets.mnist(args.data) if args.data else datasets.digits(seed=args.seed)
     steps = args.epochs * -(-len(train.y) // args.batch_size) * len(names)
     try:
@@ -136,7 +180,8 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover
         progress = None
     results = [train_one(n, args, train, test, progress) for n in names]
-    progress.close()
+    if progress is not None:
+        progress.close()
     text = table(results, args.target_loss)
     print(text)
     os.makedirs(args.out, exist_ok=True)

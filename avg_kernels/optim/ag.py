@@ -1,0 +1,638 @@
+"""AG-1 / AG-2 / AG-3-1 training steps over any torch.optim base optimizer (SPEC §4).
+
+    model = avg_kernels.nn.convert(model)
+    opt = avg_kernels.optim.AG(model, torch.optim.RMSprop(model.parameters(), lr=1e-3), mode="ag1")
+    for x, y in loader:
+        loss = opt.step(lambda: F.cross_entropy(model(x), y))   # the closure never calls backward()
+
+One AG-1 / AG-2 step (papers 000 Alg. 1-2, 002 Alg. 2) on one batch:
+
+1. forward at θ through the closure, on COPIES of the parameters (the graph must survive the base
+   optimizer's in-place update), recording one slot per averaged-activation call; backward with the
+   graph retained -> g in ``p.grad``;
+2. ``base.step()`` -> θ' (the base optimizer's state advances once: s_t -> s_{t+1});
+3. forward at θ' without grad, same batch, same training mode, dropout masks replayed (the RNG is
+   forked and reset to its state before step 1), buffers (BatchNorm running statistics ...) on a
+   scratch copy taken before step 1, so the θ' pass changes no buffer; call k's input fills slot k;
+4. second backward over the SAME graph from ℓ(θ): the averaged activations now use s(x, x') -> ḡ;
+5. AG-1: ``avg_kernels.ag1_update_(θ, θ', ḡ)``. AG-2: θ'' = the base optimizer's update of θ with ḡ
+   from the PRE-step state s_t (saved before step 2, swapped in for this call, then s_{t+1} restored:
+   Adam's step count included), then ``avg_kernels.ag2_rescale_(θ'', θ, θ')``.
+
+AG-3-1 (paper 002 Alg. 1, d = 1): forward with graph at θ_t, a no-grad forward at the previous
+parameters θ_{t-1} (kept by the optimizer) recording x', ONE backward with the secant slopes, then the
+base optimizer's step with ḡ. The first step (no θ_{t-1} yet) is a plain base step.
+
+After ``step``: ``p.grad`` holds the gradient the update used (ḡ; g on a plain step), ``opt.last`` an
+``AGStepInfo`` (ℓ(θ), ℓ(θ') or ℓ(θ_{t-1}), optionally ℓ(θ_{t+1}), timings when ``profile=True``).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree
+
+from ..activations import EPS
+from ..nn import _recording
+from ..nn._recording import GRAPH, PLAIN, BACKWARD, Recorder
+from ..ops import _checks
+
+MODES = ("ag1", "ag2", "ag3-1")
+
+
+def _op(name: str):
+    """The fused update op ``avg_kernels.<name>`` (SPEC §2), looked up at call time."""
+    import avg_kernels
+
+    fn = getattr(avg_kernels, name, None)
+    if fn is None:
+        raise NotImplementedError(
+            f"avg_kernels.{name} is not available in this build: the AG update ops (SPEC §2) are required "
+            "for AG steps")
+    return fn
+
+
+@dataclass
+class AGStepInfo:
+    """What one ``AG.step`` saw. Losses are detached 0-d tensors (read them with ``float()``)."""
+
+    mode: str
+    step: int  # 1-based index of this step
+    loss: torch.Tensor  # ℓ(θ_t) on the batch (what step() returned)
+    loss_new: Optional[torch.Tensor] = None  # ℓ(θ') on the batch: after the base optimizer's own step (ag1/ag2)
+    loss_prev: Optional[torch.Tensor] = None  # ℓ(θ_{t-1}) on the batch (ag3-1)
+    loss_after: Optional[torch.Tensor] = None  # ℓ(θ_{t+1}) on the batch (track_loss_after=True)
+    # times: seconds per phase when profiling; "loss_after" (the extra forward for ℓ(θ_{t+1}), not part of
+    # the step's cost) and "loss_after_cpu" (its CPU time, time.process_time) are always recorded when
+    # track_loss_after=True
+    activation_calls: int = 0  # averaged-activation calls paired in this step
+    plain: bool = False  # True for a plain base step (the first AG-3-1 step)
+    times: dict = field(default_factory=dict)  # seconds per phase (profile=True); "loss_after" is extra
+
+    @property
+    def reduction(self) -> Optional[float]:
+        """ℓ(θ_t) − ℓ(θ_{t+1}): this step's batch-loss reduction (needs track_loss_after=True)."""
+        return None if self.loss_after is None else float(self.loss) - float(self.loss_after)
+
+    @property
+    def base_reduction(self) -> Optional[float]:
+        """ℓ(θ_t) − ℓ(θ'): the base optimizer's own step's batch-loss reduction (ag1/ag2)."""
+        return None if self.loss_new is None else float(self.loss) - float(self.loss_new)
+
+    def as_dict(self) -> dict:
+        def f(t):
+            return None if t is None else float(t)
+
+        return {"mode": self.mode, "step": self.step, "loss": f(self.loss), "loss_new": f(self.loss_new),
+                "loss_prev": f(self.loss_prev), "loss_after": f(self.loss_after), "reduction": self.reduction,
+                "base_reduction": self.base_reduction, "activation_calls": self.activation_calls,
+                "plain": self.plain, "times": dict(self.times)}
+
+
+class _Phases:
+    """Time per phase, synchronising the device between phases (only when profiling)."""
+
+    def __init__(self, profile, cuda: bool):
+        self.enabled, self.cuda = bool(profile), cuda
+        self.clock = profile if callable(profile) else time.perf_counter
+        self.times: dict[str, float] = {}
+        self._t = self._now() if self.enabled else 0.0
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return self.clock()
+
+    def mark(self, phase: str) -> None:
+        if self.enabled:
+            t = self._now()
+            self.times[phase] = self.times.get(phase, 0.0) + (t - self._t)
+            self._t = t
+
+    def now(self) -> float:
+        """The clock, synchronised (used for the untimed ℓ(θ_{t+1}) pass even when not profiling)."""
+        return self._now()
+
+    def restart(self) -> None:
+        if self.enabled:
+            self._t = self._now()
+
+
+class _Sites:
+    """Where every parameter and buffer of a model is registered, for swapping them during a pass."""
+
+    def __init__(self, model: nn.Module):
+        self.sites: list[tuple[dict, str, torch.Tensor]] = []
+        for m in model.modules():
+            for d in (m._parameters, m._buffers):
+                for k, v in d.items():
+                    if v is not None:
+                        self.sites.append((d, k, v))
+
+    @contextlib.contextmanager
+    def swapped(self, repl: dict[int, torch.Tensor]):
+        done = []
+        try:
+            for d, k, v in self.sites:
+                r = repl.get(id(v))
+                if r is not None:
+                    d[k] = r
+                    done.append((d, k, v))
+            yield
+        finally:
+            for d, k, v in done:
+                d[k] = v
+
+
+class _RNG:
+    """The CPU and CUDA generator states before the graph pass, replayed for the other passes."""
+
+    def __init__(self, cuda_devices: list[int]):
+        self.devices = cuda_devices
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(i) for i in cuda_devices]
+
+    @contextlib.contextmanager
+    def replay(self):
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu)
+            for i, s in zip(self.devices, self.cuda):
+                torch.cuda.set_rng_state(s, i)
+            yield
+
+
+class _DirectUse(TorchFunctionMode):
+    """First-step check: does any torch function receive one of the REAL parameters while they are
+    swapped out for other tensors? Such a parameter is read through a reference AG cannot swap (a list,
+    a closure ...): its value in that pass would be wrong and, in the graph pass, its gradient lost."""
+
+    def __init__(self, names: dict[int, str]):
+        super().__init__()
+        self.names = names
+        self.found: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if not self.found:
+            for a in _pytree.tree_leaves((args, kwargs or {})):
+                if isinstance(a, torch.Tensor) and id(a) in self.names:
+                    self.found.append(f"parameter {self.names[id(a)]!r} passed to {getattr(func, '__name__', func)}")
+                    break
+        return func(*args, **(kwargs or {}))
+
+    def check(self, label: str) -> None:
+        if self.found:
+            raise RuntimeError(
+                f"AG step: {self.found[0]} during the pass at {label} although the step had swapped that parameter "
+                "for another tensor: the model reads it through a reference AG cannot swap (e.g. kept in a list or "
+                "a closure instead of Module._parameters). Its value in that pass would be wrong and its gradient "
+                "lost. Read parameters through their module.")
+
+
+def _eager():
+    """AG steps run eagerly: compiled submodules called by the closure fall back to eager for the step."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+class AG(torch.optim.Optimizer):
+    """Average-gradient training over a base optimizer: AG-1, AG-2 or AG-3-1 (SPEC §4).
+
+    Args:
+        model: the ``nn.Module`` the closure runs; its activations must be averaged ones
+            (``avg_kernels.nn.convert(model)`` or ``avg_kernels.nn`` modules/functional).
+        base: any ``torch.optim.Optimizer`` over parameters of ``model`` (SGD, RMSprop, Adam, ...). It is
+            stepped exactly once per batch; LR schedulers may be attached to it or to this object
+            (``param_groups`` is shared).
+        mode: "ag1" (sign of ḡ, magnitude |θ' − θ|), "ag2" (base step with ḡ from the pre-step
+            state, rescaled to the L1 length of θ' − θ) or "ag3-1" (segment [θ_{t-1}, θ_t], one backward).
+        eps: |x' − x| <= eps uses f'(x) (SPEC §1).
+        backend: backend of the averaged backward and the update ops (None: "auto", see
+            ``avg_kernels.use_backend``).
+        track_loss_after: also evaluate ℓ(θ_{t+1}) on the batch (one more no-grad forward, same
+            dropout masks, no buffer change) into ``last.loss_after``; needed for RD. Its time is
+            reported separately (``last.times["loss_after"]`` when profiling) and is not part of the step.
+        profile: record per-phase times in ``last.times`` (synchronises CUDA between phases): True for wall
+            time, or a clock function returning seconds (e.g. ``time.process_time``: CPU time, robust to other
+            processes on a shared machine).
+        require_activations: raise when the pass at θ made no averaged-activation call (the model was
+            not converted, so AG would silently be the base optimizer with a sign/rescale step).
+        check_unaveraged: on the first step, trace the no-grad pass for activation functions that bypass
+            ``avg_kernels.nn`` (e.g. ``F.gelu`` in a forward) and warn about them.
+
+    The closure runs the forward on one fixed batch and returns the loss; it must not call
+    ``backward()`` (the step raises if gradients appear) and is called two (three with
+    ``track_loss_after``) times per step, so it must not draw a new batch or have other side effects.
+    """
+
+    def __init__(self, model: nn.Module, base: torch.optim.Optimizer, mode: str = "ag1", eps: float = EPS, *,
+                 backend: Optional[str] = None, track_loss_after: bool = False, profile: bool = False,
+                 require_activations: bool = True, check_unaveraged: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(base, torch.optim.Optimizer):
+            raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
+        if isinstance(base, AG):
+            raise TypeError("base is already an AG optimizer; AG wraps a plain base optimizer")
+        if isinstance(base, torch.optim.LBFGS):
+            raise TypeError("base=LBFGS needs a closure in its own step(); AG steps its base without one")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r}: expected one of {list(MODES)}")
+        _checks.nonneg_real("eps", eps)
+        if backend is not None:
+            from ..ops._backend import _check_name
+
+            _check_name(backend)
+        model_params = {id(p): name for name, p in model.named_parameters()}
+        params = [p for g in base.param_groups for p in g["params"]]
+        for i, p in enumerate(params):
+            if id(p) not in model_params:
+                raise ValueError(
+                    f"base optimizer parameter {i} (shape {tuple(p.shape)}) is not a parameter of model: AG needs "
+                    "θ' from a forward of the model, so the base optimizer must optimize the model's parameters")
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                raise ValueError(f"parameter {model_params[id(p)]!r} is uninitialized (lazy module): run one "
+                                 "forward before creating the optimizer")
+        if mode == "ag2" and len({p.device for p in params}) > 1:
+            raise ValueError(f"mode='ag2' rescales the step by a global L1 norm over all parameters, which must then "
+                             f"be on one device; the base optimizer's parameters are on {sorted(map(str, {p.device for p in params}))}")
+        devs = {p.device.type for p in params} | {b.device.type for b in model.buffers()}
+        if devs - {"cpu", "cuda"}:
+            raise ValueError(f"AG steps replay dropout masks on CPU and CUDA only; model has tensors on {sorted(devs)}")
+        self.model, self.base, self.mode = model, base, mode
+        self.eps, self.backend = float(eps), backend
+        self.track_loss_after = bool(track_loss_after)
+        if not (isinstance(profile, bool) or callable(profile)):
+            raise TypeError(f"profile must be a bool or a clock function, got {type(profile).__name__}")
+        self.profile = profile
+        self.require_activations, self.check_unaveraged = bool(require_activations), bool(check_unaveraged)
+        self._ready = False
+        super().__init__(params, {})
+        self.param_groups = base.param_groups  # shared: LR schedulers on either object act on the base
+        self.defaults = base.defaults
+        self.state = base.state  # what torch.optim users inspect (AG's own state: see state_dict())
+        self._ready = True
+        self.last: Optional[AGStepInfo] = None
+        self.steps = 0
+        self._theta: list[torch.Tensor] = []  # AG-1/2: leaf copies of θ the graph is built on
+        self._theta_for: list[int] = []
+        self._spare: list[torch.Tensor] = []  # AG-2: θ' while θ'' is computed
+        self._prev: Optional[list[torch.Tensor]] = None  # AG-3-1: θ_{t-1}
+        self._prev_for: list[int] = []
+        self._checked = False
+
+    # -- torch.optim.Optimizer surface -------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        if not getattr(self, "_ready", False):  # Optimizer.__init__ registering the initial groups
+            return super().add_param_group(param_group)
+        model_params = {id(p) for p in self.model.parameters()}
+        ps = param_group["params"]
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        if any(id(p) not in model_params for p in ps):
+            raise ValueError("add_param_group: every parameter must be a parameter of the AG optimizer's model")
+        self.base.add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        return f"AG(mode={self.mode!r}, eps={self.eps:g}, base={self.base!r})"
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict plus AG's own state (mode, eps, step count, θ_{t-1} for ag3-1)."""
+        params = self._params()
+        prev = None
+        if self._prev is not None:
+            by_id = dict(zip(self._prev_for, self._prev))
+            prev = [by_id.get(id(p)) for p in params]
+            prev = [None if t is None else t.detach().clone() for t in prev]
+        return {"base": self.base.state_dict(),
+                "ag": {"mode": self.mode, "eps": self.eps, "steps": self.steps, "prev": prev}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or "base" not in state_dict or "ag" not in state_dict:
+            raise ValueError("state_dict: expected a dict from AG.state_dict() with keys 'base' and 'ag'")
+        ag = state_dict["ag"]
+        if ag.get("mode") != self.mode:
+            raise ValueError(f"state_dict was saved by an AG optimizer with mode={ag.get('mode')!r}, this one has "
+                             f"mode={self.mode!r}")
+        params = self._params()
+        prev = ag.get("prev")
+        if prev is not None and len(prev) != len(params):
+            raise ValueError(f"state_dict holds θ_(t-1) for {len(prev)} parameters, this optimizer has {len(params)}")
+        if prev is not None:
+            for i, (p, t) in enumerate(zip(params, prev)):
+                if t is not None and tuple(t.shape) != tuple(p.shape):
+                    raise ValueError(f"state_dict θ_(t-1) of parameter {i} has shape {tuple(t.shape)}, the "
+                                     f"parameter has shape {tuple(p.shape)}")
+        self.base.load_state_dict(state_dict["base"])
+        self.steps = int(ag.get("steps", 0))
+        if prev is None:
+            self._prev, self._prev_for = None, []
+        else:
+            kept = [(p, t) for p, t in zip(params, prev) if t is not None]
+            self._prev = [t.detach().to(device=p.device, dtype=p.dtype).clone() for p, t in kept]
+            self._prev_for = [id(p) for p, _ in kept]
+
+    # -- the step ----------------------------------------------------------------------------------
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.base.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def _no_grad_pass(self, closure, sites: _Sites, repl: dict, rng: _RNG) -> torch.Tensor:
+        with sites.swapped(repl), rng.replay(), _eager():
+            loss = closure()
+        return _loss_value(loss)
+
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        """One AG step on the batch the closure evaluates; returns ℓ(θ_t) (detached)."""
+        if closure is None or not callable(closure):
+            raise TypeError("AG.step(closure): the closure (running the forward, returning the loss, no "
+                            "backward) is required")
+        params = [p for p in self._params() if p.requires_grad]
+        cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"}
+                      | {b.device.index or 0 for b in self.model.buffers() if b.device.type == "cuda"})
+        ph = _Phases(self.profile, bool(cuda))
+        self.steps += 1
+        if self.mode == "ag3-1":
+            info = self._step_ag3(closure, params, cuda, ph)
+        else:
+            info = self._step_forward(closure, params, cuda, ph)
+        info.times = ph.times
+        self.last = info
+        return info.loss
+
+    def _direct_use_check(self, params):
+        """On the first step: a detector of real parameters used while swapped out (else a no-op)."""
+        if self._checked:
+            return contextlib.nullcontext()
+        names = {id(p): n for n, p in self.model.named_parameters() if any(p is q for q in params)}
+        return _DirectUse(names)
+
+    def _graph_pass(self, closure, params, rec: Recorder, swap, swapped_params: bool) -> torch.Tensor:
+        for p in params:
+            p.grad = None
+        rec.phase = GRAPH
+        detector = self._direct_use_check(params) if swapped_params else contextlib.nullcontext()
+        with swap, _eager(), detector:
+            loss = closure()
+        if isinstance(detector, _DirectUse):
+            detector.check("θ (graph on copies of the parameters)")
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"the closure must return a scalar loss, got shape {tuple(loss.shape)}")
+        if not loss.requires_grad:
+            raise ValueError("the loss returned by the closure does not require grad (was the forward run "
+                             "under torch.no_grad, or are all parameters frozen?)")
+        if any(p.grad is not None for p in params) or any(t.grad is not None for t in self._theta):
+            raise RuntimeError("the closure called backward(): an AG step owns the backward passes (it needs the "
+                               "graph at θ twice); return the loss without calling backward()")
+        if self.require_activations and not rec.slots:
+            raise RuntimeError(
+                "the pass at θ made no averaged-activation call, so AG would average nothing. Convert the model "
+                "(avg_kernels.nn.convert(model)) or use avg_kernels.nn modules/functional in it; pass "
+                "require_activations=False to allow this")
+        return loss
+
+    def _replay(self, closure, sites, repl, rng, rec: Recorder, label: str, params, swapped_params: bool):
+        rec.start_replay(label)
+        first = not self._checked
+        counter = None
+        if self.check_unaveraged and first:
+            from ..nn._convert import UnaveragedCallCounter
+
+            counter = UnaveragedCallCounter().attach(self.model)
+        detector = self._direct_use_check(params) if (first and swapped_params) else contextlib.nullcontext()
+        try:
+            with (counter if counter is not None else contextlib.nullcontext()), detector:
+                loss = self._no_grad_pass(closure, sites, repl, rng)
+        finally:
+            if counter is not None:
+                counter.detach()
+        if isinstance(detector, _DirectUse):
+            detector.check(label)
+        rec.finish_replay()
+        self._checked = True
+        if counter is not None:
+            found = counter.findings()
+            if found:
+                warnings.warn("AG step: these activation calls bypass avg_kernels.nn and are NOT averaged:\n  "
+                              + "\n  ".join(str(f) for f in found), UserWarning, stacklevel=4)
+        return loss
+
+    def _loss_after(self, closure, sites, buffers, rng, ph) -> torch.Tensor:
+        """ℓ(θ_{t+1}) on the batch; its time is always recorded in ``times["loss_after"]`` (not part of
+        the step's cost: callers that time steps subtract it)."""
+        t0, c0 = ph.now(), time.process_time()
+        repl = {id(b): s.clone() for b, s in buffers}
+        rec = _recording.ACTIVE
+        rec.phase = PLAIN
+        loss = self._no_grad_pass(closure, sites, repl, rng)
+        ph.times["loss_after"] = ph.now() - t0
+        ph.times["loss_after_cpu"] = time.process_time() - c0
+        ph.restart()
+        return loss
+
+    def _step_forward(self, closure, params, cuda, ph: _Phases) -> AGStepInfo:
+        """AG-1 / AG-2."""
+        ids = [id(p) for p in params]
+        if ids != self._theta_for:
+            self._theta = [torch.empty_like(p, memory_format=torch.preserve_format).requires_grad_() for p in params]
+            self._theta_for = ids
+            self._spare = []
+        theta = self._theta
+        theta_data = [t.detach() for t in theta]
+        for t in theta:
+            t.grad = None
+        sites = _Sites(self.model)
+        with torch.no_grad():
+            torch._foreach_copy_(theta_data, [p.detach() for p in params]) if params else None
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        rng = _RNG(cuda)
+        ph.mark("copies")
+        with Recorder(self.eps, self.backend) as rec:
+            loss = self._graph_pass(closure, params, rec, sites.swapped({id(p): t for p, t in zip(params, theta)}),
+                                    swapped_params=True)
+            ph.mark("forward_graph")
+            rec.phase = BACKWARD
+            g = _grad(loss, theta, retain_graph=True)
+            for p, gi in zip(params, g):
+                p.grad = gi
+            ph.mark("backward_grad")
+            snap = _snapshot(self.base, params) if self.mode == "ag2" else None
+            ph.mark("copies")
+            self.base.step()
+            ph.mark("base_step")
+            try:
+                if self.track_loss_after:
+                    repl = {id(b): s.clone() for b, s in buffers}
+                else:
+                    repl = {id(b): s for b, s in buffers}
+                loss_new = self._replay(closure, sites, repl, rng, rec, "θ'", params, swapped_params=False)
+                ph.mark("forward_replay")
+                rec.check_unmodified()
+                rec.phase = BACKWARD
+                gbar = _grad(loss, theta)
+                ph.mark("backward_avg")
+                with torch.no_grad():
+                    if self.mode == "ag1":
+                        _ag1_by_device(theta_data, [p.detach() for p in params], list(gbar), self.backend)
+                        ph.mark("update")
+                        torch._foreach_copy_([p.detach() for p in params], theta_data)
+                        ph.mark("copies")
+                    else:
+                        if len(self._spare) != len(params):
+                            self._spare = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
+                        spare = self._spare
+                        torch._foreach_copy_(spare, [p.detach() for p in params])  # θ'
+                        torch._foreach_copy_([p.detach() for p in params], theta_data)  # back to θ
+                        ph.mark("copies")
+                        for p, gi in zip(params, gbar):
+                            p.grad = gi
+                        after = _install(self.base, params, snap)  # s_t in, s_{t+1} aside
+                        try:
+                            self.base.step()  # θ'' from s_t and ḡ
+                        finally:
+                            _install(self.base, params, after)  # s_{t+1} persists
+                        _op("ag2_rescale_")([p.detach() for p in params], theta_data, spare, backend=self.backend)
+                        ph.mark("update")
+            except BaseException as exc:
+                with torch.no_grad():  # leave θ as it was before the step, not at θ'
+                    torch._foreach_copy_([p.detach() for p in params], theta_data)
+                for p in params:
+                    p.grad = None
+                if hasattr(exc, "add_note"):
+                    exc.add_note("avg_kernels AG step: the parameters were restored to their values before the "
+                                 "step; the base optimizer's state has advanced by one step (its step with g ran).")
+                raise
+            for p, gi in zip(params, gbar):
+                p.grad = gi
+            n_calls = len(rec.slots)
+            rec.clear()
+            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_new=loss_new, activation_calls=n_calls)
+            if self.track_loss_after:
+                info.loss_after = self._loss_after(closure, sites, buffers, rng, ph)
+        return info
+
+    def _step_ag3(self, closure, params, cuda, ph: _Phases) -> AGStepInfo:
+        """AG-3-1: segment [θ_{t-1}, θ_t], one backward, base step with ḡ."""
+        ids = [id(p) for p in params]
+        plain = self._prev is None or ids != self._prev_for
+        sites = _Sites(self.model)
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        rng = _RNG(cuda)
+        ph.mark("copies")
+        with Recorder(self.eps, self.backend) as rec:
+            if plain:
+                rec.phase = PLAIN  # a plain base step: nothing recorded
+                for p in params:
+                    p.grad = None
+                with _eager():
+                    loss = closure()
+                _check_plain_loss(loss, params)
+                loss_prev, n_calls = None, 0
+                ph.mark("forward_graph")
+                rec.phase = BACKWARD
+                g = _grad(loss, params)
+                ph.mark("backward_avg")
+            else:
+                loss = self._graph_pass(closure, params, rec, contextlib.nullcontext(), swapped_params=False)
+                ph.mark("forward_graph")
+                repl = {id(p): t for p, t in zip(params, self._prev)}
+                repl.update({id(b): (s.clone() if self.track_loss_after else s) for b, s in buffers})
+                loss_prev = self._replay(closure, sites, repl, rng, rec, "θ_(t-1)", params, swapped_params=True)
+                ph.mark("forward_replay")
+                rec.check_unmodified()
+                rec.phase = BACKWARD
+                g = _grad(loss, params)
+                ph.mark("backward_avg")
+                n_calls = len(rec.slots)
+            rec.clear()
+            with torch.no_grad():
+                if plain:
+                    self._prev = [p.detach().clone() for p in params]
+                    self._prev_for = ids
+                else:
+                    torch._foreach_copy_(self._prev, [p.detach() for p in params])
+            ph.mark("copies")
+            for p, gi in zip(params, g):
+                p.grad = gi
+            self.base.step()
+            ph.mark("base_step")
+            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_prev=loss_prev, activation_calls=n_calls,
+                              plain=plain)
+            if self.track_loss_after:
+                info.loss_after = self._loss_after(closure, sites, buffers, rng, ph)
+        return info
+
+
+def _ag1_by_device(params, params_new, avg_grads, backend) -> None:
+    """``ag1_update_`` once per device (the op takes one device per call; AG-1 is elementwise)."""
+    devices = {t.device for t in params}
+    if len(devices) <= 1:
+        _op("ag1_update_")(params, params_new, avg_grads, backend=backend)
+        return
+    for dev in devices:
+        idx = [i for i, t in enumerate(params) if t.device == dev]
+        _op("ag1_update_")([params[i] for i in idx], [params_new[i] for i in idx], [avg_grads[i] for i in idx],
+                           backend=backend)
+
+
+def _grad(loss, inputs, retain_graph=False):
+    try:
+        return torch.autograd.grad(loss, inputs, retain_graph=retain_graph, allow_unused=True)
+    except RuntimeError as exc:
+        if "modified by an inplace operation" in str(exc) and hasattr(exc, "add_note"):
+            exc.add_note("avg_kernels AG step: the graph at θ is built on copies of the parameters, found through "
+                         "the modules' registered parameters. A parameter read through another reference (e.g. "
+                         "kept in a list or a closure instead of Module._parameters) stays in the graph itself and "
+                         "is then changed in place by the base optimizer's step. Read parameters through their "
+                         "module.")
+        raise
+
+
+def _loss_value(loss) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError("the closure must return a scalar loss tensor")
+    return loss.detach().reshape(())
+
+
+def _check_plain_loss(loss, params) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise TypeError("the closure must return a scalar loss tensor")
+    if not loss.requires_grad:
+        raise ValueError("the loss returned by the closure does not require grad")
+    if any(p.grad is not None for p in params):
+        raise RuntimeError("the closure called backward(): an AG step owns the backward passes; return the loss "
+                           "without calling backward()")
+
+
+def _snapshot(base: torch.optim.Optimizer, params) -> tuple[dict, list]:
+    """A deep copy of the base optimizer's per-parameter state and group hyperparameters (s_t)."""
+    state = {}
+    for p in params:
+        st = base.state.get(p)
+        if st:
+            state[p] = {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in st.items()}
+    groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in base.param_groups]
+    return state, groups
+
+
+def _install(base: torch.optim.Optimizer, params, snap: tuple[dict, list]) -> tuple[dict, list]:
+    """Puts ``snap`` in place as the base optimizer's state; returns the state it replaced (by reference)."""
+    state, groups = snap
+    cur_state = {p: base.state[p] for p in params if p in base.state}
+    cur_groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+    for p in params:
+        if p in state:
+            base.state[p] = state[p]
+        else:
+            base.state.pop(p, None)
+    for g, sg in zip(base.param_groups, groups):
+        g.update(sg)
+    return cur_state, cur_groups

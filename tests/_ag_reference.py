@@ -1,0 +1,181 @@
+"""A straightforward float64 implementation of AG steps that builds TWO separate graphs (paper 000
+Alg. 1-2, paper 002 Alg. 1-2): the test oracle for avg_kernels.optim.AG, which reuses one graph.
+
+It works on an UNconverted model (plain torch.nn activations) and replaces each activation's backward
+through forward hooks in the second graph; x' is captured with forward pre-hooks in a separate pass.
+Nothing here shares code with avg_kernels.nn / avg_kernels.optim.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+EPS = 1.1920929e-07
+ACT_TYPES = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Softplus)
+
+
+def _acts(model):
+    return [m for m in model.modules() if isinstance(m, ACT_TYPES)]
+
+
+def _f(m: nn.Module):
+    """The module's function, out of place."""
+    if isinstance(m, nn.ReLU):
+        return torch.relu
+    if isinstance(m, nn.LeakyReLU):
+        return lambda t: torch.nn.functional.leaky_relu(t, m.negative_slope)
+    if isinstance(m, nn.ELU):
+        return lambda t: torch.nn.functional.elu(t, m.alpha)
+    return m.forward
+
+
+class _Secant(torch.autograd.Function):
+    """Output f(x) (passed in), backward: literal float64 secant (f(x') - f(x)) / (x' - x), f'(x) when |d| <= eps."""
+
+    @staticmethod
+    def forward(ctx, x, y, x_new, f):
+        ctx.save_for_backward(x, x_new)
+        ctx.f = f
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, x_new = ctx.saved_tensors
+        f = ctx.f
+        xd, xnd = x.detach().double(), x_new.double()
+        with torch.enable_grad():
+            xx = xd.clone().requires_grad_()
+            (deriv,) = torch.autograd.grad(f(xx).sum(), xx)
+        d = xnd - xd
+        secant = (f(xnd) - f(xd)) / torch.where(d.abs() > EPS, d, torch.ones_like(d))
+        s = torch.where(d.abs() > EPS, secant, deriv)
+        return (g.double() * s).to(g.dtype), None, None, None
+
+
+def _forward_capture(model, x, rng):
+    """No-grad forward recording every activation's input; buffers restored afterwards."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    inputs = []
+    hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.append(a[0].detach().clone())) for m in _acts(model)]
+    torch.set_rng_state(rng)
+    with torch.no_grad():
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    for b, s in saved:
+        b.copy_(s)
+    return inputs, out
+
+
+def _averaged_grads(model, x, y, loss_fn, rng, x_new):
+    """Graph 2 at the model's current parameters, activations back-propagating the secant with x_new."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    calls = iter(range(len(x_new)))
+    hooks = []
+    for m in _acts(model):
+        f = _f(m)
+        hooks.append(m.register_forward_hook(lambda mod, a, out, f=f: _Secant.apply(a[0], out, x_new[next(calls)], f)))
+    torch.set_rng_state(rng)
+    loss = loss_fn(model(x), y)
+    for h in hooks:
+        h.remove()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    with torch.no_grad():
+        for b, s in saved:
+            b.copy_(s)
+    return grads
+
+
+def _sign(t):
+    s = torch.sign(t)
+    return torch.where(torch.isnan(t), t, s)
+
+
+def ag_step(model, opt, x, y, loss_fn, mode: str, rng, opt_factory=None):
+    """One AG-1 / AG-2 step in the papers' two-graph form. ``rng`` = CPU RNG state before the step.
+
+    AG-2 needs ``opt_factory(params)`` to build a throw-away copy of the base optimizer at s_t.
+    Returns (loss at θ, averaged grads).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    # graph 1 at θ: ordinary training forward (this one updates BatchNorm statistics) and backward
+    torch.set_rng_state(rng)
+    loss = loss_fn(model(x), y)
+    for p in params:
+        p.grad = None
+    loss.backward()
+    theta = [p.detach().clone() for p in params]
+    grads = [p.grad.clone() for p in params]
+    state_t = _clone_state(opt.state_dict()) if mode == "ag2" else None
+    opt.step()  # θ'
+    theta_new = [p.detach().clone() for p in params]
+    x_new, _ = _forward_capture(model, x, rng)
+    with torch.no_grad():
+        for p, t in zip(params, theta):
+            p.copy_(t)
+    gbar = _averaged_grads(model, x, y, loss_fn, rng, x_new)
+    with torch.no_grad():
+        if mode == "ag1":
+            for p, t, tn, g in zip(params, theta, theta_new, gbar):
+                if g is not None:
+                    p.copy_(t - (tn - t).abs() * _sign(g))
+        else:
+            twin = opt_factory(params)
+            twin.load_state_dict(state_t)
+            for p, g in zip(params, gbar):
+                p.grad = g.clone() if g is not None else None
+            twin.step()  # θ''
+            delta = [p.detach() - t for p, t in zip(params, theta)]
+            l1_step = sum((tn - t).abs().sum() for tn, t in zip(theta_new, theta))
+            l1_delta = sum(d.abs().sum() for d in delta)
+            scale = l1_step / l1_delta if l1_delta != 0 else 1.0
+            for p, t, d in zip(params, theta, delta):
+                p.copy_(t + d * scale)
+    for p, g in zip(params, gbar):
+        p.grad = g
+    return loss.detach(), gbar, grads
+
+
+def ag3_step(model, opt, x, y, loss_fn, rng, prev):
+    """One AG-3-1 step: segment [prev, θ], one averaged backward, base step with ḡ. Returns new prev."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    theta = [p.detach().clone() for p in params]
+    if prev is None:
+        torch.set_rng_state(rng)
+        loss = loss_fn(model(x), y)
+        for p in params:
+            p.grad = None
+        loss.backward()
+        opt.step()
+        return theta
+    with torch.no_grad():
+        for p, t in zip(params, prev):
+            p.copy_(t)
+    x_new, _ = _forward_capture(model, x, rng)
+    with torch.no_grad():
+        for p, t in zip(params, theta):
+            p.copy_(t)
+    # graph at θ_t (the ordinary training forward: updates BatchNorm statistics once)
+    saved_calls = []
+    hooks = []
+    calls = iter(range(len(x_new)))
+    for m in _acts(model):
+        f = _f(m)
+        hooks.append(m.register_forward_hook(lambda mod, a, out, f=f: _Secant.apply(a[0], out, x_new[next(calls)], f)))
+    torch.set_rng_state(rng)
+    loss = loss_fn(model(x), y)
+    for h in hooks:
+        h.remove()
+    gbar = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g in zip(params, gbar):
+        p.grad = g
+    opt.step()
+    del saved_calls
+    return theta
+
+
+def _clone_state(sd):
+    import copy
+
+    return copy.deepcopy(sd)
