@@ -8,13 +8,14 @@ Backends: "reference" (avg_kernels/reference/avg_act.py), "cpu" (csrc/cpu/avg_ac
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from .. import activations, reference
 from ..activations import EPS, KERNEL_ACTS, KernelAct
-from . import _backend, _checks
+from . import _backend, _checks, _library
 from ._alloc import new_output
 
 _OP = "avg_act_backward"
@@ -56,32 +57,36 @@ _IMPLS = {
 }
 
 
-@torch.library.custom_op("avg_kernels::avg_act_backward", mutates_args=())
-def avg_act_backward_op(grad_out: torch.Tensor, x: torch.Tensor, x_new: torch.Tensor, act: str,
-                        params: list[float], eps: float, backend: str = "auto") -> torch.Tensor:
+def _avg_act_backward_impl(grad_out, x, x_new, act, params, eps, backend="auto"):
     _check_backward_args(grad_out, x, x_new, eps)
     k = _kernel_act(act, params)
     name = _backend.resolve(_OP, backend, x.device)
     return _IMPLS[name](grad_out, x, x_new, k, eps)
 
 
-@avg_act_backward_op.register_fake
-def _(grad_out, x, x_new, act, params, eps, backend="auto"):
+def _avg_act_backward_fake(grad_out, x, x_new, act, params, eps, backend="auto"):
     _check_backward_args(grad_out, x, x_new, eps)
     _kernel_act(act, params)
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("avg_kernels::avg_act", mutates_args=())
-def avg_act_op(x: torch.Tensor, x_new: Optional[torch.Tensor], act: str, params: list[float], eps: float,
-               backend: str = "auto") -> torch.Tensor:
+avg_act_backward_op = _library.define(
+    "avg_act_backward(Tensor grad_out, Tensor x, Tensor x_new, str act, float[] params, float eps, "
+    "str backend='auto') -> Tensor", _avg_act_backward_impl, _avg_act_backward_fake)
+
+
+def _avg_act_impl(x, x_new, act, params, eps, backend="auto"):
     return activations.forward(x, _kernel_act(act, params))
 
 
-@avg_act_op.register_fake
-def _(x, x_new, act, params, eps, backend="auto"):
+def _avg_act_fake(x, x_new, act, params, eps, backend="auto"):
     _kernel_act(act, params)
     return x.new_empty(x.shape)
+
+
+avg_act_op = _library.define(
+    "avg_act(Tensor x, Tensor? x_new, str act, float[] params, float eps, str backend='auto') -> Tensor",
+    _avg_act_impl, _avg_act_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -101,7 +106,22 @@ def _backward(ctx, grad):
     return gx, None, None, None, None, None
 
 
-avg_act_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("avg_kernels::avg_act", _backward, setup_context=_setup_context)
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve_cached(act, params: tuple) -> KernelAct:
+    return activations.resolve(act, dict(params))
+
+
+def _resolve_act(act, params: dict) -> KernelAct:
+    """activations.resolve, memoised for hashable arguments (the wrappers' per-call cost)."""
+    try:
+        return _resolve_cached(act, tuple(sorted(params.items())))
+    except TypeError as exc:
+        if "unhashable" not in str(exc):
+            raise
+        return activations.resolve(act, params)  # raises the argument's own error
 
 
 def _check_forward_args(x, x_new, eps) -> None:
@@ -147,7 +167,9 @@ def avg_act_backward(grad_out: torch.Tensor, x: torch.Tensor, x_new: torch.Tenso
 
     Returns a new contiguous tensor of x's shape and dtype.
     """
-    k = activations.resolve(act, params)
-    _check_backward_args(grad_out, x, x_new, eps)
+    k = _resolve_act(act, params)
+    for name, t in (("grad_out", grad_out), ("x", x), ("x_new", x_new)):
+        if not isinstance(t, torch.Tensor):  # the rest is validated inside the op
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     return torch.ops.avg_kernels.avg_act_backward(grad_out, x, x_new, k.name, [k.p0, k.p1], float(eps),
                                                   backend or "auto")
