@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import reference
 from ..reference.gram import out_dtype
-from . import _backend, _checks
+from . import _backend, _checks, _library
 from ._alloc import new_output
 
 IntOrTuple = Union[int, Sequence[int]]
@@ -144,31 +144,35 @@ _LINEAR_IMPLS = {"reference": _reference_linear, "cpu": _compiled_linear, "trito
 # ----------------------------------------------------------------------------------------------
 # The public ops.
 
-@torch.library.custom_op("avg_kernels::im2col_gram", mutates_args=())
-def im2col_gram_op(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
-                   dilation: list[int], groups: int, bias: bool, backend: str = "auto") -> torch.Tensor:
+def _im2col_gram_impl(x, kernel_size, stride, padding, dilation, groups, bias, backend="auto"):
     geo = conv_geometry(x, kernel_size, stride, padding, dilation, groups, bias)
     name = _backend.resolve("im2col_gram", backend, x.device)
     return _CONV_IMPLS[name](x, geo)
 
 
-@im2col_gram_op.register_fake
-def _(x, kernel_size, stride, padding, dilation, groups, bias, backend="auto"):
+def _im2col_gram_fake(x, kernel_size, stride, padding, dilation, groups, bias, backend="auto"):
     geo = conv_geometry(x, kernel_size, stride, padding, dilation, groups, bias)
     return x.new_empty((geo.groups, geo.dim, geo.dim), dtype=out_dtype(x.dtype))
 
 
-@torch.library.custom_op("avg_kernels::linear_gram", mutates_args=())
-def linear_gram_op(x: torch.Tensor, bias: bool, backend: str = "auto") -> torch.Tensor:
+im2col_gram_op = _library.define(
+    "im2col_gram(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups, "
+    "bool bias, str backend='auto') -> Tensor", _im2col_gram_impl, _im2col_gram_fake)
+
+
+def _linear_gram_impl(x, bias, backend="auto"):
     _check_linear(x, bias)
     name = _backend.resolve("linear_gram", backend, x.device)
     return _LINEAR_IMPLS[name](x, bias)
 
 
-@linear_gram_op.register_fake
-def _(x, bias, backend="auto"):
+def _linear_gram_fake(x, bias, backend="auto"):
     dim = _check_linear(x, bias)
     return x.new_empty((1, dim, dim), dtype=out_dtype(x.dtype))
+
+
+linear_gram_op = _library.define("linear_gram(Tensor x, bool bias, str backend='auto') -> Tensor",
+                                 _linear_gram_impl, _linear_gram_fake)
 
 
 # Autograd: for L = Σ_g <Ḡ_g, A_g>, ∂L/∂U_g = S_g U_g with S_g = Ḡ_g + Ḡ_gᵀ and U_g = [X_g; 1]; the
@@ -201,7 +205,7 @@ def _conv_backward(ctx, grad):
     return dx.to(x.dtype), None, None, None, None, None, None, None
 
 
-im2col_gram_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+torch.library.register_autograd("avg_kernels::im2col_gram", _conv_backward, setup_context=_conv_setup)
 
 
 def _linear_setup(ctx, inputs, output):
@@ -220,7 +224,7 @@ def _linear_backward(ctx, grad):
     return dx.to(x.dtype), None, None
 
 
-linear_gram_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+torch.library.register_autograd("avg_kernels::linear_gram", _linear_backward, setup_context=_linear_setup)
 
 
 # ----------------------------------------------------------------------------------------------
