@@ -567,9 +567,9 @@ def test_use_backend_context(fresh_seed):
 def test_schemas():
     s1 = str(torch.ops.avg_kernels.ag1_update_.default._schema)
     s2 = str(torch.ops.avg_kernels.ag2_rescale_.default._schema)
-    assert s1 == ('avg_kernels::ag1_update_(Tensor(a0!)[] params, Tensor[] params_new, Tensor?[] avg_grads, '
+    assert s1 == ('avg_kernels::ag1_update_(Tensor(a!)[] params, Tensor[] params_new, Tensor?[] avg_grads, '
                   'str backend="auto") -> ()')
-    assert s2 == ('avg_kernels::ag2_rescale_(Tensor(a0!)[] params, Tensor[] params_old, Tensor[] params_step, '
+    assert s2 == ('avg_kernels::ag2_rescale_(Tensor(a!)[] params, Tensor[] params_old, Tensor[] params_step, '
                   'str backend="auto") -> ()')
 
 

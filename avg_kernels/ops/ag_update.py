@@ -11,7 +11,7 @@ multi-tensor launcher csrc/cuda/multi_tensor_apply.cuh).
 Argument checks (SPEC §6) run before anything is written: in C++ (csrc/ag_lists.h) when the
 extension is loaded, else in Python (ops/_lists.py); both raise the same errors. The grad-mode
 check ("a parameter that requires grad, updated with grad mode on") needs the caller's grad mode,
-which the op's implementation cannot see (custom ops run below autograd with grad mode off), so it
+which the op's implementation cannot see (it runs below autograd), so it
 lives in a kernel registered for the AutogradCPU/AutogradCUDA keys, ahead of everything else.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Iterable, Optional
 import torch
 
 from .. import _build, reference
-from . import _backend, _lists
+from . import _backend, _library, _lists
 
 AG1 = "ag1_update_"
 AG2 = "ag2_rescale_"
@@ -65,34 +65,37 @@ def _run_triton(op: str, lists) -> None:
     _lists.write_back(entries)
 
 
-@torch.library.custom_op("avg_kernels::ag1_update_", mutates_args=("params",))
-def ag1_update_op(params: list[torch.Tensor], params_new: list[torch.Tensor],
-                  avg_grads: list[Optional[torch.Tensor]], backend: str = "auto") -> None:
+def _ag1_impl(params, params_new, avg_grads, backend="auto"):
     _run(AG1, (params, params_new, avg_grads), backend)
 
 
-@ag1_update_op.register_fake
-def _(params, params_new, avg_grads, backend="auto"):
+def _ag1_fake(params, params_new, avg_grads, backend="auto"):
     _check(AG1, (params, params_new, avg_grads), fake=True)
 
 
-@torch.library.custom_op("avg_kernels::ag2_rescale_", mutates_args=("params",))
-def ag2_rescale_op(params: list[torch.Tensor], params_old: list[torch.Tensor], params_step: list[torch.Tensor],
-                   backend: str = "auto") -> None:
+ag1_update_op = _library.define(
+    "ag1_update_(Tensor(a!)[] params, Tensor[] params_new, Tensor?[] avg_grads, str backend='auto') -> ()",
+    _ag1_impl, _ag1_fake)
+
+
+def _ag2_impl(params, params_old, params_step, backend="auto"):
     _run(AG2, (params, params_old, params_step), backend)
 
 
-@ag2_rescale_op.register_fake
-def _(params, params_old, params_step, backend="auto"):
+def _ag2_fake(params, params_old, params_step, backend="auto"):
     _check(AG2, (params, params_old, params_step), fake=True)
+
+
+ag2_rescale_op = _library.define(
+    "ag2_rescale_(Tensor(a!)[] params, Tensor[] params_old, Tensor[] params_step, str backend='auto') -> ()",
+    _ag2_impl, _ag2_fake)
 
 
 # ---------------------------------------------------------------------------------------------
 # Grad-mode guard, ahead of the op on the autograd keys (see the module docstring). These ops have
 # no outputs, so there is nothing to differentiate: the guard checks, bumps the version counter of
-# every written tensor (what custom_op's ADInplaceOrView kernel does, but in one C++ call instead
-# of a Python call per tensor: ~2 ms for ResNet-152's 467 tensors), then runs the op past both keys
-# with grad mode off (as custom_op's own autograd kernel does for ops without outputs).
+# every written tensor (an ADInplaceOrView kernel's job, in one C++ call instead of a Python call
+# per tensor: ~2 ms for ResNet-152's 467 tensors), then runs the op past both keys with grad mode off.
 # ---------------------------------------------------------------------------------------------
 _guard_lib = torch.library.Library("avg_kernels", "IMPL")
 
