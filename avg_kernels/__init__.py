@@ -2,15 +2,17 @@
 
 Public API (see README.md and SPEC.md):
     avg_act, avg_act_backward, EPS, ACTIVATIONS        averaged activation ops (SPEC §1)
+    ridge_solve                                          batched ridge solve G (A + λI)⁻¹ (SPEC §3)
+    optim.CSGD, optim.CAdam                              consequentialism optimizers (SPEC §3)
     available_backends, use_backend                      backend choice (SPEC §5)
 """
 from . import _build
 from .activations import ACTIVATIONS, EPS
 from .ops import (BackendUnavailableError, available_backends, avg_act, avg_act_backward, current_backend,
-                  use_backend)
+                  ridge_solve, use_backend)
 
 _build.extension()  # registers torch.ops.avg_kernels_C.* when the extension is built
 
 __version__ = "0.1.0"
 __all__ = ["ACTIVATIONS", "EPS", "BackendUnavailableError", "available_backends", "avg_act", "avg_act_backward",
-           "current_backend", "use_backend"]
+           "current_backend", "ridge_solve", "use_backend"]

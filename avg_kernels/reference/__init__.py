@@ -3,5 +3,6 @@
 Every fast backend is tested against these functions; SPEC.md defines what they compute.
 """
 from .avg_act import avg_act_backward
+from .ridge import ridge_solve
 
-__all__ = ["avg_act_backward"]
+__all__ = ["avg_act_backward", "ridge_solve"]
