@@ -267,7 +267,9 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
     V m2 = m * m, h2 = h * h;
     V phi = O::exp(m2 * V(S(-0.5))) * rsqrt2pi;
     // sum_{k<K} He_2k(m) h^2k / (2k+1)!, Hermite by recurrence He_{n+1} = m He_n - n He_{n-1}.
-    // |h| <= kSmall/2 makes the first omitted term < 4e-9 (float, K=4) / < 2e-18 (double, K=9).
+    // He_2k(m) grows like m^2k, so the series is used only where |h| max(1, |m|) < kSmall/2: there
+    // the first omitted term is < 4e-9 (float, K=4) / < 2e-18 (double, K=9) relative. Elsewhere
+    // the erfc difference loses at most a factor 1/(1 - e^{-|m| |d|}) (same signs) to cancellation.
     constexpr int K = sizeof(S) == 4 ? 4 : 9;
     V he_prev = one, he = m, h2k = one, series = one;
     S inv_fact = S(1);
@@ -282,7 +284,7 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
       }
     }
     V s_small = phi * series;
-    V s_phi = O::select(O::lt(ad, small), s_small, s_large);
+    V s_phi = O::select(O::lt(ad * O::max(one, O::abs(m)), small), s_small, s_large);
     V phi_b = O::select(O::lt(bb, zero), Cb, one - Cb);
     s = O::fma(a, s_phi, phi_b);
   } else if constexpr (A == Act::Elu) {

@@ -1,0 +1,9 @@
+"""Triton kernels of avg_kernels, one module per op family (SPEC §5 "triton" backend).
+
+* ``avg_act``: the averaged activation backward (SPEC §1), mirroring csrc/include/avg_kernels/activations.h.
+* ``aot``: the registry of production launch configurations and their ahead-of-time compile check
+  for sm_80/sm_90 (registers, spills), run by tests/test_triton_aot.py without a GPU.
+
+Only ``avg_kernels.ops`` imports these modules (lazily, when the "triton" backend is chosen). On a machine
+without a GPU they run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is imported).
+"""

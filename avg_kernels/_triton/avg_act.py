@@ -1,0 +1,487 @@
+"""Triton kernel of the averaged activation backward (SPEC §1): grad_in = grad_out * s(x, x_new).
+
+ONE kernel, ``avg_act_backward_kernel``, JIT-specialised on the activation id (``ACT``, a
+``tl.constexpr`` with the values of ``enum class Act``), the arithmetic type (``COMPUTE``: float32 for
+float16/bfloat16/float32 inputs, float64 for float64, SPEC §0) and the block size. The math mirrors
+``csrc/include/avg_kernels/activations.h`` line for line: same formulas, thresholds, series lengths and
+evaluation order; every block names the header function it mirrors, so the two can be diffed.
+
+Differences from the header, all result-neutral:
+* ``Ops<V>::any()`` guards (softplus's rare lanes, fix_nonfinite's fast path) are not branches here:
+  a Triton program has no per-lane branch, so every lane evaluates those formulas and the same selects
+  keep or discard them (identical results; the rare softplus terms cost 2 log1p + 1 exp per element).
+* Constants: a Python float in a binary op with a tensor is materialised in the tensor's type, as the
+  header's ``V(S(c))``; where a constant is an ``fma`` operand it is built with ``tl.full(.., COMPUTE)``
+  (``tl.fma`` would round a bare Python float to float32 first, wrong for float64).
+* Division: float32 ``/`` in Triton lowers to the approximate ``div.full.f32`` (2 ulp); ``_div`` uses
+  ``tl.div_rn`` (IEEE, like the header compiled by nvcc/g++). float64 ``/`` is IEEE already.
+
+Accuracy: exp/erfc/log1p come from libdevice (``triton.language.extra.libdevice``: ``__nv_expf``,
+``__nv_erfcf``, ``__nv_log1pf`` and their float64 versions), not ``tl.exp``: that is ``ex2.approx.f32``
+of a rounded ``x * log2(e)``, whose rounding alone costs a relative ~|x| * 6e-8 (estimate: ~4e-6 at
+|x| = 60, tanh's argument at x = 30), a large slice of SPEC §1's 1e-5 bar.
+Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) has no libdevice (``extern_elementwise`` is not
+implemented there), so these three primitives are evaluated there by torch's CPU functions on the
+interpreter's numpy data; every other operation is the interpreter's own.
+
+Launch: see ``_LAUNCH`` (one table, per dtype). Indexing is int64 throughout (``block_offsets``), so
+tensors over 2^31 elements are addressed correctly; only the last program masks (``block_is_full``);
+empty tensors launch nothing.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..activations import KERNEL_ACTS, KernelAct
+from ..ops._alloc import new_output
+from . import aot
+
+# ---------------------------------------------------------------------------------------------
+# enum class Act (activations.h); keep in sync with avg_kernels.activations.KERNEL_ACTS.
+# ---------------------------------------------------------------------------------------------
+TANH = tl.constexpr(0)
+SIGMOID = tl.constexpr(1)
+RELU = tl.constexpr(2)
+LEAKY_RELU = tl.constexpr(3)
+ELU = tl.constexpr(4)
+GELU = tl.constexpr(5)
+GELU_TANH = tl.constexpr(6)
+SILU = tl.constexpr(7)
+SOFTPLUS = tl.constexpr(8)
+assert KERNEL_ACTS == ("tanh", "sigmoid", "relu", "leaky_relu", "elu", "gelu", "gelu_tanh", "silu", "softplus")
+
+K_SMALL = tl.constexpr(0.5)  # detail::kSmall
+_INF = tl.constexpr(float("inf"))
+_NAN = tl.constexpr(float("nan"))
+
+_INTERPRET = bool(triton.knobs.runtime.interpret)
+
+# ---------------------------------------------------------------------------------------------
+# Ops<V>: exp, erfc, log1p (accurate), min/max with the header's select semantics, IEEE division.
+# ---------------------------------------------------------------------------------------------
+if _INTERPRET:
+    import numpy as np
+    from triton.runtime.interpreter import TensorHandle
+
+    def _host_unary(torch_fn):
+        """A primitive evaluated on the interpreter's numpy data with torch (no libdevice there)."""
+
+        def apply(x):
+            h = x.handle
+            data = np.asarray(torch_fn(torch.from_numpy(np.ascontiguousarray(h.data))).numpy(), dtype=h.data.dtype)
+            return tl.tensor(TensorHandle(data, h.dtype.scalar), x.type)
+
+        return apply
+
+    _exp = _host_unary(torch.exp)
+    _erfc = _host_unary(torch.erfc)
+    _log1p = _host_unary(torch.log1p)
+else:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _exp(x):
+        return libdevice.exp(x)
+
+    @triton.jit
+    def _erfc(x):
+        return libdevice.erfc(x)
+
+    @triton.jit
+    def _log1p(x):
+        return libdevice.log1p(x)
+
+
+@triton.jit
+def _min(a, b):  # Ops::min: a < b ? a : b
+    return tl.where(a < b, a, b)
+
+
+@triton.jit
+def _max(a, b):  # Ops::max: a > b ? a : b
+    return tl.where(a > b, a, b)
+
+
+@triton.jit
+def _div(a, b, C: tl.constexpr):  # IEEE division (float32 "/" is div.full.f32 in Triton)
+    if C == tl.float32:
+        return tl.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.constexpr_function
+def _om_terms(fp64):  # one_minus_exp_neg_small: K = sizeof(S) == 4 ? 9 : 16
+    return 16 if fp64 else 9
+
+
+@triton.constexpr_function
+def _om_coef(k):  # detail::om_coef: (-1)^k / (k+1)!, in double (cast to S where used)
+    c = 1.0
+    for i in range(2, k + 2):
+        c /= i
+    return -c if k % 2 else c
+
+
+@triton.constexpr_function
+def _gelu_terms(fp64):  # avg_slope<Gelu>: K = sizeof(S) == 4 ? 4 : 9
+    return 9 if fp64 else 4
+
+
+@triton.constexpr_function
+def _gelu_inv_fact(n, fp64):
+    """avg_slope<Gelu>'s inv_fact after loop step n: 1/(n+2)! accumulated in S as the header does."""
+    import numpy
+
+    t = numpy.float64 if fp64 else numpy.float32
+    f = t(1)
+    for j in range(1, n + 1):
+        if (j + 1) % 2 == 0:
+            f = t(f / (t(j + 1) * t(j + 2)))
+    return float(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# namespace detail
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _one_minus_exp_neg_small(y, C: tl.constexpr):
+    # detail::one_minus_exp_neg_small: OmHorner<V, 0, K>::eval(y) * y, innermost term first.
+    acc = tl.zeros_like(y)  # OmHorner<V, K, K>::eval = 0
+    for k in tl.static_range(_om_terms(C == tl.float64) - 1, -1, -1):
+        acc = tl.fma(acc, y, tl.full([], _om_coef(k), C))
+    return acc * y
+
+
+@triton.jit
+def _sigmoid_core(A, B, AD, C: tl.constexpr):
+    # detail::sigmoid_core -> (p, q, N)
+    p = _exp(-tl.abs(A))
+    q = _exp(-tl.abs(B))
+    opp = (A < 0.0) != (B < 0.0)  # mxor
+    om = _one_minus_exp_neg_small(AD, C)
+    n_small = tl.where(opp, 1.0, _max(p, q)) * om
+    n_large = tl.where(opp, tl.fma(-p, q, tl.full([], 1.0, C)), tl.abs(p - q))
+    N = tl.where(AD < K_SMALL, n_small, n_large)
+    return p, q, N
+
+
+@triton.jit
+def _sigmoid_times_1pq(B, q):
+    # detail::sigmoid_times_1pq
+    return tl.where(B < 0.0, q, 1.0)
+
+
+@triton.jit
+def _fix_nonfinite(a, b, s, p0, ACT: tl.constexpr, C: tl.constexpr):
+    # detail::fix_nonfinite (its any() fast path is not a branch here: the selects below leave s
+    # unchanged on lanes where a and b are finite).
+    if (ACT == TANH) or (ACT == SIGMOID):  # bounded
+        pos_slope = tl.full([], 0.0, C)
+    else:
+        pos_slope = tl.full([], 1.0, C)
+    if ACT == LEAKY_RELU:
+        neg_slope = p0
+    else:
+        neg_slope = tl.full([], 0.0, C)
+    a_inf = tl.abs(a) == _INF
+    b_inf = tl.abs(b) == _INF
+    inf_val = tl.where(a_inf, a, b)
+    s_one = tl.where(0.0 < inf_val, pos_slope, neg_slope)
+    if (ACT == TANH) or (ACT == SIGMOID):
+        s_both = tl.where(a == b, _NAN, 0.0)
+    else:
+        s_both = tl.full([], _NAN, C)
+    s = tl.where(a_inf != b_inf, s_one, s)
+    s = tl.where(a_inf & b_inf, s_both, s)
+    a_nan = (a == a) == 0  # mnot(eq(a, a))
+    b_nan = (b == b) == 0
+    return tl.where(a_nan | b_nan, _NAN, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# avg_slope<A>(a, b, prm, eps)
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
+    """s(x=a, x_new=b) of SPEC §1 in the arithmetic of C (a, b already of type C; p0, p1, eps 0-d C)."""
+    d = b - a
+    # Fallback lanes (|d| <= eps, never true for NaN d) evaluate every formula at b = a, d = 0.
+    fb = tl.abs(d) <= eps
+    bb = tl.where(fb, a, b)
+    ad = tl.where(fb, 0.0, tl.abs(d))
+    den_fac = tl.where(fb, 1.0, ad)
+
+    if (ACT == SIGMOID) or (ACT == TANH) or (ACT == SILU):
+        # tanh(x) = 2 sigma(2x) - 1, so s_tanh(a, b) = 4 s_sigma(2a, 2b) (scaling by 2 is exact).
+        if ACT == TANH:
+            A2 = a * 2.0
+            B2 = bb * 2.0
+            AD2 = ad * 2.0
+        else:
+            A2 = a
+            B2 = bb
+            AD2 = ad
+        p, q, N = _sigmoid_core(A2, B2, AD2, C)
+        num = tl.where(fb, p, N)  # fallback: sigma'(A) = p / (1+p)^2
+        if ACT == TANH:
+            den = (1.0 + p) * (1.0 + q) * tl.where(fb, 1.0, AD2)
+        else:
+            den = (1.0 + p) * (1.0 + q) * den_fac
+        if ACT == SILU:
+            # silu = x sigma(x): s = sigma(b) + a * s_sigma(a, b), over one common denominator.
+            sb = _sigmoid_times_1pq(B2, q)
+            s = _div(tl.fma(sb * (1.0 + p), den_fac, a * num), den, C)
+        elif ACT == TANH:
+            s = _div(num * 4.0, den, C)
+        else:
+            s = _div(num, den, C)
+    elif ACT == GELU_TANH:
+        # gelu_tanh = x h(x), h = sigma(U(x)), U(x) = 2k (x + c x^3); U(b) - U(a) = g (b - a).
+        k2 = tl.full([], 2 * 0.7978845608028654, C)  # 2 sqrt(2/pi)
+        c3 = tl.full([], 0.044715, C)
+        lim = 10.0
+        one = tl.full([], 1.0, C)
+        ac = _min(_max(a, -lim), lim)
+        bc = _min(_max(bb, -lim), lim)
+        Ua = k2 * ac * tl.fma(c3 * ac, ac, one)
+        Ub = k2 * bc * tl.fma(c3 * bc, bc, one)
+        g = k2 * tl.fma(c3, tl.fma(ac, ac, tl.fma(ac, bc, bc * bc)), one)
+        p, q, N = _sigmoid_core(Ua, Ub, g * tl.abs(bc - ac), C)
+        num = tl.where(fb, p * g, N)  # fallback: h'(a) = sigma'(U(a)) g(a, a)
+        den = (1.0 + p) * (1.0 + q) * den_fac
+        hb = _sigmoid_times_1pq(Ub, q)
+        s = _div(tl.fma(hb * (1.0 + p), den_fac, a * num), den, C)
+    elif ACT == GELU:
+        # gelu = x Phi(x): s = Phi(b) + a s_Phi(a, b); C(x) = Phi(-|x|) by erfc; below kSmall the
+        # midpoint expansion s_Phi = phi(m) sum_k He_2k(m) h^2k / (2k+1)!.
+        rsqrt2 = tl.full([], 0.70710678118654752440, C)
+        rsqrt2pi = tl.full([], 0.39894228040143267794, C)
+        Ca = _erfc(tl.abs(a) * rsqrt2) * 0.5
+        Cb = _erfc(tl.abs(bb) * rsqrt2) * 0.5
+        opp = (a < 0.0) != (bb < 0.0)
+        dPhi = tl.where(opp, 1.0 - Ca - Cb, tl.abs(Ca - Cb))
+        s_large = _div(dPhi, den_fac, C)
+        h = (bb - a) * 0.5
+        mlim = 40.0  # phi(40) == 0 even in float64; keeps m^6 finite
+        m = _min(_max(a + h, -mlim), mlim)
+        m2 = m * m
+        h2 = h * h
+        phi = _exp(m2 * -0.5) * rsqrt2pi
+        # sum_{k<K} He_2k(m) h^2k / (2k+1)!, Hermite by recurrence He_{n+1} = m He_n - n He_{n-1}.
+        he_prev = tl.full([], 1.0, C)
+        he = m
+        h2k = tl.full([], 1.0, C)
+        series = tl.full([], 1.0, C)
+        for n in tl.static_range(1, 2 * _gelu_terms(C == tl.float64) - 1):
+            he_next = tl.fma(m, he, -n * he_prev)  # He_{n+1}
+            he_prev = he
+            he = he_next
+            if (n + 1) % 2 == 0:
+                h2k = h2k * h2
+                series = tl.fma(he * _gelu_inv_fact(n, C == tl.float64), h2k, series)
+        s_small = phi * series
+        s_phi = tl.where(ad * _max(tl.abs(m), 1.0) < K_SMALL, s_small, s_large)  # series only where |h| max(1,|m|) < kSmall/2
+        phi_b = tl.where(bb < 0.0, Cb, 1.0 - Cb)
+        s = tl.fma(a, s_phi, phi_b)
+    elif ACT == ELU:
+        # elu: both <= 0: alpha e^hi (1 - e^{-|d|}); lo <= 0 < hi: hi + alpha (1 - e^lo).
+        alpha = p0
+        lo = _min(a, bb)
+        hi = _max(a, bb)
+        El = _exp(_min(lo, 0.0))
+        Eh = _exp(_min(hi, 0.0))
+        neg = hi <= 0.0
+        y = tl.where(neg, ad, -lo)
+        om = _one_minus_exp_neg_small(y, C)
+        n_neg = tl.where(ad < K_SMALL, Eh * om, Eh - El) * alpha
+        n_cross = tl.fma(alpha, tl.where(-lo < K_SMALL, om, 1.0 - El), hi)
+        N = tl.where(0.0 <= lo, ad, tl.where(neg, n_neg, n_cross))
+        fprime = tl.where(0.0 < a, 1.0, El * alpha)  # PyTorch: f'(0) = alpha
+        s = tl.where(fb, fprime, _div(N, den_fac, C))
+    elif (ACT == RELU) or (ACT == LEAKY_RELU):
+        # Piecewise linear: s = w + slope_neg (1 - w), w the fraction of the segment above 0.
+        if ACT == LEAKY_RELU:
+            ns = p0
+        else:
+            ns = tl.full([], 0.0, C)
+        w = _div(_max(bb, 0.0) - _max(a, 0.0), tl.where(fb, 1.0, d), C)
+        sec = tl.fma(ns, 1.0 - w, w)
+        s = tl.where(fb, tl.where(0.0 < a, 1.0, ns), sec)  # PyTorch: f'(0) = slope_neg
+    else:
+        tl.static_assert(ACT == SOFTPLUS, "unknown activation id")
+        # softplus = log1p(e^{beta x}) / beta for y = beta x <= threshold, else x; in y units.
+        beta = p0
+        thr = p1
+        ya = a * beta
+        yb = bb * beta
+        D = ad * beta
+        lo = _min(ya, yb)
+        hi = _max(ya, yb)
+        hi_above = thr < hi
+        lo_above = thr < lo
+        El = _exp(-tl.abs(lo))
+        inv1pEl = _div(1.0, 1.0 + El, C)
+        lo_neg = lo < 0.0
+        sig_lo = tl.where(lo_neg, El, 1.0) * inv1pEl  # sigma(lo)
+        sig_nlo = tl.where(lo_neg, 1.0, El) * inv1pEl  # sigma(-lo)
+        Ed = _exp(-D)
+        om = tl.where(D < K_SMALL, _one_minus_exp_neg_small(D, C), 1.0 - Ed)
+        left = lo + hi <= 0.0
+        straddle = lo_neg & (D >= K_SMALL)  # right-hand lanes only
+        arg = tl.where(left, _div(sig_lo * om, Ed, C),
+                       tl.where(straddle, (_div(Ed, El, C) - El) * inv1pEl, -sig_nlo * om))
+        lg = _log1p(arg)
+        delta = tl.where(left, lg, tl.where(straddle, hi, D) + lg)
+        crossing = hi_above != lo_above
+        rare = crossing | (30.0 < D)
+        # header: if (O::any(rare)) { ... } -- evaluated on every lane here, selected by `rare`.
+        Llo = _log1p(El)
+        f_lo = _max(lo, 0.0) + Llo
+        f_hi = tl.where(hi_above, hi, _max(hi, 0.0) + _log1p(_exp(-tl.abs(hi))))
+        # Crossing with lo close below the threshold: (hi - lo) + min(lo, 0) - L(lo) keeps D exact.
+        cross = D + _min(lo, 0.0) - Llo
+        lit = f_hi - f_lo
+        delta = tl.where(rare, tl.where(crossing, cross, lit), delta)
+        sec = tl.where(lo_above, 1.0, _div(delta, tl.where(fb, 1.0, D), C))
+        fprime = tl.where(thr < ya, 1.0, sig_lo)  # fallback lanes: lo == ya
+        s = tl.where(fb, fprime, sec)
+    return _fix_nonfinite(a, b, s, p0, ACT, C)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def block_offsets(pid, BLOCK: tl.constexpr):
+    """Element offsets of program ``pid``, in int64: pid * BLOCK overflows int32 past 2^31 elements."""
+    return pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def block_is_full(pid, n, BLOCK: tl.constexpr):
+    """True when all BLOCK elements of program ``pid`` are < n (int64, like block_offsets)."""
+    return (pid.to(tl.int64) + 1) * BLOCK <= n
+
+
+@triton.jit
+def avg_act_backward_kernel(g_ptr, x_ptr, xn_ptr, out_ptr, n, p0: "fp64", p1: "fp64", eps: "fp64",
+                            ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = g[i] * avg_slope<ACT>(x[i], xn[i]) for i < n (contiguous tensors of one dtype).
+
+    p0, p1, eps arrive as float64 and are rounded once to COMPUTE (the C++ kernels' opmath_t(p0)).
+    """
+    pid = tl.program_id(0)
+    offs = block_offsets(pid, BLOCK)
+    # Every program but the last holds a full block: unmasked loads/stores there stay 128-bit vectors
+    # even when n is not a multiple of 16 (a mask `offs < n` with unknown n divisibility would make
+    # Triton split them into scalar accesses); only the tail program masks.
+    full = block_is_full(pid, n, BLOCK)
+    if full:
+        g = tl.load(g_ptr + offs)
+        a = tl.load(x_ptr + offs)
+        b = tl.load(xn_ptr + offs)
+    else:
+        g = tl.load(g_ptr + offs, mask=offs < n, other=0.0)
+        a = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+        b = tl.load(xn_ptr + offs, mask=offs < n, other=0.0)
+    s = avg_slope(a.to(COMPUTE), b.to(COMPUTE), tl.full([], p0, COMPUTE), tl.full([], p1, COMPUTE),
+                  tl.full([], eps, COMPUTE), ACT, COMPUTE)
+    y = (g.to(COMPUTE) * s).to(out_ptr.dtype.element_ty)
+    if full:
+        tl.store(out_ptr + offs, y)
+    else:
+        tl.store(out_ptr + offs, y, mask=offs < n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration (production): the one place it is chosen.
+# ---------------------------------------------------------------------------------------------
+class Launch(NamedTuple):
+    block: int  # elements per program
+    num_warps: int
+    compute: object  # tl.float32 / tl.float64
+
+
+# A memory-bound elementwise op (3 loads + 1 store per element, a few libdevice calls in between):
+# each thread handles 16 bytes of each tensor, i.e. one 128-bit vector load per input
+# (ld.global.v4.b32) and one vector store, with 4 warps (128 threads) per program:
+# BLOCK = 128 * 16 / itemsize. More elements per thread would multiply the live registers of the
+# longer formulas (gelu, softplus) for no bandwidth gain; fewer would leave the loads unvectorised.
+# tests/test_triton_aot.py checks every activation at these sizes on sm_80/sm_90: no spills, 128-bit
+# loads. Registers range from ~34 (fp32 relu) to ~167 (fp16/bf16 softplus, 8 fp32 lanes per thread):
+# the latter allows 3 programs (384 threads) per SM, ~18 KB of loads in flight; if a GPU measurement
+# shows that short of bandwidth, halve BLOCK for that case (unmeasured: no GPU here).
+_NUM_WARPS = 4
+_LAUNCH = {
+    torch.float16: Launch(block=_NUM_WARPS * 32 * 8, num_warps=_NUM_WARPS, compute=tl.float32),
+    torch.bfloat16: Launch(block=_NUM_WARPS * 32 * 8, num_warps=_NUM_WARPS, compute=tl.float32),
+    torch.float32: Launch(block=_NUM_WARPS * 32 * 4, num_warps=_NUM_WARPS, compute=tl.float32),
+    torch.float64: Launch(block=_NUM_WARPS * 32 * 2, num_warps=_NUM_WARPS, compute=tl.float64),
+}
+
+
+def launch_config(dtype: torch.dtype) -> Launch:
+    try:
+        return _LAUNCH[dtype]
+    except KeyError:
+        raise TypeError(f"avg_act_backward (triton): dtype {dtype} is not supported; expected one of "
+                        f"{list(_LAUNCH)}") from None
+
+
+def avg_act_backward(grad_out: torch.Tensor, x: torch.Tensor, x_new: torch.Tensor, k: KernelAct,
+                     eps: float) -> torch.Tensor:
+    """grad_out * s(x, x_new) for activation ``k``; arguments already validated by the public op
+    (one shape, dtype and device). Returns a new contiguous tensor of x's shape and dtype."""
+    cfg = launch_config(x.dtype)
+    out = new_output(x.shape, x)
+    n = out.numel()
+    if n == 0:
+        return out
+    g, a, b = grad_out.contiguous(), x.contiguous(), x_new.contiguous()
+    grid = (triton.cdiv(n, cfg.block),)
+    args = (g, a, b, out, n, float(k.p0), float(k.p1), float(eps))
+    meta = dict(ACT=k.kernel_id, COMPUTE=cfg.compute, BLOCK=cfg.block, num_warps=cfg.num_warps)
+    if out.is_cuda:
+        with torch.cuda.device(out.device):
+            avg_act_backward_kernel[grid](*args, **meta)
+    else:
+        avg_act_backward_kernel[grid](*args, **meta)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile checks: every activation x dtype at the production configuration.
+# ---------------------------------------------------------------------------------------------
+_TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+# Run-time specialisations of `n` that Triton compiles separately: (name suffix, type, 16-divisible).
+# Every activation gets the common one (n % 16 == 0); the rarer ones are checked on the kernel with
+# the most live values (softplus) to keep the AOT test short.
+_N_VARIANTS = (("", "i32", True), (",n%16!=0", "i32", False), (",n>=2^31", "i64", True))
+
+
+def _register_aot() -> None:
+    for dtype, cfg in _LAUNCH.items():
+        t = _TL_NAME[dtype]
+        for act in KERNEL_ACTS:
+            for suffix, n_type, n_aligned in _N_VARIANTS:
+                if suffix and act != "softplus":
+                    continue
+                aot.register(aot.KernelConfig(
+                    name=f"avg_act_backward[{act},{t}{suffix}]",
+                    kernel=f"{__name__}:avg_act_backward_kernel",
+                    signature={"g_ptr": f"*{t}", "x_ptr": f"*{t}", "xn_ptr": f"*{t}", "out_ptr": f"*{t}",
+                               "n": n_type, "p0": "fp64", "p1": "fp64", "eps": "fp64",
+                               "ACT": "constexpr", "COMPUTE": "constexpr", "BLOCK": "constexpr"},
+                    constexprs={"ACT": KERNEL_ACTS.index(act), "COMPUTE": cfg.compute, "BLOCK": cfg.block},
+                    aligned=("g_ptr", "x_ptr", "xn_ptr", "out_ptr") + (("n",) if n_aligned else ()),
+                    num_warps=cfg.num_warps,
+                ))
+
+
+_register_aot()
