@@ -1,7 +1,8 @@
 """The public torch.library ops (torch.ops.avg_kernels.*) and their Python wrappers."""
 from ._backend import BackendUnavailableError, available_backends, current_backend, use_backend
 from .avg_act import avg_act, avg_act_backward
+from .gram import im2col_gram, linear_gram
 from .ridge import ridge_solve
 
 __all__ = ["BackendUnavailableError", "available_backends", "current_backend", "use_backend", "avg_act",
-           "avg_act_backward", "ridge_solve"]
+           "avg_act_backward", "im2col_gram", "linear_gram", "ridge_solve"]

@@ -3,6 +3,7 @@
 Every fast backend is tested against these functions; SPEC.md defines what they compute.
 """
 from .avg_act import avg_act_backward
+from .gram import im2col_gram, linear_gram
 from .ridge import ridge_solve
 
-__all__ = ["avg_act_backward", "ridge_solve"]
+__all__ = ["avg_act_backward", "im2col_gram", "linear_gram", "ridge_solve"]

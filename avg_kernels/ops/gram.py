@@ -1,0 +1,283 @@
+"""Input Grams of im2col layers (SPEC §3):
+
+* ``torch.ops.avg_kernels.im2col_gram``: A = X Xᵀ of a Conv1d/Conv2d input, shape (groups, D, D);
+* ``torch.ops.avg_kernels.linear_gram``: A = X Xᵀ of a Linear input, shape (1, D, D).
+
+D = C_in/groups · ∏kernel (+1 with ``bias``: each column u gets a trailing 1), flattened in the order
+of ``W.view(C_out, -1)``; summed over every sample and output position; float32 accumulation for
+float16/bfloat16/float32 inputs (float32 output), float64 for float64.
+
+Backends: "reference" (avg_kernels/reference/gram.py), "cpu" (csrc/cpu/gram.cpp), "triton"
+(avg_kernels/_triton/gram.py), "cuda" (csrc/cuda/gram.cu).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from ..reference.gram import out_dtype
+from . import _backend, _checks
+from ._alloc import new_output
+
+IntOrTuple = Union[int, Sequence[int]]
+
+
+class ConvGeometry(NamedTuple):
+    """Validated conv arguments, one entry per spatial dim (1 for Conv1d, 2 for Conv2d)."""
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    bias: bool
+    out_size: tuple[int, ...]
+    dim: int  # D, including the bias row
+
+
+def _index(op: str, name: str, v) -> int:
+    if isinstance(v, bool):
+        raise TypeError(f"{op}: {name} must be an int or a tuple of ints, got bool {v!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int or a tuple of ints, got {type(v).__name__} {v!r}") from None
+
+
+def _tuple(op: str, name: str, v, n: int) -> tuple[int, ...]:
+    if isinstance(v, (list, tuple)):
+        if len(v) != n:
+            raise ValueError(f"{op}: {name}={tuple(v)!r} has {len(v)} entries; a {n}-d conv input needs {n}")
+        return tuple(_index(op, name, e) for e in v)
+    return (_index(op, name, v),) * n
+
+
+def conv_geometry(x, kernel_size: IntOrTuple, stride: IntOrTuple = 1, padding: IntOrTuple = 0,
+                  dilation: IntOrTuple = 1, groups: int = 1, bias: bool = False, *,
+                  op: str = "im2col_gram") -> ConvGeometry:
+    """Checks the arguments of ``im2col_gram`` (SPEC §6: ValueError/TypeError naming them)."""
+    _checks.tensor("x", x)
+    if x.dim() not in (3, 4):
+        raise ValueError(f"{op}: x must be a Conv1d input (N, C, L) or a Conv2d input (N, C, H, W); "
+                         f"got {x.dim()}-d shape {tuple(x.shape)}")
+    n = x.dim() - 2
+    k = _tuple(op, "kernel_size", kernel_size, n)
+    s = _tuple(op, "stride", stride, n)
+    p = _tuple(op, "padding", padding, n)
+    d = _tuple(op, "dilation", dilation, n)
+    for name, vals, low in (("kernel_size", k, 1), ("stride", s, 1), ("padding", p, 0), ("dilation", d, 1)):
+        if any(v < low for v in vals):
+            raise ValueError(f"{op}: {name}={vals!r} must be >= {low} (zero padding only)")
+    g = _index(op, "groups", groups)
+    if g < 1:
+        raise ValueError(f"{op}: groups={g} must be >= 1")
+    c = x.shape[1]
+    if c % g != 0:
+        raise ValueError(f"{op}: x has {c} channels, not divisible by groups={g}")
+    if not isinstance(bias, bool):
+        raise TypeError(f"{op}: bias must be a bool, got {type(bias).__name__}")
+    size = tuple(x.shape[2:])
+    out = tuple((size[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(n))
+    if any(o < 1 for o in out):
+        raise ValueError(f"{op}: kernel_size={k}, stride={s}, padding={p}, dilation={d} on input spatial size "
+                         f"{size} give an empty output (size {out})")
+    dim = (c // g) * math.prod(k) + int(bias)
+    return ConvGeometry(k, s, p, d, g, bias, out, dim)
+
+
+def _check_linear(x, bias, op: str = "linear_gram") -> int:
+    _checks.tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dim (…, in_features); got a 0-d tensor")
+    if not isinstance(bias, bool):
+        raise TypeError(f"{op}: bias must be a bool, got {type(bias).__name__}")
+    return x.shape[-1] + int(bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends (each returns the (groups, D, D) result in out_dtype(x.dtype)).
+
+def _reference_conv(x, geo: ConvGeometry):
+    return reference.im2col_gram(x, geo.kernel_size, geo.stride, geo.padding, geo.dilation, geo.groups, geo.bias)
+
+
+def _reference_linear(x, bias):
+    return reference.linear_gram(x, bias)
+
+
+def _interim_conv(x, geo: ConvGeometry):
+    """Float32 F.unfold + matmul over batch chunks (bounded workspace): a placeholder for the fused
+    kernels of the "cpu"/"triton"/"cuda" backends while they are being written."""
+    acc_t = out_dtype(x.dtype)
+    x4 = x.unsqueeze(2) if x.dim() == 3 else x
+    k, s, p, d = ((1, *geo.kernel_size), (1, *geo.stride), (0, *geo.padding), (1, *geo.dilation)) if x.dim() == 3 \
+        else (geo.kernel_size, geo.stride, geo.padding, geo.dilation)
+    n, c = x4.shape[:2]
+    g = geo.groups
+    din = geo.dim - int(geo.bias)
+    acc = torch.zeros(g, geo.dim, geo.dim, dtype=acc_t, device=x.device)
+    if geo.bias:
+        acc[:, din, din] = n * math.prod(geo.out_size)
+    if n == 0 or din == 0:
+        return acc
+    x4 = F.pad(x4, (p[1], p[1], p[0], p[0]))  # F.unfold rejects zero-size spatial dims
+    per = c * math.prod(k) * math.prod(geo.out_size)
+    step = max(1, (1 << 22) // max(per, 1))
+    for i in range(0, n, step):
+        cols = F.unfold(x4[i:i + step].to(acc_t), k, dilation=d, stride=s)
+        cols = cols.view(cols.shape[0], g, din, -1).permute(1, 2, 0, 3).reshape(g, din, -1)
+        acc[:, :din, :din] += cols @ cols.transpose(1, 2)
+        if geo.bias:
+            sums = cols.sum(2)
+            acc[:, :din, din] += sums
+            acc[:, din, :din] += sums
+    return acc
+
+
+def _interim_linear(x, bias):
+    acc_t = out_dtype(x.dtype)
+    rows = x.reshape(-1, x.shape[-1]).to(acc_t)
+    if bias:
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+    return (rows.T @ rows).unsqueeze(0)
+
+
+def _cpu_conv(x, geo: ConvGeometry):
+    out = new_output((geo.groups, geo.dim, geo.dim), x, out_dtype(x.dtype))
+    torch.ops.avg_kernels_C.im2col_gram_out(x, list(geo.kernel_size), list(geo.stride), list(geo.padding),
+                                            list(geo.dilation), geo.groups, geo.bias, out)
+    return out
+
+
+def _cpu_linear(x, bias):
+    dim = x.shape[-1] + int(bias)
+    out = new_output((1, dim, dim), x, out_dtype(x.dtype))
+    torch.ops.avg_kernels_C.linear_gram_out(x, bias, out)
+    return out
+
+
+_CONV_IMPLS = {"reference": _reference_conv, "cpu": _cpu_conv, "triton": _interim_conv, "cuda": _interim_conv}
+_LINEAR_IMPLS = {"reference": _reference_linear, "cpu": _cpu_linear, "triton": _interim_linear,
+                 "cuda": _interim_linear}
+
+
+# ----------------------------------------------------------------------------------------------
+# The public ops.
+
+@torch.library.custom_op("avg_kernels::im2col_gram", mutates_args=())
+def im2col_gram_op(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                   dilation: list[int], groups: int, bias: bool, backend: str = "auto") -> torch.Tensor:
+    geo = conv_geometry(x, kernel_size, stride, padding, dilation, groups, bias)
+    name = _backend.resolve("im2col_gram", backend, x.device)
+    return _CONV_IMPLS[name](x, geo)
+
+
+@im2col_gram_op.register_fake
+def _(x, kernel_size, stride, padding, dilation, groups, bias, backend="auto"):
+    geo = conv_geometry(x, kernel_size, stride, padding, dilation, groups, bias)
+    return x.new_empty((geo.groups, geo.dim, geo.dim), dtype=out_dtype(x.dtype))
+
+
+@torch.library.custom_op("avg_kernels::linear_gram", mutates_args=())
+def linear_gram_op(x: torch.Tensor, bias: bool, backend: str = "auto") -> torch.Tensor:
+    _check_linear(x, bias)
+    name = _backend.resolve("linear_gram", backend, x.device)
+    return _LINEAR_IMPLS[name](x, bias)
+
+
+@linear_gram_op.register_fake
+def _(x, bias, backend="auto"):
+    dim = _check_linear(x, bias)
+    return x.new_empty((1, dim, dim), dtype=out_dtype(x.dtype))
+
+
+# Autograd: for L = Σ_g <Ḡ_g, A_g>, ∂L/∂U_g = S_g U_g with S_g = Ḡ_g + Ḡ_gᵀ and U_g = [X_g; 1]; the
+# gradient w.r.t. x folds ∂L/∂X_g back (col2im). Written with differentiable torch ops (double
+# backward works); it materialises the unfolded input, which is fine for a gradient nobody needs fast.
+
+def _conv_setup(ctx, inputs, output):
+    x, kernel_size, stride, padding, dilation, groups, bias, backend = inputs
+    ctx.save_for_backward(x)
+    ctx.args = (list(kernel_size), list(stride), list(padding), list(dilation), groups, bias)
+
+
+def _conv_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    k, s, p, d, g, bias = ctx.args
+    one_d = x.dim() == 3
+    x4 = x.unsqueeze(2) if one_d else x
+    if one_d:
+        k, s, p, d = [1, *k], [1, *s], [0, *p], [1, *d]
+    sym = grad + grad.transpose(1, 2)
+    din = sym.shape[1] - int(bias)
+    cols = F.unfold(x4.to(sym.dtype), k, dilation=d, padding=p, stride=s)  # (N, G·din, L)
+    n, _, ncol = cols.shape
+    cols = cols.view(n, g, din, ncol)
+    dcols = torch.einsum("gij,ngjl->ngil", sym[:, :din, :din], cols)
+    if bias:
+        dcols = dcols + sym[:, :din, din].view(1, g, din, 1)
+    dx = F.fold(dcols.reshape(n, g * din, ncol), x4.shape[2:], k, dilation=d, padding=p, stride=s)
+    dx = dx.squeeze(2) if one_d else dx
+    return dx.to(x.dtype), None, None, None, None, None, None, None
+
+
+im2col_gram_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, bias, backend = inputs
+    ctx.save_for_backward(x)
+    ctx.bias = bias
+
+
+def _linear_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    sym = (grad + grad.transpose(1, 2))[0]
+    din = x.shape[-1]
+    dx = x.to(sym.dtype) @ sym[:din, :din]
+    if ctx.bias:
+        dx = dx + sym[:din, din]
+    return dx.to(x.dtype), None, None
+
+
+linear_gram_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Python wrappers.
+
+def im2col_gram(x: torch.Tensor, kernel_size: IntOrTuple, stride: IntOrTuple = 1, padding: IntOrTuple = 0,
+                dilation: IntOrTuple = 1, groups: int = 1, bias: bool = False, *,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """Input Gram ``A = X Xᵀ`` of a Conv1d/Conv2d layer without materialising the unfolded X (SPEC §3).
+
+    Args:
+        x: the layer input, (N, C, L) for Conv1d or (N, C, H, W) for Conv2d; float16/bfloat16/
+            float32/float64; any strides.
+        kernel_size, stride, padding, dilation, groups: as for ``torch.nn.Conv1d/Conv2d`` (an int or a
+            tuple with one entry per spatial dim; zero padding only).
+        bias: append a constant 1 to every unfolded column (the layer has a bias): the last row/column
+            of A then hold the column sums and ``A[:, -1, -1] = M``.
+        backend: "reference", "cpu", "triton", "cuda" or None/"auto" (see ``use_backend``).
+
+    Returns a (groups, D, D) tensor, D = C/groups·∏kernel_size (+1 with bias), rows/columns in the order
+    of ``weight.view(C_out, -1)``, summed (not averaged) over the N·∏out positions M; float32 (float32
+    accumulation) for float16/bfloat16/float32 inputs, float64 for float64.
+    """
+    geo = conv_geometry(x, kernel_size, stride, padding, dilation, groups, bias)
+    return torch.ops.avg_kernels.im2col_gram(x, list(geo.kernel_size), list(geo.stride), list(geo.padding),
+                                             list(geo.dilation), geo.groups, geo.bias, backend or "auto")
+
+
+def linear_gram(x: torch.Tensor, bias: bool = False, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Input Gram ``A = Σ u uᵀ`` of a Linear layer over the rows u of ``x`` (…, in_features) (SPEC §3).
+
+    With ``bias`` each row gets a trailing 1. Returns (1, D, D), D = in_features (+1), float32 (float64
+    for float64 input); ``backend`` as for ``im2col_gram``.
+    """
+    _check_linear(x, bias)
+    return torch.ops.avg_kernels.linear_gram(x, bias, backend or "auto")

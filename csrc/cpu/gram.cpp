@@ -1,0 +1,318 @@
+// CPU kernels of the im2col/Linear input Gram (SPEC §3): A = X Xᵀ without materialising X.
+//
+// The input is packed, a few samples at a time, into a channels-last buffer per stride phase
+// (bounded workspace, independent of the batch size); gram_plan.h groups the blocks of A by shift so
+// that one C×C correlation serves every block sharing it; a register-blocked AVX512/AVX2 micro-kernel
+// (at::vec) accumulates C×C tiles over rectangles of positions, reading both operands in place
+// (rows of positions at any stride), and only one triangle of A is computed.
+// Internal ops avg_kernels_C::im2col_gram_out / linear_gram_out; the public ops avg_kernels::*_gram
+// (avg_kernels/ops/gram.py) validate the arguments and allocate `out` before calling these.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "gram_plan.h"
+
+namespace avg_kernels::cpu {
+namespace {
+
+using namespace avg_kernels::gram;
+
+constexpr int kMR = 6;                    // micro-tile rows (broadcast operand)
+constexpr int kNV = 4;                    // micro-tile columns, in vectors
+constexpr int64_t kRowBlock = 48;         // rows of A per work item (multiple of kMR)
+constexpr int64_t kKBlock = 384;          // positions per K block (operands stay in L1/L2)
+constexpr int64_t kChunkBytes = 3 << 19;  // target size of the packed input buffer (1.5 MB)
+
+// c[r][:] += Σ_k a[k][r] · b[k][:] over positions k = rows[t] + w·ps (t < nrows, w < len), for R rows
+// and NVEC vectors of columns; b[k] = a[k] + bdelta. a/b/c are unaligned.
+template <typename T, int R, int NVEC>
+void micro(const T* a, int64_t bdelta, const int64_t* rows, int64_t nrows, int64_t len, int64_t ps, T* c,
+           int64_t ldc) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int VL = Vec::size();
+  Vec acc[R][NVEC];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NVEC; ++v) acc[r][v] = Vec::loadu(c + r * ldc + v * VL);
+  for (int64_t t = 0; t < nrows; ++t) {
+    const T* pa = a + rows[t];
+    for (int64_t w = 0; w < len; ++w, pa += ps) {
+      const T* pb = pa + bdelta;
+      Vec bv[NVEC];
+      for (int v = 0; v < NVEC; ++v) bv[v] = Vec::loadu(pb + v * VL);
+      for (int r = 0; r < R; ++r) {
+        const Vec av(pa[r]);
+        for (int v = 0; v < NVEC; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NVEC; ++v) acc[r][v].store(c + r * ldc + v * VL);
+}
+
+template <typename T>
+using MicroFn = void (*)(const T*, int64_t, const int64_t*, int64_t, int64_t, int64_t, T*, int64_t);
+
+template <typename T, int R, int... NV>
+constexpr std::array<MicroFn<T>, sizeof...(NV)> micro_row(std::integer_sequence<int, NV...>) {
+  return {&micro<T, R, NV + 1>...};
+}
+
+template <typename T, int... R>
+constexpr std::array<std::array<MicroFn<T>, kNV>, sizeof...(R)> micro_table(std::integer_sequence<int, R...>) {
+  return {micro_row<T, R + 1>(std::make_integer_sequence<int, kNV>{})...};
+}
+
+// MICRO<T>[r-1][nvec-1]
+template <typename T>
+const auto& micro_fns() {
+  static const auto table = micro_table<T>(std::make_integer_sequence<int, kMR>{});
+  return table;
+}
+
+struct Geometry {
+  int64_t groups, cg, cgp, ct;  // groups, channels per group, padded to the vector width, buffer channel stride
+  int64_t k2, dim;              // kernel offsets, D (with bias)
+  bool bias;
+  int64_t buf_h, buf_w, chunk;  // phase buffer extent and samples per chunk
+};
+
+// One work item: rows [rb0, rb1) of the C×C products of one key and group, over the packed chunk.
+template <typename T>
+void run_item(const Plan& plan, const Key& key, const Geometry& geo, const T* buf, int64_t phase_stride,
+              int64_t nsamples, int64_t g, int64_t rb0, int64_t rb1, T* temp, int64_t* rowoff, T* out) {
+  constexpr int64_t VL = at::vec::Vectorized<T>::size();
+  const auto& fns = micro_fns<T>();
+  const int64_t cgp = geo.cgp, ct = geo.ct, bw = geo.buf_w, bh = geo.buf_h, dim = geo.dim, k2 = geo.k2;
+  const T* buf_p = buf + key.phase_p * phase_stride + g * cgp;
+  const T* buf_q = buf + key.phase_q * phase_stride + g * cgp;
+  const int64_t shift = (key.dh * bw + key.dw) * ct;
+  const int64_t col_lo0 = key.diag ? (rb0 / VL) * VL : 0;
+  T* out_g = out + g * dim * dim;
+  for (const Atom& atom : key.atoms) {
+    for (int64_t r = rb0; r < rb1; ++r)
+      std::fill(temp + (r - rb0) * cgp + col_lo0, temp + (r - rb0) * cgp + cgp, T(0));
+    const int64_t nh = atom.h.size(), len = atom.w.size(), total = nsamples * nh;
+    const int64_t per_block = std::max<int64_t>(1, kKBlock / len);
+    for (int64_t t0 = 0; t0 < total; t0 += per_block) {
+      const int64_t nrows = std::min(per_block, total - t0);
+      for (int64_t t = 0; t < nrows; ++t) {
+        const int64_t n = (t0 + t) / nh, h = atom.h.lo + (t0 + t) % nh;
+        rowoff[t] = ((n * bh + h) * bw + atom.w.lo) * ct;
+      }
+      for (int64_t m0 = rb0; m0 < rb1; m0 += kMR) {
+        const int r = static_cast<int>(std::min<int64_t>(kMR, rb1 - m0));
+        for (int64_t n0 = key.diag ? (m0 / VL) * VL : 0; n0 < cgp; n0 += kNV * VL) {
+          const int nvec = static_cast<int>(std::min<int64_t>(kNV, (cgp - n0) / VL));
+          const int64_t bdelta = (buf_q - buf_p) + shift + (n0 - m0);
+          fns[r - 1][nvec - 1](buf_p + m0, bdelta, rowoff, nrows, len, ct, temp + (m0 - rb0) * cgp + n0, cgp);
+        }
+      }
+    }
+    for (int32_t pi : atom.pairs) {
+      const int64_t p = key.pairs[pi][0], q = key.pairs[pi][1];
+      for (int64_t c = rb0; c < rb1; ++c) {
+        const T* src = temp + (c - rb0) * cgp;
+        T* dst = out_g + (c * k2 + p) * dim + q;
+        for (int64_t c2 = key.diag ? (c / VL) * VL : 0; c2 < geo.cg; ++c2) dst[c2 * k2] += src[c2];
+      }
+    }
+  }
+}
+
+// Column sums of offset i over the packed chunk, added to A[g, (c, i), D-1].
+template <typename T>
+void run_bias_item(const Plan& plan, const Geometry& geo, const T* buf, int64_t phase_stride, int64_t nsamples,
+                   int64_t i, T* sums, T* out) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t VL = Vec::size();
+  const auto& rect = plan.bias_rect[i];
+  const T* base = buf + plan.offset_phase[i] * phase_stride;
+  std::fill(sums, sums + geo.ct, T(0));
+  for (int64_t n = 0; n < nsamples; ++n)
+    for (int64_t h = rect[0].lo; h < rect[0].hi; ++h)
+      for (int64_t w = rect[1].lo; w < rect[1].hi; ++w) {
+        const T* src = base + ((n * geo.buf_h + h) * geo.buf_w + w) * geo.ct;
+        for (int64_t c = 0; c < geo.ct; c += VL) (Vec::loadu(src + c) + Vec::loadu(sums + c)).store(sums + c);
+      }
+  for (int64_t g = 0; g < geo.groups; ++g)
+    for (int64_t c = 0; c < geo.cg; ++c)
+      out[g * geo.dim * geo.dim + (c * geo.k2 + i) * geo.dim + geo.dim - 1] += sums[g * geo.cgp + c];
+}
+
+template <typename T>
+void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const ConvDim& gw, int64_t groups,
+               bool bias, at::Tensor& out) {
+  constexpr int64_t VL = at::vec::Vectorized<T>::size();
+  const int64_t n_total = x4.size(0), c_total = x4.size(1);
+  Geometry geo;
+  geo.groups = groups;
+  geo.cg = c_total / groups;
+  geo.cgp = (geo.cg + VL - 1) / VL * VL;
+  geo.ct = groups * geo.cgp;
+  geo.k2 = plan.k2();
+  geo.dim = geo.cg * geo.k2 + (bias ? 1 : 0);
+  geo.bias = bias;
+  geo.buf_h = plan.buf_h;
+  geo.buf_w = plan.buf_w;
+  const int64_t dim = geo.dim, k2 = geo.k2, cg = geo.cg;
+  T* o = out.data_ptr<T>();
+
+  // Zero the blocks that are accumulated (one orientation per unordered pair) and the bias column.
+  for (int64_t g = 0; g < groups; ++g) {
+    T* og = o + g * dim * dim;
+    for (const Key& key : plan.keys)
+      for (const auto& pq : key.pairs)
+        for (int64_t c = 0; c < cg; ++c)
+          for (int64_t c2 = 0; c2 < cg; ++c2) og[(c * k2 + pq[0]) * dim + c2 * k2 + pq[1]] = T(0);
+    if (bias) {
+      for (int64_t r = 0; r + 1 < dim; ++r) og[r * dim + dim - 1] = T(0);
+      og[dim * dim - 1] = static_cast<T>(n_total * plan.positions);
+    }
+  }
+
+  const int64_t per_sample = plan.buf_h * plan.buf_w * geo.ct * int64_t(plan.phases.size()) * int64_t(sizeof(T));
+  geo.chunk = std::clamp<int64_t>(kChunkBytes / std::max<int64_t>(per_sample, 1), 1, std::max<int64_t>(n_total, 1));
+  if (n_total > 0 && cg > 0) {
+    const int64_t phase_stride = geo.chunk * plan.buf_h * plan.buf_w * geo.ct;
+    at::Tensor buf = at::zeros({int64_t(plan.phases.size()), geo.chunk, plan.buf_h, plan.buf_w, groups, geo.cgp},
+                               x4.options().dtype(c10::CppTypeToScalarType<T>::value));
+    // Work items: (key, group, row block) products, then one bias item per offset.
+    struct Item { int32_t key; int64_t g, rb0, rb1; };
+    std::vector<Item> items;
+    for (size_t k = 0; k < plan.keys.size(); ++k) {
+      if (plan.keys[k].atoms.empty()) continue;
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t rb = 0; rb < cg; rb += kRowBlock) items.push_back({int32_t(k), g, rb, std::min(cg, rb + kRowBlock)});
+    }
+    // Bigger items first (the diagonal keys compute a triangle): a better dynamic schedule.
+    std::stable_sort(items.begin(), items.end(), [&](const Item& a, const Item& b) {
+      auto cost = [&](const Item& it) { return plan.keys[it.key].diag ? geo.cgp - it.rb0 / 2 - it.rb1 / 2 : geo.cgp; };
+      return cost(a) > cost(b);
+    });
+    const int64_t n_items = int64_t(items.size()) + (bias ? k2 : 0);
+    const int nthreads = at::get_num_threads();
+    const int64_t max_rows = (kKBlock + 0) + 1;
+    std::vector<T> temps(size_t(nthreads) * std::max<int64_t>(kRowBlock * geo.cgp, geo.ct));
+    std::vector<int64_t> rowoffs(size_t(nthreads) * max_rows);
+    const T* bp = buf.const_data_ptr<T>();
+    at::Tensor x5 = x4.unflatten(1, {groups, cg});  // (N, G, Cg, H, W), a view for any strides
+    for (int64_t n0 = 0; n0 < n_total; n0 += geo.chunk) {
+      const int64_t ns = std::min(geo.chunk, n_total - n0);
+      for (size_t f = 0; f < plan.phases.size(); ++f) {
+        const int64_t ph = plan.phases[f][0], pw = plan.phases[f][1];
+        at::Tensor src = x5.narrow(0, n0, ns).slice(3, ph, x5.size(3), gh.s).slice(4, pw, x5.size(4), gw.s);
+        at::Tensor dst = buf.select(0, int64_t(f)).narrow(0, 0, ns).narrow(1, 0, src.size(3)).narrow(2, 0, src.size(4))
+                             .narrow(4, 0, cg).permute({0, 3, 4, 1, 2});
+        dst.copy_(src);
+      }
+      std::atomic<int64_t> next{0};
+      at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
+        const int tid = at::get_thread_num();
+        T* temp = temps.data() + size_t(tid) * std::max<int64_t>(kRowBlock * geo.cgp, geo.ct);
+        int64_t* rowoff = rowoffs.data() + size_t(tid) * max_rows;
+        for (int64_t it = next++; it < n_items; it = next++) {
+          if (it < int64_t(items.size())) {
+            const Item& item = items[it];
+            run_item<T>(plan, plan.keys[item.key], geo, bp, phase_stride, ns, item.g, item.rb0, item.rb1, temp, rowoff, o);
+          } else {
+            run_bias_item<T>(plan, geo, bp, phase_stride, ns, it - int64_t(items.size()), temp, o);
+          }
+        }
+      });
+    }
+  }
+
+  // Mirror: the blocks computed in one orientation, the lower triangles of the diagonal blocks, the bias row.
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      T* og = o + g * dim * dim;
+      for (const Key& key : plan.keys)
+        for (const auto& pq : key.pairs) {
+          const int64_t p = pq[0], q = pq[1];
+          for (int64_t c = 0; c < cg; ++c)
+            for (int64_t c2 = 0; c2 < cg; ++c2) {
+              if (p == q && c2 >= (c / VL) * VL) continue;  // computed
+              if (p == q)
+                og[(c * k2 + p) * dim + c2 * k2 + p] = og[(c2 * k2 + p) * dim + c * k2 + p];
+              else
+                og[(c2 * k2 + q) * dim + c * k2 + p] = og[(c * k2 + p) * dim + c2 * k2 + q];
+            }
+        }
+      if (bias)
+        for (int64_t r = 0; r + 1 < dim; ++r) og[(dim - 1) * dim + r] = og[r * dim + dim - 1];
+    }
+  });
+}
+
+void check_out(const at::Tensor& x, const at::Tensor& out, int64_t groups, int64_t dim) {
+  const auto want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(out.scalar_type() == want, "im2col_gram: out must be ", want, ", got ", out.scalar_type());
+  TORCH_CHECK(out.is_contiguous() && out.dim() == 3 && out.size(0) == groups && out.size(1) == dim && out.size(2) == dim,
+              "im2col_gram: out must be a contiguous (", groups, ", ", dim, ", ", dim, ") tensor, got ", out.sizes());
+  TORCH_CHECK(out.device() == x.device(), "im2col_gram: out and x must be on one device");
+}
+
+void gram_conv(const at::Tensor& x4, const ConvDim& gh, const ConvDim& gw, int64_t groups, bool bias, at::Tensor& out) {
+  TORCH_CHECK(x4.dim() == 4, "im2col_gram: internal: expected a 4-d input");
+  TORCH_CHECK(groups >= 1 && x4.size(1) % groups == 0, "im2col_gram: channels ", x4.size(1),
+              " not divisible by groups ", groups);
+  for (const ConvDim* g : {&gh, &gw})
+    TORCH_CHECK(g->k >= 1 && g->s >= 1 && g->p >= 0 && g->d >= 1 && g->out() >= 1,
+                "im2col_gram: kernel/stride/padding/dilation give an empty output or are invalid");
+  const Plan plan = make_plan(gh, gw);
+  check_out(x4, out, groups, x4.size(1) / groups * plan.k2() + (bias ? 1 : 0));
+  TORCH_CHECK(x4.is_floating_point(), "im2col_gram: x must be a floating-point tensor");
+  if (x4.scalar_type() == at::kDouble) {
+    gram_impl<double>(x4, plan, gh, gw, groups, bias, out);
+  } else {
+    gram_impl<float>(x4, plan, gh, gw, groups, bias, out);
+  }
+}
+
+void im2col_gram_out(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation, int64_t groups, bool bias, at::Tensor& out) {
+  const int64_t nd = x.dim() - 2;
+  TORCH_CHECK(nd == 1 || nd == 2, "im2col_gram: x must be 3-d or 4-d, got ", x.dim(), "-d");
+  TORCH_CHECK(int64_t(kernel_size.size()) == nd && int64_t(stride.size()) == nd && int64_t(padding.size()) == nd &&
+                  int64_t(dilation.size()) == nd,
+              "im2col_gram: kernel_size/stride/padding/dilation must have one entry per spatial dim");
+  if (nd == 1) {
+    gram_conv(x.unsqueeze(2), ConvDim{1, 1, 1, 0, 1}, ConvDim{x.size(2), kernel_size[0], stride[0], padding[0], dilation[0]},
+              groups, bias, out);
+  } else {
+    gram_conv(x, ConvDim{x.size(2), kernel_size[0], stride[0], padding[0], dilation[0]},
+              ConvDim{x.size(3), kernel_size[1], stride[1], padding[1], dilation[1]}, groups, bias, out);
+  }
+}
+
+void linear_gram_out(const at::Tensor& x, bool bias, at::Tensor& out) {
+  TORCH_CHECK(x.dim() >= 1, "linear_gram: x must have at least 1 dim");
+  const int64_t f = x.size(-1);
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
+  at::Tensor rows = x.reshape({m, f});  // a view when the leading dims collapse
+  gram_conv(rows.unsqueeze(2).unsqueeze(3), ConvDim{1, 1, 1, 0, 1}, ConvDim{1, 1, 1, 0, 1}, 1, bias, out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(avg_kernels_C, m) {
+  m.def("im2col_gram_out(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups, "
+        "bool bias, Tensor(a!) out) -> ()");
+  m.def("linear_gram_out(Tensor x, bool bias, Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(avg_kernels_C, CPU, m) {
+  m.impl("im2col_gram_out", &im2col_gram_out);
+  m.impl("linear_gram_out", &linear_gram_out);
+}
+
+}  // namespace avg_kernels::cpu

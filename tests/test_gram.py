@@ -1,0 +1,276 @@
+"""Input Grams of im2col layers (SPEC §3): every backend vs the float64 reference, the reference vs an
+independent definition through torch's own convolution, dtypes, layouts, opcheck, torch.compile, autograd
+and bad input (SPEC §6)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import avg_kernels as ak
+from avg_kernels import reference
+
+from conftest import backend_device, interpreted
+
+TOL = 1e-5  # SPEC §3: relative Frobenius error vs the float64 reference
+
+
+def rel_fro(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double().cpu(), ref.double().cpu()
+    den = torch.linalg.norm(ref)
+    return float(torch.linalg.norm(a - ref) / (den if den > 0 else 1.0))
+
+
+def ref_gram(x, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=False):
+    """float64 truth for the (already rounded) input x."""
+    return ak.im2col_gram(x.double(), kernel_size, stride, padding, dilation, groups, bias, backend="reference")
+
+
+# (input shape, kernel_size, stride, padding, dilation, groups, bias)
+CONV_CONFIGS = [
+    ((2, 3, 17), 3, 1, 0, 1, 1, False),
+    ((1, 5, 16), 3, 1, 1, 1, 1, True),
+    ((3, 4, 19), 5, 2, 2, 1, 2, False),
+    ((2, 6, 23), 3, 3, 1, 2, 3, True),
+    ((2, 7, 9), 1, 1, 0, 1, 7, True),
+    ((1, 3, 5), 5, 1, 4, 1, 1, False),  # padding wider than the input
+    ((2, 3, 8, 8), 3, 1, 1, 1, 1, False),
+    ((1, 5, 7, 9), 3, 1, 1, 1, 1, True),
+    ((2, 4, 11, 10), (3, 2), (2, 1), (1, 0), (1, 2), 2, False),
+    ((3, 6, 13, 7), (2, 3), (1, 2), (0, 2), (2, 1), 3, True),
+    ((1, 3, 6, 6), 3, 2, 1, 1, 1, True),
+    ((2, 9, 5, 5), 3, 1, 2, 2, 3, False),
+    ((1, 1, 4, 4), 4, 1, 0, 1, 1, True),  # one output position
+    ((2, 5, 10, 12), (1, 3), 1, (0, 1), 1, 5, False),  # depthwise
+    ((1, 13, 7, 6), 2, 1, 0, 1, 1, True),  # channels not a multiple of anything
+    ((2, 4, 9, 9), 3, 3, 0, 1, 4, True),  # stride = kernel
+]
+
+
+def conv_id(cfg) -> str:
+    shape, k, s, p, d, g, b = cfg
+    return f"{len(shape) - 2}d-{'x'.join(map(str, shape))}-k{k}-s{s}-p{p}-d{d}-g{g}-{'b' if b else 'nb'}"
+
+
+def _small(backend, cfg):
+    return not interpreted(backend) or math.prod(cfg[0]) <= 1500
+
+
+@pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=conv_id)
+def test_im2col_gram_matches_reference(backend, cfg, fresh_seed):
+    shape, k, s, p, d, g, b = cfg
+    dev = backend_device(backend)
+    x = torch.randn(shape, device=dev)
+    out = ak.im2col_gram(x, k, s, p, d, g, b, backend=backend)
+    ref = ref_gram(x, k, s, p, d, g, b)
+    assert out.dtype == torch.float32 and out.shape == ref.shape and out.device == x.device
+    assert rel_fro(out, ref) <= TOL
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=conv_id)
+def test_reference_is_the_conv_weight_order(cfg, fresh_seed):
+    """Independent of F.unfold: for any weight W of the layer, Σ_m z_m z_mᵀ = W A Wᵀ per group where z is
+    torch's own convolution output (with the bias as W's trailing column). This pins down the
+    flattening order of ``W.view(C_out, -1)``, zero padding, stride, dilation and groups."""
+    shape, k, s, p, d, g, b = cfg
+    x = torch.randn(shape, dtype=torch.float64)
+    conv = (torch.nn.Conv1d if len(shape) == 3 else torch.nn.Conv2d)(
+        shape[1], 2 * g, k, stride=s, padding=p, dilation=d, groups=g, bias=b, dtype=torch.float64)
+    z = conv(x)  # (N, C_out, *out)
+    zg = z.transpose(0, 1).reshape(g, 2, -1)  # (groups, C_out/groups, M)
+    lhs = zg @ zg.transpose(1, 2)
+    w = conv.weight.reshape(g, 2, -1)
+    if b:
+        w = torch.cat([w, conv.bias.reshape(g, 2, 1)], dim=2)
+    a = reference.im2col_gram(x, *(ak.ops.gram.conv_geometry(x, k, s, p, d, g, b)[:5]), b)
+    assert a.dtype == torch.float64 and a.shape == (g, w.shape[2], w.shape[2])
+    torch.testing.assert_close(w @ a @ w.transpose(1, 2), lhs, rtol=1e-12, atol=1e-12)
+    m = z.shape[0] * math.prod(z.shape[2:])
+    if b:
+        assert (a[:, -1, -1] == m).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_im2col_gram_dtypes(backend, dtype, fresh_seed):
+    if backend == "triton" and interpreted(backend) and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter has no bfloat16 numpy type: bf16 is covered on GPU and by AOT compile")
+    dev = backend_device(backend)
+    for shape, k, s, p, d, g, b in [((2, 3, 7, 6), 3, 1, 1, 1, 1, True), ((2, 4, 15), 3, 2, 1, 2, 2, False)]:
+        x = torch.randn(shape, device=dev).to(dtype)
+        out = ak.im2col_gram(x, k, s, p, d, g, b, backend=backend)
+        ref = ref_gram(x, k, s, p, d, g, b)
+        assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert rel_fro(out, ref) <= (1e-12 if dtype == torch.float64 else TOL)
+
+
+def test_im2col_gram_non_contiguous(backend, fresh_seed):
+    dev = backend_device(backend)
+    base = torch.randn(5, 3, 9, 8, device=dev)
+    for x in (base.transpose(2, 3), base[::2, :, 1::2], base.permute(1, 0, 2, 3)[:, :2],
+              base.to(memory_format=torch.channels_last), base[:, :, :, 3]):
+        args = (3, 1, 1, 1, 1, True)
+        out = ak.im2col_gram(x, *args, backend=backend)
+        assert rel_fro(out, ref_gram(x, *args)) <= TOL
+
+
+def test_im2col_gram_empty_batch_and_channels(backend):
+    dev = backend_device(backend)
+    out = ak.im2col_gram(torch.randn(0, 4, 5, 5, device=dev), 3, padding=1, groups=2, bias=True, backend=backend)
+    assert out.shape == (2, 19, 19) and (out == 0).all()
+    out = ak.im2col_gram(torch.randn(0, 3, 6, device=dev), 3, backend=backend)
+    assert out.shape == (1, 9, 9) and (out == 0).all()
+    out = ak.im2col_gram(torch.randn(2, 0, 6, device=dev), 3, bias=True, backend=backend)
+    assert out.shape == (1, 1, 1) and out.item() == 8  # M = 2 samples × 4 positions
+
+
+def test_im2col_gram_constant_input_exact(backend):
+    """All-ones input, no padding: every entry is M (exact in float32)."""
+    dev = backend_device(backend)
+    x = torch.ones(3, 2, 6, 5, device=dev)
+    out = ak.im2col_gram(x, 2, bias=True, backend=backend)
+    assert (out == 3 * 5 * 4).all()
+
+
+LINEAR_SHAPES = [(7,), (5, 3), (4, 6, 9), (1, 17), (0, 5), (33, 64)]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=str)
+def test_linear_gram_matches_reference(backend, shape, bias, fresh_seed):
+    dev = backend_device(backend)
+    x = torch.randn(shape, device=dev)
+    out = ak.linear_gram(x, bias, backend=backend)
+    rows = x.double().reshape(-1, shape[-1]).cpu()
+    if bias:
+        rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=torch.float64)], 1)
+    ref = (rows.T @ rows)[None]
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert rel_fro(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_linear_gram_dtypes_and_layout(backend, dtype, fresh_seed):
+    if backend == "triton" and interpreted(backend) and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter has no bfloat16 numpy type: bf16 is covered on GPU and by AOT compile")
+    dev = backend_device(backend)
+    x = torch.randn(6, 40, 11, device=dev).to(dtype).transpose(0, 2)  # (11, 40, 6), non-contiguous
+    out = ak.linear_gram(x, True, backend=backend)
+    ref = ak.linear_gram(x.double(), True, backend="reference")
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert rel_fro(out, ref) <= (1e-12 if dtype == torch.float64 else TOL)
+
+
+def test_opcheck(backend, fresh_seed):
+    dev = backend_device(backend)
+    x = torch.randn(2, 4, 6, 5, device=dev)
+    torch.library.opcheck(torch.ops.avg_kernels.im2col_gram.default, (x, [3, 2], [1, 1], [1, 0], [1, 1], 2, True, backend))
+    torch.library.opcheck(torch.ops.avg_kernels.im2col_gram.default, (x[:, :, 0], [3], [2], [1], [1], 1, False, backend))
+    torch.library.opcheck(torch.ops.avg_kernels.linear_gram.default, (torch.randn(3, 4, 5, device=dev), True, backend))
+    xd = torch.randn(2, 2, 4, 4, dtype=torch.float64, device=dev, requires_grad=True)
+    torch.library.opcheck(torch.ops.avg_kernels.im2col_gram.default, (xd, [2, 2], [1, 1], [1, 1], [1, 1], 1, True, backend))
+    torch.library.opcheck(torch.ops.avg_kernels.linear_gram.default, (xd[0, 0].detach().requires_grad_(), True, backend))
+
+
+def test_torch_compile_fullgraph(fresh_seed):
+    x = torch.randn(2, 3, 8, 8)
+
+    def f(x):
+        return ak.im2col_gram(x, 3, padding=1, bias=True) + 1, ak.linear_gram(x.flatten(1), True)
+
+    a, b = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    a0, b0 = f(x)
+    torch.testing.assert_close(a, a0)
+    torch.testing.assert_close(b, b0)
+    c = torch.compile(lambda x: ak.im2col_gram(x, 3, stride=2, groups=3), fullgraph=True)(x)
+    assert rel_fro(c, ref_gram(x, 3, stride=2, groups=3)) <= TOL
+
+
+def test_autograd_gradcheck():
+    x = torch.randn(2, 4, 5, 4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x: ak.im2col_gram(x, (3, 2), 2, (1, 0), (1, 2), 2, True, backend="reference"), (x,))
+    x1 = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x: ak.im2col_gram(x, 3, 1, 1, 2, 1, False, backend="reference"), (x1,))
+    xl = torch.randn(3, 2, 4, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda x: ak.linear_gram(x, True, backend="reference"), (xl,))
+    torch.autograd.gradgradcheck(lambda x: ak.linear_gram(x, True, backend="reference"), (xl,))
+
+
+def test_use_backend_context(fresh_seed):
+    x = torch.randn(2, 3, 6, 6)
+    with ak.use_backend("reference"):
+        a = ak.im2col_gram(x, 3)
+    assert rel_fro(a, ref_gram(x, 3)) <= TOL
+
+
+def _raises(exc, match, fn, *args, **kw):
+    with pytest.raises(exc, match=match):
+        fn(*args, **kw)
+
+
+def test_bad_input_errors_name_the_argument():
+    x = torch.randn(2, 4, 6, 6)
+    g = ak.im2col_gram
+    _raises(ValueError, r"kernel_size=\(7, 7\).*empty output", g, x, 7)
+    _raises(ValueError, r"stride=\(0, 0\)", g, x, 3, stride=0)
+    _raises(ValueError, r"padding=\(-1, -1\)", g, x, 3, padding=-1)
+    _raises(ValueError, r"dilation=\(0, 1\)", g, x, 3, dilation=(0, 1))
+    _raises(ValueError, r"kernel_size=\(0, 0\)", g, x, 0)
+    _raises(ValueError, r"dilation=\(1, 3\).*empty output", g, x, 3, dilation=(1, 3))
+    _raises(ValueError, r"4 channels, not divisible by groups=3", g, x, 3, groups=3)
+    _raises(ValueError, r"groups=0", g, x, 3, groups=0)
+    _raises(ValueError, r"kernel_size=\(3, 3, 3\) has 3 entries", g, x, (3, 3, 3))
+    _raises(ValueError, r"2-d shape", g, x[0, 0], 3)
+    _raises(ValueError, r"5-d shape", g, x[None], 3)
+    _raises(TypeError, r"dtype torch.int64", g, x.long(), 3)
+    _raises(TypeError, r"kernel_size must be an int.*float", g, x, 3.0)
+    _raises(TypeError, r"stride must be an int.*bool", g, x, 3, stride=True)
+    _raises(TypeError, r"bias must be a bool", g, x, 3, bias=1)
+    _raises(TypeError, r"x must be a torch.Tensor", g, [1.0], 3)
+    _raises(ValueError, r"backend='nope'", g, x, 3, backend="nope")
+    _raises(ValueError, r"0-d", ak.linear_gram, torch.tensor(1.0))
+    _raises(TypeError, r"dtype torch.int32", ak.linear_gram, torch.ones(3, 3, dtype=torch.int32))
+    _raises(TypeError, r"bias must be a bool", ak.linear_gram, torch.ones(3, 3), bias=None)
+    # the raw op validates too (schema lists are not normalised there)
+    _raises(ValueError, r"kernel_size=\(3,\) has 1 entries", torch.ops.avg_kernels.im2col_gram, x, [3], [1, 1],
+            [0, 0], [1, 1], 1, False)
+    _raises(ValueError, r"empty output", torch.ops.avg_kernels.im2col_gram, x[:, :, 0], [9], [1], [1], [1], 1, False)
+
+
+def _random_conv_config(gen: torch.Generator):
+    """A random valid Conv1d/Conv2d configuration (small sizes, every argument exercised)."""
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
+    nd = r(1, 2)
+    groups = r(1, 3)
+    c = groups * r(1, 5)
+    k = tuple(r(1, 4) for _ in range(nd))
+    s = tuple(r(1, 3) for _ in range(nd))
+    d = tuple(r(1, 2) for _ in range(nd))
+    p = tuple(r(0, (d[i] * (k[i] - 1)) + 1) for i in range(nd))
+    size = tuple(max(1, d[i] * (k[i] - 1) + 1 - 2 * p[i]) + r(0, 7) for i in range(nd))
+    return (r(1, 3), c, *size), k, s, p, d, groups, bool(r(0, 1))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_im2col_gram_random_configurations(backend, seed):
+    """200 random configurations per seed (interpreted Triton: 15): 1-D/2-D, stride, padding (up to wider
+    than the kernel reach), dilation, groups, bias, odd sizes."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    dev = backend_device(backend)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny problems: OpenMP barriers cost more than they save on a busy machine
+    try:
+        _random_configs(backend, dev, gen)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _random_configs(backend, dev, gen):
+    for _ in range(15 if interpreted(backend) else 200):
+        shape, k, s, p, d, g, b = _random_conv_config(gen)
+        x = torch.randn(shape, generator=gen).to(dev)
+        out = ak.im2col_gram(x, k, s, p, d, g, b, backend=backend)
+        ref = ref_gram(x, k, s, p, d, g, b)
+        assert rel_fro(out, ref) <= TOL, (shape, k, s, p, d, g, b)
