@@ -14,6 +14,8 @@ from .ops import (BackendUnavailableError, available_backends, avg_act, avg_act_
 
 _build.extension()  # registers torch.ops.avg_kernels_C.* when the extension is built
 
+from . import optim  # noqa: E402  (after the ops it uses)
+
 __version__ = "0.1.0"
 __all__ = ["ACTIVATIONS", "EPS", "BackendUnavailableError", "available_backends", "avg_act", "avg_act_backward",
-           "current_backend", "im2col_gram", "linear_gram", "ridge_solve", "use_backend"]
+           "current_backend", "im2col_gram", "linear_gram", "optim", "ridge_solve", "use_backend"]
