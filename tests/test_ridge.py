@@ -366,3 +366,106 @@ def test_positive_definite_batch_is_the_plain_cholesky_solve():
     L = torch.linalg.cholesky(A + 0.1 * torch.eye(40, dtype=torch.float64))
     expect = torch.cholesky_solve(G.mT, L).mT
     torch.testing.assert_close(ak.ridge_solve(G, A, 0.1, backend="cpu"), expect, rtol=1e-13, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CUDA kernels' logic, executed on the host (csrc/cuda/ridge_kernel.cuh through
+# csrc/cpu/ridge_emulation.cpp): every block and thread of a launch, phase by phase.
+
+def _emulation():
+    if "cpu" not in ak.available_backends():
+        pytest.skip("the C++ extension is not built")
+    return torch.ops.avg_kernels_C
+
+
+@pytest.mark.parametrize("dt", DTYPES)
+@pytest.mark.parametrize("d", [1, 31, 32, 33, 70])
+def test_cuda_prologue_emulated(dt, d, fresh_seed):
+    C = _emulation()
+    ct = torch.float64 if dt == torch.float64 else torch.float32
+    a = torch.randn(3, d, d, dtype=torch.float64).to(dt)
+    if d > 2:
+        a[1, d - 1, 1] = float("nan")
+    for view in (a, a.mT, torch.randn(3, d + 2, d + 3).to(dt)[:, 1:d + 1, 2:d + 2]):
+        v = view.to(ct)
+        expect = 0.5 * v + 0.5 * v.mT + 0.75 * torch.eye(d, dtype=ct)
+        nblocks = C.ridge_cuda_launch(3, d, 1)[0]
+        for grid in sorted({1, 2, 7, nblocks}):  # grid-stride over the tiles, and one block per tile
+            bm, stats = C.ridge_prologue_emulated(view, 0.75, ct, grid)
+            finite = torch.isfinite(expect)
+            assert torch.equal(bm[finite], expect[finite]), (grid, view.stride())
+            assert stats[:, 0].tolist() == [float(not torch.isfinite(v[b]).all()) for b in range(3)]
+            md = v.diagonal(0, -2, -1).abs().amax(-1)
+            torch.testing.assert_close(stats[:, 1], md, equal_nan=True)
+
+
+def test_cuda_scale_emulated(fresh_seed):
+    C = _emulation()
+    for ct in (torch.float32, torch.float64):
+        w = torch.sort(torch.randn(4, 9, dtype=ct), dim=-1).values
+        w[2, :3] = 0.0
+        y = torch.randn(4, 5, 9, dtype=ct)
+        for lam, rtol in ((0.3, 0.0), (0.0, 1e-3)):
+            if lam > 0:
+                r = 1 / (w.clamp_min(0) + lam)
+            else:
+                cut = rtol * w.abs().amax(-1, keepdim=True)
+                r = torch.where(w.abs() > cut, 1 / w, torch.zeros_like(w))
+            expect = y * r.unsqueeze(-2)
+            for grid, block in ((1, 1), (3, 32), (1000, 256)):
+                out = C.ridge_scale_emulated(y, w, lam, rtol, grid, block)
+                torch.testing.assert_close(out, expect, rtol=0, atol=0)
+            torch.testing.assert_close(C.ridge_scale(y, w, lam, rtol), expect, rtol=0, atol=0)  # the CPU kernel
+
+
+@pytest.mark.parametrize("g_dtype", DTYPES)
+def test_cuda_code_path_emulated_matches_reference(g_dtype, fresh_seed):
+    """The CUDA backend's driver + kernels at its launch configuration, run on the host."""
+    C = _emulation()
+    a_dtype = torch.float64 if g_dtype == torch.float64 else torch.float32
+    for batch, c, d in [((), 3, 6), ((2, 3), 5, 33), ((25,), 10, 15)]:
+        A = random_gram(batch, d, 2 * d + 3).to(a_dtype)
+        G = torch.randn(*batch, c, d, dtype=torch.float64).to(g_dtype)
+        out = C.ridge_solve_emulated(G, A, 1e-3 * d)
+        assert rel_err(out, solve64(G, A, 1e-3 * d)) <= tol_for(g_dtype, a_dtype, cond(A, 1e-3 * d), d)
+    # fallback entries and pinv
+    w = torch.rand(3, 20, dtype=torch.float64) * 0.9 + 0.1
+    w[1, 0] = -1e-4
+    w[2, :5] = 0
+    A = gram_with_spectrum(w).to(a_dtype)
+    G = torch.randn(3, 4, 20, dtype=torch.float64).to(g_dtype)
+    for lam in (5e-5, 0.0):
+        ref = ak.ridge_solve(G, A, lam, backend="reference")
+        kappa = 2e4  # the -1e-4 eigenvalue: 1/(λ) for λ = 5e-5, and pinv inverts it too (|w| > cutoff)
+        assert rel_err(C.ridge_solve_emulated(G, A, lam), ref.double()) <= tol_for(g_dtype, a_dtype, kappa, 20) + 1e-5
+
+
+def test_cuda_code_path_emulated_errors_name_the_batch_index():
+    C = _emulation()
+    A = random_gram((4,), 5, 9).float()
+    A[2, 0, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"A\[2\] \(batch index 2 of batch shape \(4,\)\) is not finite"):
+        C.ridge_solve_emulated(torch.randn(4, 2, 5), A, 1e-3)
+    w = torch.linspace(0.1, 1, 5, dtype=torch.float64).repeat(4, 1)
+    w[3, 0] = -0.2
+    for lam in (1e-6, 100.0, 0.0):
+        with pytest.raises(ValueError, match=r"A\[3\] .* is not a Gram matrix"):
+            C.ridge_solve_emulated(torch.randn(4, 2, 5), gram_with_spectrum(w).float(), lam)
+
+
+def test_cuda_tile_indexing_beyond_2_31():
+    """Block -> (entry, tile) and the grid cap, at sizes whose element offsets exceed 2^31 and 2^32
+    (index logic only: no memory is touched)."""
+    C = _emulation()
+    for nb, d in [(2048, 1152), (3, 70000), (1, 1 << 20)]:
+        nt = -(-d // 32)
+        total = nb * nt * nt
+        grid, block, _, _ = C.ridge_cuda_launch(nb, d, 1)
+        assert block == 256 and grid == min(total, 2 ** 31 - 1)
+        for blk in (0, total // 3, total - 1, 2 ** 31 + 7 if total > 2 ** 31 + 7 else total - 2):
+            b, i0, j0 = C.ridge_tile_coords(blk, nt)
+            assert b * nt * nt + (i0 // 32) * nt + j0 // 32 == blk
+            assert 0 <= b < nb and 0 <= i0 < d and 0 <= j0 < d
+            last = (b * d + min(i0 + 31, d - 1)) * d + min(j0 + 31, d - 1)  # the tile's last element offset
+            assert last < nb * d * d
+    assert (2048 * 1152 * 1152) > 2 ** 31 and 3 * 70000 * 70000 > 2 ** 32
