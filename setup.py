@@ -47,29 +47,71 @@ def cpu_isa() -> str:
     return "avx512" if name.startswith("avx512") else "avx2" if name.startswith("avx2") else "default"
 
 
-def cuda_wanted() -> bool:
+def _nvidia_wheel_includes() -> list[str]:
+    """Include folders of the nvidia-* wheels a CUDA torch depends on (cuBLAS, cuSPARSE, ... headers)."""
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+    except ImportError:
+        return []
+    return [d for base in getattr(nvidia, "__path__", []) for d in sorted(glob.glob(os.path.join(base, "*", "include")))]
+
+
+def _with_header(name: str, dirs) -> str | None:
+    return next((d for d in dirs if os.path.exists(os.path.join(d, name))), None)
+
+
+def cuda_wanted() -> tuple[bool, list[str]]:
+    """(build the CUDA kernels?, extra include folders they need)."""
     choice = os.environ.get("AVG_KERNELS_CUDA", "auto").lower()
     if choice not in ("auto", "0", "1"):
         raise SystemExit(f"AVG_KERNELS_CUDA={choice!r}: expected auto, 0 or 1")
-    nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
-    problems = []
+    if choice == "0":
+        return False, []
+    home = cpp_extension.CUDA_HOME
+    nvcc = home and os.path.exists(os.path.join(home, "bin", "nvcc"))
+    problems, extra = [], []
     if torch.version.cuda is None:
         problems.append(f"the installed torch {torch.__version__} is a CPU-only build")
     if not nvcc:
         problems.append("nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
-    if choice == "1" and problems:
-        raise SystemExit("AVG_KERNELS_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(problems))
-    return choice != "0" and not problems
+    elif not os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")):
+        # e.g. nvcc on PATH is a wrapper script in /usr/local/bin: torch then guesses CUDA_HOME=/usr/local
+        problems.append(f"CUDA_HOME={home} is not a CUDA toolkit root (no include/cuda_runtime_api.h); "
+                        "set CUDA_HOME to the folder holding bin/nvcc and include/")
+    elif torch.version.cuda is not None:
+        # torch's CUDA headers include cusparse.h, cublas_v2.h, ...: a toolkit without its math
+        # libraries lacks them, but the nvidia-* wheels installed with torch ship them.
+        toolkit_inc = os.path.join(home, "include")
+        cpath = [d for d in os.environ.get("CPATH", "").split(os.pathsep) if d]
+        if not _with_header("cusparse.h", [toolkit_inc, *cpath]):
+            wheel_inc = _with_header("cusparse.h", _nvidia_wheel_includes())
+            if wheel_inc:
+                print(f"avg_kernels: cusparse.h etc. taken from {wheel_inc} (after {toolkit_inc})")
+                extra = [toolkit_inc, wheel_inc]  # the toolkit's own headers keep precedence
+            else:
+                problems.append(f"torch's CUDA headers need cusparse.h, found neither in {toolkit_inc}, CPATH "
+                                "nor the nvidia-* wheels; add the folder holding it to CPATH")
+    if problems:
+        if choice == "1":
+            raise SystemExit("AVG_KERNELS_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(problems))
+        if torch.version.cuda is not None:  # auto with a CUDA torch: say why the kernels are skipped
+            print("avg_kernels: building without CUDA kernels: " + "; ".join(problems))
+        return False, []
+    return True, extra
 
 
 def extension():
     isa = cpu_isa()
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno", *ISA_FLAGS[isa]]
+    # No -std flag: torch.utils.cpp_extension adds the standard the installed torch needs (c++20
+    # since torch 2.13's cpp_extension; torch 2.14's headers reject anything older).
+    cxx = ["-O3", "-fno-math-errno", *ISA_FLAGS[isa]]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
-    if cuda_wanted():
+    with_cuda, cuda_includes = cuda_wanted()
+    if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "-std=c++17", "-DAVG_KERNELS_WITH_CUDA", "--expt-relaxed-constexpr"]
+        include_dirs += cuda_includes
+        nvcc = ["-O3", "-DAVG_KERNELS_WITH_CUDA", "--expt-relaxed-constexpr"]
         if os.environ.get("AVG_KERNELS_PTXAS_VERBOSE"):  # register/spill report per kernel
             nvcc.append("-Xptxas=-v")
         return cpp_extension.CUDAExtension(

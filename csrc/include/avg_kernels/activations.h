@@ -101,7 +101,7 @@ namespace detail {
 constexpr double kSmall = 0.5;
 
 // Taylor coefficient (-1)^k / (k+1)! of 1 - e^{-y} = y * sum_k (-y)^k / (k+1)!.
-constexpr double om_coef(int k) {
+AK_HD constexpr double om_coef(int k) {
   double c = 1.0;
   for (int i = 2; i <= k + 1; ++i) c /= i;
   return (k % 2) ? -c : c;

@@ -1,0 +1,41 @@
+"""The CPU kernels' own vectorised exp / erfc / log1p (csrc/cpu/vec_ops.h) against float64."""
+import math
+
+import pytest
+import torch
+
+import avg_kernels as ak
+
+pytestmark = pytest.mark.skipif("cpu" not in ak.available_backends(), reason="C++ extension not built")
+
+
+def probe(x, fn):
+    return torch.ops.avg_kernels_C.vec_math_probe(x, fn)
+
+
+def max_ulps(fn, x, ref):
+    got = probe(x, fn).double()
+    keep = ref.isfinite() & (ref.abs() > 1e-37)  # normal float32 results
+    rel = ((got - ref).abs() / ref.abs())[keep]
+    return (rel.max() / torch.finfo(x.dtype).eps * 2).item()  # in units of 2^-24 (float) / 2^-53
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_accuracy_in_ulps(dtype):
+    x = torch.linspace(-87.0, 88.0, 200001, dtype=dtype)
+    assert max_ulps("exp", x, torch.exp(x.double())) < 2.0
+    z = torch.linspace(-4.0, 9.0, 200001, dtype=dtype)
+    assert max_ulps("erfc", z, torch.erfc(z.double())) < 8.0  # 3.5e-7 relative: a fitted rational form
+    y = torch.cat([torch.linspace(-0.999, 3.0, 200001), torch.logspace(-30, 38, 20001), -torch.logspace(-30, -0.1, 2001)]).to(dtype)
+    ref = torch.log1p(y.double())
+    assert max_ulps("log1p", y[ref != 0], ref[ref != 0]) < 4.0
+
+
+def test_special_values():
+    inf, nan = math.inf, math.nan
+    e = probe(torch.tensor([inf, -inf, nan, 89.0, -104.0, 0.0]), "exp")
+    assert e[0] == inf and e[1] == 0 and e[2].isnan() and e[3] == inf and e[4] == 0 and e[5] == 1
+    c = probe(torch.tensor([inf, -inf, nan, 0.0, 11.0]), "erfc")
+    assert c[0] == 0 and c[1] == 2 and c[2].isnan() and c[3] == 1 and c[4] == 0
+    lg = probe(torch.tensor([0.0, -1.0, -2.0, inf, nan, 1e-30]), "log1p")
+    assert lg[0] == 0 and lg[1] == -inf and lg[2].isnan() and lg[3] == inf and lg[4].isnan() and lg[5] == 1e-30
