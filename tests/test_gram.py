@@ -274,3 +274,133 @@ def _random_configs(backend, dev, gen):
         out = ak.im2col_gram(x, k, s, p, d, g, b, backend=backend)
         ref = ref_gram(x, k, s, p, d, g, b)
         assert rel_fro(out, ref) <= TOL, (shape, k, s, p, d, g, b)
+
+
+@pytest.mark.parametrize("splits,wide", [(1, False), (2, False), (3, True)])
+def test_triton_splits_and_tile_edges(splits, wide, fresh_seed):
+    """The Triton kernel's split-M partial Grams (workspace + sum) and tiles across D: D_IN = 64 puts
+    the bias row alone in the second 64-wide tile; D = 72 cuts a tile; M not a multiple of BLOCK_M; the
+    int64 position arithmetic used from M = 2^31 on (``wide``) on small inputs."""
+    from avg_kernels.ops._backend import unavailable_reason
+
+    if unavailable_reason("triton"):
+        pytest.skip(unavailable_reason("triton"))
+    from avg_kernels._triton import gram as tg
+
+    dev = backend_device("triton")
+    for shape, k, s, p, d, g, b in [((3, 16, 5, 6), 2, 1, 0, 1, 1, True), ((2, 8, 7, 5), 3, 1, 1, 1, 1, True),
+                                    ((2, 6, 9), 3, 2, 1, 1, 2, False)]:
+        x = torch.randn(shape, device=dev)
+        geo = ak.ops.gram.conv_geometry(x, k, s, p, d, g, b)
+        out = tg.im2col_gram(x, geo.kernel_size, geo.stride, geo.padding, geo.dilation, g, b, splits=splits, wide=wide)
+        assert rel_fro(out, ref_gram(x, k, s, p, d, g, b)) <= TOL
+    x = torch.randn(37, 70, device=dev)
+    assert rel_fro(tg.linear_gram(x, True, splits=splits, wide=wide), ak.linear_gram(x.double(), True, backend="reference")) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernel's index logic, run on the host (csrc/cuda/gram_kernel.cuh through
+# csrc/cpu/gram_cuda_emulation.cpp): every block and thread of the launch, the same stages.
+
+def _needs_extension():
+    from avg_kernels.ops._backend import unavailable_reason
+
+    if unavailable_reason("cpu"):
+        pytest.skip(unavailable_reason("cpu"))
+
+
+def _emulated(x, k, s=1, p=0, d=1, g=1, b=False, splits=0, wide=False, sm_count=4):
+    from avg_kernels.ops._alloc import new_output
+    from avg_kernels.reference.gram import out_dtype
+
+    geo = ak.ops.gram.conv_geometry(x, k, s, p, d, g, b)
+    out = new_output((g, geo.dim, geo.dim), x, out_dtype(x.dtype))  # NaN-poisoned under the test suite
+    info = torch.ops.avg_kernels_C.im2col_gram_cuda_emulated(
+        x, list(geo.kernel_size), list(geo.stride), list(geo.padding), list(geo.dilation), g, b, out, splits, wide,
+        sm_count)
+    return out, info
+
+
+@pytest.mark.parametrize("splits", [0, 2])
+@pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=conv_id)
+def test_cuda_kernel_emulated(cfg, splits, fresh_seed):
+    _needs_extension()
+    shape, k, s, p, d, g, b = cfg
+    x = torch.randn(shape)
+    out, (tiles, n_splits, steps, wide) = _emulated(x, k, s, p, d, g, b, splits=splits)
+    assert rel_fro(out, ref_gram(x, k, s, p, d, g, b)) <= TOL
+    assert not wide and (splits == 0 or n_splits <= splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_cuda_kernel_emulated_dtypes_layouts_wide(dtype, fresh_seed):
+    _needs_extension()
+    base = torch.randn(3, 70, 9, 8).to(dtype)  # D = 70·4 + 1 = 281: five 64-wide tiles per side
+    for x, args in [(base, (2, 1, 0, 1, 1, True)), (base.transpose(2, 3)[:, :, ::2], (3, 2, 1, 1, 2, False)),
+                    (base[:, :7, 0], (3, 1, 1, 2, 7, True))]:
+        for splits, wide in [(1, False), (3, True)]:
+            out, info = _emulated(x, *args, splits=splits, wide=wide)
+            assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            assert info[3] == int(wide)
+            assert rel_fro(out, ref_gram(x, *args)) <= (1e-12 if dtype == torch.float64 else TOL)
+
+
+def test_cuda_kernel_emulated_linear_and_empty(fresh_seed):
+    _needs_extension()
+    from avg_kernels.ops._alloc import new_output
+
+    x = torch.randn(5, 7, 66)
+    out = new_output((1, 67, 67), x, torch.float32)
+    torch.ops.avg_kernels_C.linear_gram_cuda_emulated(x, True, out, 2, False, 4)
+    assert rel_fro(out, ak.linear_gram(x.double(), True, backend="reference")) <= TOL
+    out, info = _emulated(torch.randn(0, 4, 5, 5), 3, 1, 1, 1, 2, True)
+    assert (out == 0).all() and info[2] == 0
+
+
+def test_cuda_kernel_tile_numbering():
+    """Tile t -> (bi, bj) enumerates the upper triangle once, also far beyond 2^31 tiles."""
+    _needs_extension()
+    coords = torch.ops.avg_kernels_C.gram_tile_coords
+    n = 60
+    got = [tuple(coords(t)) for t in range(n * (n + 1) // 2)]
+    assert got == [(i, j) for j in range(n) for i in range(j + 1)]
+    for j in (2**20 + 3, 2**26 - 1, 3 * 10**7):
+        first = j * (j + 1) // 2
+        assert tuple(coords(first)) == (0, j) and tuple(coords(first + j)) == (j, j)
+        assert tuple(coords(first - 1)) == (j - 1, j - 1)
+
+
+def test_cuda_kernel_addresses_beyond_2_31(fresh_seed):
+    """The kernel's element addresses for an input of 2^36 elements (a meta tensor: nothing is
+    allocated), at positions past 2^31, against Python integer arithmetic (SPEC §6)."""
+    _needs_extension()
+    sizes, ks, st, pd, dl, groups = (2**22, 8, 96, 64), (3, 5), (2, 1), (1, 2), (2, 1), 2
+    strides = (8 * 96 * 64, 96 * 64, 64, 1)
+    cg = sizes[1] // groups
+    oh = (sizes[2] + 2 * pd[0] - dl[0] * (ks[0] - 1) - 1) // st[0] + 1
+    ow = (sizes[3] + 2 * pd[1] - dl[1] * (ks[1] - 1) - 1) // st[1] + 1
+    m_total = sizes[0] * oh * ow
+    assert m_total > 2**33
+    gen = torch.Generator().manual_seed(7)
+    pos = torch.cat([torch.randint(2**31, m_total, (3000,), generator=gen), torch.tensor([m_total - 1, m_total])])
+    d_in = cg * ks[0] * ks[1]
+    rows = torch.randint(0, d_in + 2, pos.shape, generator=gen)
+    g = 1
+    off, kind = torch.ops.avg_kernels_C.gram_unfolded_index(list(sizes), list(strides), list(ks), list(st), list(pd),
+                                                            list(dl), groups, True, g, rows, pos, True)
+    for e in range(pos.numel()):
+        m, d = int(pos[e]), int(rows[e])
+        n, rem = divmod(m, oh * ow)
+        y, xw = divmod(rem, ow)
+        want_kind, want_off = 1, 0
+        if m < m_total and d == d_in:
+            want_kind = 2
+        elif m < m_total and d < d_in:
+            c, i = divmod(d, ks[0] * ks[1])
+            kh, kw = divmod(i, ks[1])
+            ih, iw = y * st[0] + kh * dl[0] - pd[0], xw * st[1] + kw * dl[1] - pd[1]
+            if 0 <= ih < sizes[2] and 0 <= iw < sizes[3]:
+                want_kind = 0
+                want_off = n * strides[0] + (g * cg + c) * strides[1] + ih * strides[2] + iw * strides[3]
+        assert (int(kind[e]), int(off[e])) == (want_kind, want_off), (m, d)
+    assert int(off.max()) > 2**35

@@ -109,60 +109,36 @@ def _reference_linear(x, bias):
     return reference.linear_gram(x, bias)
 
 
-def _interim_conv(x, geo: ConvGeometry):
-    """Float32 F.unfold + matmul over batch chunks (bounded workspace): a placeholder for the fused
-    kernels of the "cpu"/"triton"/"cuda" backends while they are being written."""
-    acc_t = out_dtype(x.dtype)
-    x4 = x.unsqueeze(2) if x.dim() == 3 else x
-    k, s, p, d = ((1, *geo.kernel_size), (1, *geo.stride), (0, *geo.padding), (1, *geo.dilation)) if x.dim() == 3 \
-        else (geo.kernel_size, geo.stride, geo.padding, geo.dilation)
-    n, c = x4.shape[:2]
-    g = geo.groups
-    din = geo.dim - int(geo.bias)
-    acc = torch.zeros(g, geo.dim, geo.dim, dtype=acc_t, device=x.device)
-    if geo.bias:
-        acc[:, din, din] = n * math.prod(geo.out_size)
-    if n == 0 or din == 0:
-        return acc
-    x4 = F.pad(x4, (p[1], p[1], p[0], p[0]))  # F.unfold rejects zero-size spatial dims
-    per = c * math.prod(k) * math.prod(geo.out_size)
-    step = max(1, (1 << 22) // max(per, 1))
-    for i in range(0, n, step):
-        cols = F.unfold(x4[i:i + step].to(acc_t), k, dilation=d, stride=s)
-        cols = cols.view(cols.shape[0], g, din, -1).permute(1, 2, 0, 3).reshape(g, din, -1)
-        acc[:, :din, :din] += cols @ cols.transpose(1, 2)
-        if geo.bias:
-            sums = cols.sum(2)
-            acc[:, :din, din] += sums
-            acc[:, din, :din] += sums
-    return acc
-
-
-def _interim_linear(x, bias):
-    acc_t = out_dtype(x.dtype)
-    rows = x.reshape(-1, x.shape[-1]).to(acc_t)
-    if bias:
-        rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-    return (rows.T @ rows).unsqueeze(0)
-
-
-def _cpu_conv(x, geo: ConvGeometry):
+def _compiled_conv(x, geo: ConvGeometry):
+    """The C++ kernels: csrc/cpu/gram.cpp on CPU tensors, csrc/cuda/gram.cu on CUDA tensors."""
     out = new_output((geo.groups, geo.dim, geo.dim), x, out_dtype(x.dtype))
     torch.ops.avg_kernels_C.im2col_gram_out(x, list(geo.kernel_size), list(geo.stride), list(geo.padding),
                                             list(geo.dilation), geo.groups, geo.bias, out)
     return out
 
 
-def _cpu_linear(x, bias):
+def _compiled_linear(x, bias):
     dim = x.shape[-1] + int(bias)
     out = new_output((1, dim, dim), x, out_dtype(x.dtype))
     torch.ops.avg_kernels_C.linear_gram_out(x, bias, out)
     return out
 
 
-_CONV_IMPLS = {"reference": _reference_conv, "cpu": _cpu_conv, "triton": _interim_conv, "cuda": _interim_conv}
-_LINEAR_IMPLS = {"reference": _reference_linear, "cpu": _cpu_linear, "triton": _interim_linear,
-                 "cuda": _interim_linear}
+def _triton_conv(x, geo: ConvGeometry):
+    from .._triton import gram as triton_gram
+
+    return triton_gram.im2col_gram(x, geo.kernel_size, geo.stride, geo.padding, geo.dilation, geo.groups, geo.bias)
+
+
+def _triton_linear(x, bias):
+    from .._triton import gram as triton_gram
+
+    return triton_gram.linear_gram(x, bias)
+
+
+_CONV_IMPLS = {"reference": _reference_conv, "cpu": _compiled_conv, "triton": _triton_conv, "cuda": _compiled_conv}
+_LINEAR_IMPLS = {"reference": _reference_linear, "cpu": _compiled_linear, "triton": _triton_linear,
+                 "cuda": _compiled_linear}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ using namespace avg_kernels::gram;
 constexpr int kMR = 6;                    // micro-tile rows (broadcast operand)
 constexpr int kNV = 4;                    // micro-tile columns, in vectors
 constexpr int64_t kRowBlock = 48;         // rows of A per work item (multiple of kMR)
-constexpr int64_t kKBlock = 384;          // positions per K block (operands stay in L1/L2)
+constexpr int64_t kPanelBytes = 24 << 10;  // q-operand panel of a K block (k_block × kNV vectors): in L1
+constexpr int64_t kKMin = 16, kKMax = 512;  // positions per K block, clamped
 constexpr int64_t kChunkBytes = 3 << 19;  // target size of the packed input buffer (1.5 MB)
 
 // c[r][:] += Σ_k a[k][r] · b[k][:] over positions k = rows[t] + w·ps (t < nrows, w < len), for R rows
@@ -82,69 +83,157 @@ struct Geometry {
   int64_t k2, dim;              // kernel offsets, D (with bias)
   bool bias;
   int64_t buf_h, buf_w, chunk;  // phase buffer extent and samples per chunk
+  // Where the products accumulate. Direct (1×1 kernels and Linear, cg a multiple of the vector width):
+  // straight into A, rows of `dim`. Otherwise one (groups, cg, cgp) block per atom, atom_off[key][atom]
+  // into one zeroed workspace, scattered into A's interleaved (c·k2 + i) layout once at the end.
+  bool direct;
+  std::vector<std::vector<int64_t>> atom_off;
 };
 
-// One work item: rows [rb0, rb1) of the C×C products of one key and group, over the packed chunk.
+// Positions of an atom, K block by K block: calls f(rows, nrows, len) with row offsets in the buffer.
+// An atom that covers whole phase images is one contiguous run of positions (Linear: the batch).
+template <class F>
+void for_k_blocks(const Atom& atom, const Geometry& geo, int64_t nsamples, int64_t k_block, int64_t* rows, F&& f) {
+  const int64_t bh = geo.buf_h, bw = geo.buf_w, ct = geo.ct;
+  if (atom.h.lo == 0 && atom.h.hi == bh && atom.w.lo == 0 && atom.w.hi == bw) {
+    const int64_t total = nsamples * bh * bw;
+    for (int64_t k0 = 0; k0 < total; k0 += k_block) {
+      rows[0] = k0 * ct;
+      f(rows, int64_t(1), std::min(k_block, total - k0));
+    }
+    return;
+  }
+  const int64_t nh = atom.h.size(), len = atom.w.size(), total = nsamples * nh;
+  const int64_t per_block = std::max<int64_t>(1, k_block / len);
+  for (int64_t t0 = 0; t0 < total; t0 += per_block) {
+    const int64_t nrows = std::min(per_block, total - t0);
+    for (int64_t t = 0; t < nrows; ++t) {
+      const int64_t n = (t0 + t) / nh, h = atom.h.lo + (t0 + t) % nh;
+      rows[t] = ((n * bh + h) * bw + atom.w.lo) * ct;
+    }
+    f(rows, nrows, len);
+  }
+}
+
+// One work item: rows [rb0, rb1) of the C×C products of one key and group over the packed chunk,
+// accumulated into the atoms' blocks (or A itself when direct).
 template <typename T>
-void run_item(const Plan& plan, const Key& key, const Geometry& geo, const T* buf, int64_t phase_stride,
-              int64_t nsamples, int64_t g, int64_t rb0, int64_t rb1, T* temp, int64_t* rowoff, T* out) {
+void run_item(const Key& key, int32_t key_index, const Geometry& geo, const T* buf, int64_t phase_stride,
+              int64_t nsamples, int64_t g, int64_t rb0, int64_t rb1, int64_t* rowoff, T* acc, T* out) {
   constexpr int64_t VL = at::vec::Vectorized<T>::size();
   const auto& fns = micro_fns<T>();
-  const int64_t cgp = geo.cgp, ct = geo.ct, bw = geo.buf_w, bh = geo.buf_h, dim = geo.dim, k2 = geo.k2;
+  const int64_t cgp = geo.cgp, ct = geo.ct, bw = geo.buf_w;
   const T* buf_p = buf + key.phase_p * phase_stride + g * cgp;
   const T* buf_q = buf + key.phase_q * phase_stride + g * cgp;
   const int64_t shift = (key.dh * bw + key.dw) * ct;
   const int64_t col_lo0 = key.diag ? (rb0 / VL) * VL : 0;
-  T* out_g = out + g * dim * dim;
-  for (const Atom& atom : key.atoms) {
-    for (int64_t r = rb0; r < rb1; ++r)
-      std::fill(temp + (r - rb0) * cgp + col_lo0, temp + (r - rb0) * cgp + cgp, T(0));
-    const int64_t nh = atom.h.size(), len = atom.w.size(), total = nsamples * nh;
-    const int64_t per_block = std::max<int64_t>(1, kKBlock / len);
-    for (int64_t t0 = 0; t0 < total; t0 += per_block) {
-      const int64_t nrows = std::min(per_block, total - t0);
-      for (int64_t t = 0; t < nrows; ++t) {
-        const int64_t n = (t0 + t) / nh, h = atom.h.lo + (t0 + t) % nh;
-        rowoff[t] = ((n * bh + h) * bw + atom.w.lo) * ct;
-      }
-      for (int64_t m0 = rb0; m0 < rb1; m0 += kMR) {
-        const int r = static_cast<int>(std::min<int64_t>(kMR, rb1 - m0));
-        for (int64_t n0 = key.diag ? (m0 / VL) * VL : 0; n0 < cgp; n0 += kNV * VL) {
-          const int nvec = static_cast<int>(std::min<int64_t>(kNV, (cgp - n0) / VL));
+  const int64_t k_block = std::clamp<int64_t>(kPanelBytes / (kNV * VL * int64_t(sizeof(T))), kKMin, kKMax);
+  for (size_t ai = 0; ai < key.atoms.size(); ++ai) {
+    T* target;
+    int64_t ldc;
+    if (geo.direct) {
+      target = out + g * geo.dim * geo.dim;
+      ldc = geo.dim;
+    } else {
+      target = acc + geo.atom_off[key_index][ai] + g * geo.cg * cgp;
+      ldc = cgp;
+    }
+    for_k_blocks(key.atoms[ai], geo, nsamples, k_block, rowoff, [&](const int64_t* rows, int64_t nrows, int64_t len) {
+      // Column panels outer, row tiles inner: the panel's K block of the q operand (k_block ×
+      // kNV·VL values) stays in L1 while every row tile of the item passes over it.
+      for (int64_t n0 = col_lo0; n0 < cgp; n0 += kNV * VL) {
+        const int nvec = static_cast<int>(std::min<int64_t>(kNV, (cgp - n0) / VL));
+        for (int64_t m0 = rb0; m0 < rb1; m0 += kMR) {
+          // diagonal keys: only tiles that reach the columns >= floor(row / VL)·VL of their rows
+          if (key.diag && n0 + kNV * VL <= (m0 / VL) * VL) continue;
+          const int r = static_cast<int>(std::min<int64_t>(kMR, rb1 - m0));
           const int64_t bdelta = (buf_q - buf_p) + shift + (n0 - m0);
-          fns[r - 1][nvec - 1](buf_p + m0, bdelta, rowoff, nrows, len, ct, temp + (m0 - rb0) * cgp + n0, cgp);
+          fns[r - 1][nvec - 1](buf_p + m0, bdelta, rows, nrows, len, ct, target + m0 * ldc + n0, ldc);
         }
       }
-    }
-    for (int32_t pi : atom.pairs) {
-      const int64_t p = key.pairs[pi][0], q = key.pairs[pi][1];
-      for (int64_t c = rb0; c < rb1; ++c) {
-        const T* src = temp + (c - rb0) * cgp;
-        T* dst = out_g + (c * k2 + p) * dim + q;
-        for (int64_t c2 = key.diag ? (c / VL) * VL : 0; c2 < geo.cg; ++c2) dst[c2 * k2] += src[c2];
-      }
-    }
+    });
   }
 }
 
-// Column sums of offset i over the packed chunk, added to A[g, (c, i), D-1].
+// Column sums of offset i over the packed chunk, accumulated into sums (groups × cgp).
 template <typename T>
 void run_bias_item(const Plan& plan, const Geometry& geo, const T* buf, int64_t phase_stride, int64_t nsamples,
-                   int64_t i, T* sums, T* out) {
+                   int64_t i, T* sums) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t VL = Vec::size();
   const auto& rect = plan.bias_rect[i];
   const T* base = buf + plan.offset_phase[i] * phase_stride;
-  std::fill(sums, sums + geo.ct, T(0));
   for (int64_t n = 0; n < nsamples; ++n)
     for (int64_t h = rect[0].lo; h < rect[0].hi; ++h)
       for (int64_t w = rect[1].lo; w < rect[1].hi; ++w) {
         const T* src = base + ((n * geo.buf_h + h) * geo.buf_w + w) * geo.ct;
         for (int64_t c = 0; c < geo.ct; c += VL) (Vec::loadu(src + c) + Vec::loadu(sums + c)).store(sums + c);
       }
-  for (int64_t g = 0; g < geo.groups; ++g)
-    for (int64_t c = 0; c < geo.cg; ++c)
-      out[g * geo.dim * geo.dim + (c * geo.k2 + i) * geo.dim + geo.dim - 1] += sums[g * geo.cgp + c];
+}
+
+// A[r][s] for r != s is computed in exactly one of (r, s), (s, r); copy it to the other, tile by tile.
+template <typename T>
+__attribute__((noinline)) void symmetric_fill(T* o, const Geometry& geo, const std::vector<uint8_t>& oriented) {
+  constexpr int64_t VL = at::vec::Vectorized<T>::size();
+  const int64_t dim = geo.dim, k2 = geo.k2, din = geo.cg * k2;
+  // Per index r < din: its kernel offset and the start of its computed diagonal-block columns.
+  std::vector<int32_t> off(size_t(dim), -1), chan(size_t(dim), 0), lo(size_t(dim), 0);
+  for (int64_t r = 0; r < din; ++r) {
+    off[r] = int32_t(r % k2);
+    chan[r] = int32_t(r / k2);
+    lo[r] = int32_t((r / k2 / VL) * VL);
+  }
+  auto computed = [&](int64_t r, int64_t s) {
+    if (r >= din || s >= din) return s >= din;  // the bias column is computed, the bias row mirrored
+    const int32_t p = off[r], q = off[s];
+    return oriented[size_t(p * k2 + q)] && (p != q || chan[s] >= lo[r]);
+  };
+  constexpr int64_t B = 64;
+  const int64_t nt = (dim + B - 1) / B;
+  at::parallel_for(0, geo.groups * nt, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      T* og = o + (t / nt) * dim * dim;
+      const int64_t ti = t % nt;
+      for (int64_t tj = ti; tj < nt; ++tj)
+        for (int64_t r = ti * B; r < std::min(dim, ti * B + B); ++r)
+          for (int64_t s = std::max(r + 1, tj * B); s < std::min(dim, tj * B + B); ++s) {
+            const T upper = og[r * dim + s], lower = og[s * dim + r];
+            const T v = computed(r, s) ? upper : lower;  // a select, not a branch
+            og[r * dim + s] = v;
+            og[s * dim + r] = v;
+          }
+    }
+  });
+}
+
+// A's computed entries from the atom blocks, row by row of A: row (c, p) gathers, for each q of
+// an oriented block (p, q), the sum of that block's atoms' row c (contiguous) into columns (c2, q).
+template <typename T>
+__attribute__((noinline)) void scatter_atoms(T* o, const Plan& plan, const Geometry& geo, const T* acc) {
+  constexpr int64_t VL = at::vec::Vectorized<T>::size();
+  const int64_t dim = geo.dim, k2 = geo.k2, cg = geo.cg, cgp = geo.cgp;
+  // Per block (p, q): the offsets of its atoms' blocks in acc, and whether it is diagonal.
+  std::vector<std::vector<int64_t>> block_atoms(size_t(k2 * k2));
+  for (size_t k = 0; k < plan.keys.size(); ++k) {
+    const Key& key = plan.keys[k];
+    for (size_t ai = 0; ai < key.atoms.size(); ++ai)
+      for (int32_t pi : key.atoms[ai].pairs)
+        block_atoms[size_t(key.pairs[pi][0] * k2 + key.pairs[pi][1])].push_back(geo.atom_off[k][ai]);
+  }
+  at::parallel_for(0, geo.groups * cg * k2, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t rr = r0; rr < r1; ++rr) {
+      const int64_t g = rr / (cg * k2), c = (rr / k2) % cg, p = rr % k2;
+      T* row = o + g * dim * dim + (c * k2 + p) * dim;
+      for (int64_t q = 0; q < k2; ++q) {
+        const auto& atoms = block_atoms[size_t(p * k2 + q)];
+        const int64_t c2_lo = p == q ? (c / VL) * VL : 0;
+        for (int64_t a : atoms) {
+          const T* src = acc + a + (g * cg + c) * cgp;
+          for (int64_t c2 = c2_lo; c2 < cg; ++c2) row[c2 * k2 + q] += src[c2];
+        }
+      }
+    }
+  });
 }
 
 template <typename T>
@@ -162,28 +251,32 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
   geo.bias = bias;
   geo.buf_h = plan.buf_h;
   geo.buf_w = plan.buf_w;
+  geo.direct = geo.k2 == 1 && geo.cg % VL == 0;
+  int64_t acc_len = 0;
+  geo.atom_off.resize(plan.keys.size());
+  for (size_t k = 0; k < plan.keys.size(); ++k)
+    for (size_t a = 0; a < plan.keys[k].atoms.size(); ++a) {
+      geo.atom_off[k].push_back(acc_len);
+      acc_len += geo.direct ? 0 : groups * geo.cg * geo.cgp;
+    }
   const int64_t dim = geo.dim, k2 = geo.k2, cg = geo.cg;
   T* o = out.data_ptr<T>();
-
-  // Zero the blocks that are accumulated (one orientation per unordered pair) and the bias column.
-  for (int64_t g = 0; g < groups; ++g) {
-    T* og = o + g * dim * dim;
-    for (const Key& key : plan.keys)
-      for (const auto& pq : key.pairs)
-        for (int64_t c = 0; c < cg; ++c)
-          for (int64_t c2 = 0; c2 < cg; ++c2) og[(c * k2 + pq[0]) * dim + c2 * k2 + pq[1]] = T(0);
-    if (bias) {
-      for (int64_t r = 0; r + 1 < dim; ++r) og[r * dim + dim - 1] = T(0);
-      og[dim * dim - 1] = static_cast<T>(n_total * plan.positions);
-    }
-  }
+  out.zero_();
+  std::vector<uint8_t> oriented(size_t(k2 * k2), 0);
+  for (const Key& key : plan.keys)
+    for (const auto& pq : key.pairs) oriented[size_t(pq[0] * k2 + pq[1])] = 1;
+  if (bias)
+    for (int64_t g = 0; g < groups; ++g) o[g * dim * dim + dim * dim - 1] = static_cast<T>(n_total * plan.positions);
 
   const int64_t per_sample = plan.buf_h * plan.buf_w * geo.ct * int64_t(plan.phases.size()) * int64_t(sizeof(T));
   geo.chunk = std::clamp<int64_t>(kChunkBytes / std::max<int64_t>(per_sample, 1), 1, std::max<int64_t>(n_total, 1));
   if (n_total > 0 && cg > 0) {
+    const auto opts = x4.options().dtype(c10::CppTypeToScalarType<T>::value);
     const int64_t phase_stride = geo.chunk * plan.buf_h * plan.buf_w * geo.ct;
-    at::Tensor buf = at::zeros({int64_t(plan.phases.size()), geo.chunk, plan.buf_h, plan.buf_w, groups, geo.cgp},
-                               x4.options().dtype(c10::CppTypeToScalarType<T>::value));
+    // Workspaces are ATen tensors (torch's allocator; bench/gram.py measures every byte anyway).
+    at::Tensor buf = at::zeros({int64_t(plan.phases.size()), geo.chunk, plan.buf_h, plan.buf_w, groups, geo.cgp}, opts);
+    at::Tensor acc = at::zeros({acc_len}, opts);
+    at::Tensor sums = at::zeros({bias ? k2 : 0, geo.ct}, opts);
     // Work items: (key, group, row block) products, then one bias item per offset.
     struct Item { int32_t key; int64_t g, rb0, rb1; };
     std::vector<Item> items;
@@ -199,10 +292,12 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
     });
     const int64_t n_items = int64_t(items.size()) + (bias ? k2 : 0);
     const int nthreads = at::get_num_threads();
-    const int64_t max_rows = (kKBlock + 0) + 1;
-    std::vector<T> temps(size_t(nthreads) * std::max<int64_t>(kRowBlock * geo.cgp, geo.ct));
-    std::vector<int64_t> rowoffs(size_t(nthreads) * max_rows);
+    const int64_t max_rows = kKMax + 1;
+    at::Tensor rowoffs_t = at::empty({nthreads, max_rows}, x4.options().dtype(at::kLong));
+    int64_t* rowoffs = rowoffs_t.data_ptr<int64_t>();
     const T* bp = buf.const_data_ptr<T>();
+    T* ap = acc.data_ptr<T>();
+    T* sp = sums.data_ptr<T>();
     at::Tensor x5 = x4.unflatten(1, {groups, cg});  // (N, G, Cg, H, W), a view for any strides
     for (int64_t n0 = 0; n0 < n_total; n0 += geo.chunk) {
       const int64_t ns = std::min(geo.chunk, n_total - n0);
@@ -215,41 +310,29 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
       }
       std::atomic<int64_t> next{0};
       at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) {
-        const int tid = at::get_thread_num();
-        T* temp = temps.data() + size_t(tid) * std::max<int64_t>(kRowBlock * geo.cgp, geo.ct);
-        int64_t* rowoff = rowoffs.data() + size_t(tid) * max_rows;
+        int64_t* rowoff = rowoffs + at::get_thread_num() * max_rows;
         for (int64_t it = next++; it < n_items; it = next++) {
           if (it < int64_t(items.size())) {
             const Item& item = items[it];
-            run_item<T>(plan, plan.keys[item.key], geo, bp, phase_stride, ns, item.g, item.rb0, item.rb1, temp, rowoff, o);
+            run_item<T>(plan.keys[item.key], item.key, geo, bp, phase_stride, ns, item.g, item.rb0, item.rb1, rowoff,
+                        ap, o);
           } else {
-            run_bias_item<T>(plan, geo, bp, phase_stride, ns, it - int64_t(items.size()), temp, o);
+            const int64_t i = it - int64_t(items.size());
+            run_bias_item<T>(plan, geo, bp, phase_stride, ns, i, sp + i * geo.ct);
           }
         }
       });
     }
-  }
-
-  // Mirror: the blocks computed in one orientation, the lower triangles of the diagonal blocks, the bias row.
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      T* og = o + g * dim * dim;
-      for (const Key& key : plan.keys)
-        for (const auto& pq : key.pairs) {
-          const int64_t p = pq[0], q = pq[1];
+    // Scatter the atoms into A's blocks (one orientation per unordered block pair; the diagonal
+    // blocks' upper parts) and the bias column.
+    if (!geo.direct) scatter_atoms<T>(o, plan, geo, ap);
+    if (bias)
+      for (int64_t g = 0; g < groups; ++g)
+        for (int64_t i = 0; i < k2; ++i)
           for (int64_t c = 0; c < cg; ++c)
-            for (int64_t c2 = 0; c2 < cg; ++c2) {
-              if (p == q && c2 >= (c / VL) * VL) continue;  // computed
-              if (p == q)
-                og[(c * k2 + p) * dim + c2 * k2 + p] = og[(c2 * k2 + p) * dim + c * k2 + p];
-              else
-                og[(c2 * k2 + q) * dim + c * k2 + p] = og[(c * k2 + p) * dim + c2 * k2 + q];
-            }
-        }
-      if (bias)
-        for (int64_t r = 0; r + 1 < dim; ++r) og[(dim - 1) * dim + r] = og[r * dim + dim - 1];
-    }
-  });
+            o[g * dim * dim + (c * k2 + i) * dim + dim - 1] = sp[i * geo.ct + g * geo.cgp + c];
+  }
+  symmetric_fill<T>(o, geo, oriented);
 }
 
 void check_out(const at::Tensor& x, const at::Tensor& out, int64_t groups, int64_t dim) {
