@@ -391,11 +391,9 @@ def test_refresh_every_k_reuses_the_factorisation_and_skips_grams(monkeypatch):
     ref_model = copy.deepcopy(model)
     opt = CSGD(model, lr=0.05, lam=1e-2, momentum=0.9, refresh_every=3)
     ref = Reference(ref_model, "sgd", lr=0.05, lam=1e-2, momentum=0.9, refresh_every=3)
-    from avg_kernels.optim import consequentialism as cmod
-
     calls = []
-    real = cmod.im2col_gram
-    monkeypatch.setattr(cmod, "im2col_gram", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = opt._gram
+    monkeypatch.setattr(opt, "_gram", lambda layer, *a: calls.append(layer.conv_dims) or real(layer, *a))
     per_step = []
     for step in range(7):
         x, y = _data(16, seed=step)  # batch 16: every layer but fc (M = 16 < D = 41) in the D x D form
@@ -405,7 +403,7 @@ def test_refresh_every_k_reuses_the_factorisation_and_skips_grams(monkeypatch):
         ref.step([(x, y)], _ce_sum)
         # the reference recomputes fc every step too: the M x M layer has no reusable factorisation
         ref.inv.pop(ref_model.fc, None)
-    assert per_step == [3, 0, 0, 3, 0, 0, 3]  # three conv layers, on refresh steps only
+    assert per_step == [3, 0, 0, 3, 0, 0, 3]  # three conv layers, on refresh steps only (fc: M x M)
     assert _max_rel(model, ref_model) < 1e-9
 
 
@@ -500,3 +498,25 @@ def test_closure_and_import_surface():
 
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor) and loss.item() > 0
+
+
+def test_wider_layers_and_merged_small_groups_match(monkeypatch):
+    """conv2 with D = 72 (> MERGE_MAX_D: its own ridge_solve) next to merged small groups; and merging
+    (padding small Grams block-diagonally into one call) changes nothing but rounding."""
+    from avg_kernels.optim import consequentialism as cmod
+
+    torch.manual_seed(13)
+    base = SmallCNN(c=16).double()
+    results = []
+    for merge in (cmod.MERGE_MAX_D, 0):
+        monkeypatch.setattr(cmod, "MERGE_MAX_D", merge)
+        model, ref_model = copy.deepcopy(base), copy.deepcopy(base)
+        opt = CSGD(model, lr=0.1, lam=1e-2, momentum=0.9, weight_decay=1e-3)
+        ref = Reference(ref_model, "sgd", lr=0.1, lam=1e-2, momentum=0.9, weight_decay=1e-3)
+        for step, batch in enumerate([16, 3]):
+            x, y = _data(batch, seed=step)
+            _run_ours(opt, model, [(x, y)])
+            ref.step([(x, y)], _ce_sum)
+        assert _max_rel(model, ref_model) < 1e-9
+        results.append(model)
+    assert _max_rel(results[0], results[1]) < 1e-12

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import im2col_gram, linear_gram, ridge_solve
+from .. import ops as _ops  # noqa: F401  (registers torch.ops.avg_kernels.*)
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -57,10 +57,14 @@ class _Layer:
     dilation: tuple = ()
     padding: tuple = ()  # symmetric zero padding handed to the Gram/unfold (manual_pad is None)
     manual_pad: Optional[tuple] = None  # (F.pad argument, mode) when padding is asymmetric or not zeros
+    d_in: int = 0  # C_in/groups · ∏kernel (Linear: in_features)
+    c_out: int = 0
 
-    @property
-    def d_in(self) -> int:
-        return self.weight[0].numel()  # C_in/groups · ∏kernel (Linear: in_features)
+    def __post_init__(self):
+        self.c_out = self.weight.shape[0]
+        self.d_in = self.weight.numel() // max(1, self.c_out)
+        self.gram_args = [list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
+                          self.groups]
 
     def has_bias(self) -> bool:
         return self.bias is not None and self.bias.requires_grad
@@ -100,7 +104,12 @@ class _Consequential:
             group.setdefault("lam", float(lam))
             group.setdefault("refresh_every", refresh_every)
         self.defaults.update(lam=float(lam), refresh_every=refresh_every)
+        if backend is not None:
+            from ..ops import _backend
+
+            _backend._check_name(backend)
         self._backend = backend
+        self._backend_name = backend or "auto"
         self._layers = self._find_layers(model, exclude)
         self._stats = [_Stats() for _ in self._layers]
         self._inverses: dict[int, torch.Tensor] = {}  # layer index -> (groups, D, D) (A + λI)⁻¹, k > 1
@@ -198,10 +207,13 @@ class _Consequential:
         return x.shape[0] * out
 
     def _gram(self, layer: _Layer, x: torch.Tensor, bias: bool) -> torch.Tensor:
+        """The layer input's Gram through the public ops (torch.ops.avg_kernels.*; arguments prepared once)."""
         if layer.conv_dims == 0:
-            return linear_gram(x, bias, backend=self._backend)
-        return im2col_gram(x, layer.kernel_size, layer.stride, layer.padding, layer.dilation, layer.groups, bias,
-                           backend=self._backend)
+            return torch.ops.avg_kernels.linear_gram(x, bias, self._backend_name)
+        return torch.ops.avg_kernels.im2col_gram(x, *layer.gram_args, bias, self._backend_name)
+
+    def _solve(self, G: torch.Tensor, A: torch.Tensor, lam: float) -> torch.Tensor:
+        return torch.ops.avg_kernels.ridge_solve(G, A, lam, self._backend_name)
 
     def _record(self, i: int, layer: _Layer, x: torch.Tensor, output: torch.Tensor) -> None:
         st = self._stats[i]
@@ -263,8 +275,7 @@ class _Consequential:
 
     def _grad_matrix(self, layer: _Layer, bias: bool) -> torch.Tensor:
         """(groups, C_out/groups, D): W.grad.view(C_out, -1) with the bias gradient as last column."""
-        w = layer.weight
-        c_out = w.shape[0]
+        w, c_out = layer.weight, layer.c_out
         g = w.grad.reshape(c_out, -1)
         if bias:
             gb = layer.bias.grad if layer.bias.grad is not None else torch.zeros_like(layer.bias)
@@ -273,10 +284,12 @@ class _Consequential:
 
     @staticmethod
     def _write(layer: _Layer, P: torch.Tensor, bias: bool) -> None:
-        w = layer.weight
-        c_out, d_in = w.shape[0], layer.d_in
-        P = P.reshape(c_out, -1)
-        w.grad.copy_(P[:, :d_in].reshape(w.shape))
+        w, d_in = layer.weight, layer.d_in
+        P = P.reshape(layer.c_out, -1)
+        if w.grad.is_contiguous():
+            w.grad.view(layer.c_out, d_in).copy_(P[:, :d_in] if bias else P)
+        else:
+            w.grad.copy_(P[:, :d_in].reshape(w.shape))
         if bias:
             if layer.bias.grad is None:
                 layer.bias.grad = P[:, d_in].to(layer.bias.dtype).clone()
@@ -380,23 +393,24 @@ class _Consequential:
         factors = self._uniform_factors([(self._layers[i], G, dZ, X) for i, G, dZ, X, _ in pending])
         for (i, G, dZ, X, bias), c in zip(pending, factors):
             mm.setdefault((X.shape[-1], X.device, X.dtype), []).append((i, dZ, X.mT @ X, X, c, bias))
-        for entries in dd.values():
-            A = torch.cat([a for _, _, a, _ in entries])
-            G = _stack_padded([g for _, g, _, _ in entries])
+        for entries in _merge_small_groups(list(dd.values()), lam):
+            d = max(a.shape[-1] for _, _, a, _ in entries)
+            A = _stack_square([a for _, _, a, _ in entries], d)
+            G = _stack_padded([g for _, g, _, _ in entries], d)
             if k > 1:  # keep (A + λI)⁻¹ for the steps until the next refresh
-                eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand(A.shape[0], -1, -1)
-                inv = ridge_solve(eye, A, lam, backend=self._backend)
+                eye = torch.eye(d, dtype=A.dtype, device=A.device).expand(A.shape[0], -1, -1)
+                inv = self._solve(eye, A, lam)
                 self._scatter(entries, G.to(inv.dtype) @ inv, store=inv)
             else:
-                self._scatter(entries, ridge_solve(G, A, lam, backend=self._backend))
+                self._scatter(entries, self._solve(G, A, lam))
         for entries in reuse.values():
             inv = torch.cat([v for _, _, v, _ in entries])
-            G = _stack_padded([g for _, g, _, _ in entries])
+            G = _stack_padded([g for _, g, _, _ in entries], inv.shape[-1])
             self._scatter(entries, G.to(inv.dtype) @ inv)
         for entries in mm.values():
             K = torch.cat([e[2] for e in entries])
-            dZ = _stack_padded([e[1] for e in entries])
-            S = ridge_solve(dZ, K, lam, backend=self._backend)
+            dZ = _stack_padded([e[1] for e in entries], K.shape[-1])
+            S = self._solve(dZ, K, lam)
             start = 0
             for i, dz, _, X, c, bias in entries:
                 g = X.shape[0]
@@ -407,10 +421,10 @@ class _Consequential:
     def _scatter(self, entries, P: torch.Tensor, store: Optional[torch.Tensor] = None) -> None:
         start = 0
         for i, g, _, bias in entries:
-            n = g.shape[0]
-            self._write(self._layers[i], P[start:start + n, :g.shape[1]], bias)
+            n, c, d = g.shape
+            self._write(self._layers[i], P[start:start + n, :c, :d], bias)
             if store is not None:
-                self._inverses[i] = store[start:start + n].clone()
+                self._inverses[i] = store[start:start + n, :d, :d].clone()
             start += n
 
     def _c_step(self, base_step, closure):
@@ -451,12 +465,51 @@ class _Consequential:
         self.clear_statistics()
 
 
-def _stack_padded(mats: list) -> torch.Tensor:
-    """Concatenates (n_i, C_i, D) along dim 0, padding C with zero rows to the largest."""
-    c = max(m.shape[1] for m in mats)
-    if all(m.shape[1] == c for m in mats):
+#: D × D groups of D <= this (same dtypes and device) share one ridge_solve call, padded to the largest D
+#: (see _stack_square): for small layers one call's overhead costs more than the padded arithmetic.
+MERGE_MAX_D = 64
+
+
+def _merge_small_groups(groups: list, lam: float) -> list:
+    """Groups of equal D, with those of D <= MERGE_MAX_D merged per (G dtype, A dtype, device) (λ > 0 only:
+    the pseudoinverse's cutoff depends on D)."""
+    if lam <= 0:
+        return groups
+    out, small = [], {}
+    for entries in groups:
+        _, g, a, _ = entries[0]
+        if a.shape[-1] <= MERGE_MAX_D:
+            small.setdefault((g.dtype, a.dtype, a.device), []).extend(entries)
+        else:
+            out.append(entries)
+    return out + list(small.values())
+
+
+def _stack_square(mats: list, d: int) -> torch.Tensor:
+    """Concatenates (n_i, d_i, d_i) Grams along dim 0 as (n, d, d): a smaller one is extended block-diagonally
+    by max|A_ii|·I. With G padded by zero columns the solve is unchanged: (A ⊕ cI + λI)⁻¹ is block diagonal,
+    and c <= ‖A‖₂ keeps the "not a Gram" threshold (-1e-3‖A‖₂) and the Gram certificate of ridge_solve as
+    they were for A alone."""
+    if all(m.shape[-1] == d for m in mats):
         return torch.cat(mats) if len(mats) > 1 else mats[0]
-    return torch.cat([F.pad(m, (0, 0, 0, c - m.shape[1])) for m in mats])
+    out = torch.zeros(sum(m.shape[0] for m in mats), d, d, dtype=mats[0].dtype, device=mats[0].device)
+    start = 0
+    for m in mats:
+        n, k = m.shape[0], m.shape[-1]
+        out[start:start + n, :k, :k] = m
+        if k < d:
+            pad = m.diagonal(0, -2, -1).abs().amax(-1, keepdim=True)
+            out[start:start + n].diagonal(0, -2, -1)[:, k:] = pad
+        start += n
+    return out
+
+
+def _stack_padded(mats: list, d: int) -> torch.Tensor:
+    """Concatenates (n_i, C_i, d_i) along dim 0 as (n, max C_i, d), padding with zeros."""
+    c = max(m.shape[1] for m in mats)
+    if all(m.shape[1] == c and m.shape[2] == d for m in mats):
+        return torch.cat(mats) if len(mats) > 1 else mats[0]
+    return torch.cat([F.pad(m, (0, d - m.shape[2], 0, c - m.shape[1])) for m in mats])
 
 
 class CSGD(_Consequential, torch.optim.SGD):
