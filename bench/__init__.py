@@ -18,4 +18,6 @@ Adding an op family's benchmark:
 #: Op family name -> module that benchmarks it. Order = run order.
 OPS = {
     "avg_act": "bench.avg_act",
+    "ridge": "bench.ridge",
+    "coptim": "bench.coptim",
 }

@@ -486,22 +486,12 @@ def _merge_small_groups(groups: list, lam: float) -> list:
 
 
 def _stack_square(mats: list, d: int) -> torch.Tensor:
-    """Concatenates (n_i, d_i, d_i) Grams along dim 0 as (n, d, d): a smaller one is extended block-diagonally
-    by max|A_ii|·I. With G padded by zero columns the solve is unchanged: (A ⊕ cI + λI)⁻¹ is block diagonal,
-    and c <= ‖A‖₂ keeps the "not a Gram" threshold (-1e-3‖A‖₂) and the Gram certificate of ridge_solve as
-    they were for A alone."""
+    """Concatenates (n_i, d_i, d_i) Grams along dim 0 as (n, d, d), a smaller one extended by a zero block.
+    With G padded by zero columns the solve is unchanged for λ > 0: (A ⊕ 0 + λI)⁻¹ is block diagonal, and
+    the zero block leaves ‖A‖₂, max|A_ii| and hence ridge_solve's Gram checks as they were for A alone."""
     if all(m.shape[-1] == d for m in mats):
         return torch.cat(mats) if len(mats) > 1 else mats[0]
-    out = torch.zeros(sum(m.shape[0] for m in mats), d, d, dtype=mats[0].dtype, device=mats[0].device)
-    start = 0
-    for m in mats:
-        n, k = m.shape[0], m.shape[-1]
-        out[start:start + n, :k, :k] = m
-        if k < d:
-            pad = m.diagonal(0, -2, -1).abs().amax(-1, keepdim=True)
-            out[start:start + n].diagonal(0, -2, -1)[:, k:] = pad
-        start += n
-    return out
+    return torch.cat([F.pad(m, (0, d - m.shape[-1], 0, d - m.shape[-1])) for m in mats])
 
 
 def _stack_padded(mats: list, d: int) -> torch.Tensor:

@@ -337,7 +337,9 @@ bool cholesky_upper_inplace(C* __restrict U, int64_t D) {
     C* __restrict uj = U + j * D;
     if (!(uj[j] > C(0))) return false;
     const C d = std::sqrt(uj[j]);
-    for (int64_t k = j; k < D; ++k) uj[k] /= d;
+    const C r = C(1) / d;  // scale by the reciprocal, as LAPACK's potf2 does
+    uj[j] = d;
+    for (int64_t k = j + 1; k < D; ++k) uj[k] *= r;
     for (int64_t i = j + 1; i < D; ++i) {
       C* __restrict ui = U + i * D;
       const C f = uj[i];
@@ -365,23 +367,26 @@ void small_impl(const at::Tensor& G3, const at::Tensor& A3, C lam, at::Tensor& P
     C* __restrict X = T + D * D;   // (D, rows): G^T, solved in place
     for (int64_t b = begin; b < end; ++b) {
       const in_t* ab = a + b * sb;
-      bool bad = false;
+      C probe = C(0);  // stays 0 unless an entry is NaN or infinite (x * 0 is NaN then)
       C maxdiag = C(0);
-      for (int64_t i = 0; i < D; ++i) {
-        for (int64_t j = 0; j < D; ++j) {
-          const C aij = C(ab[i * si + j * sj]), aji = C(ab[j * si + i * sj]);
-          bad |= !ridge::is_finite(aij);
-          U[i * D + j] = ridge::sym_entry(aij, aji);
+      for (int64_t i = 0; i < D; ++i) {  // the upper triangle of S (all the factorisation reads)
+        const in_t* row = ab + i * si;  // A[i, :]
+        const in_t* col = ab + i * sj;  // A[:, i]
+        C* __restrict ui = U + i * D;
+        for (int64_t j = i; j < D; ++j) {
+          const C aij = C(row[j * sj]), aji = C(col[j * si]);
+          probe += aij * C(0) + aji * C(0);
+          ui[j] = ridge::sym_entry(aij, aji);
         }
-        maxdiag = std::max(maxdiag, ridge::abs_value(U[i * D + i]));
+        maxdiag = std::max(maxdiag, ridge::abs_value(ui[i]));
       }
-      if (bad) {
+      if (!(probe == C(0))) {
         st[3 * b] = C(1);
         continue;
       }
       const C tau = C(kGramTol) * maxdiag;
       if (lam > tau) {  // certificate: S + tau I positive definite  =>  min eig(S) > -1e-3 ||S||_2
-        std::copy(U, U + D * D, T);
+        std::copy(U, U + D * D, T);  // (the lower triangle is not read)
         for (int64_t i = 0; i < D; ++i) T[i * D + i] += tau;
         if (!cholesky_upper_inplace(T, D)) st[3 * b + 2] = C(1);
       }
@@ -396,8 +401,8 @@ void small_impl(const at::Tensor& G3, const at::Tensor& A3, C lam, at::Tensor& P
         for (int64_t c = 0; c < rows; ++c) X[i * rows + c] = gb_[c * gi + i * gj];
       for (int64_t i = 0; i < D; ++i) {  // U^T Y = G^T (forward, right-looking)
         C* __restrict xi = X + i * rows;
-        const C d = U[i * D + i];
-        for (int64_t c = 0; c < rows; ++c) xi[c] /= d;
+        const C r = C(1) / U[i * D + i];
+        for (int64_t c = 0; c < rows; ++c) xi[c] *= r;
         for (int64_t k = i + 1; k < D; ++k) {
           C* __restrict xk = X + k * rows;
           const C f = U[i * D + k];
@@ -406,8 +411,8 @@ void small_impl(const at::Tensor& G3, const at::Tensor& A3, C lam, at::Tensor& P
       }
       for (int64_t i = D - 1; i >= 0; --i) {  // U X = Y (backward)
         C* __restrict xi = X + i * rows;
-        const C d = U[i * D + i];
-        for (int64_t c = 0; c < rows; ++c) xi[c] /= d;
+        const C r = C(1) / U[i * D + i];
+        for (int64_t c = 0; c < rows; ++c) xi[c] *= r;
         for (int64_t k = 0; k < i; ++k) {
           C* __restrict xk = X + k * rows;
           const C f = U[k * D + i];
