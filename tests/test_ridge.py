@@ -474,3 +474,28 @@ def test_cuda_tile_indexing_beyond_2_31():
             last = (b * d + min(i0 + 31, d - 1)) * d + min(j0 + 31, d - 1)  # the tile's last element offset
             assert last < nb * d * d
     assert (2048 * 1152 * 1152) > 2 ** 31 and 3 * 70000 * 70000 > 2 ** 32
+
+
+def test_cpu_per_entry_lapack_path(fresh_seed):
+    """D > 256 on CPU: one entry at a time in a reused buffer factorised in place; the fallback, the Gram
+    certificate and the errors work there as in the batched driver."""
+    if "cpu" not in ak.available_backends():
+        pytest.skip("the C++ extension is not built")
+    d = 260
+    w = torch.rand(4, d, dtype=torch.float64) * 0.9 + 0.1
+    w[1, 0] = -1e-4  # Cholesky fails for small λ: fallback
+    A = gram_with_spectrum(w).float()
+    G = torch.randn(4, 3, d)
+    for lam in (5e-5, 1e-2, 1e3):
+        out = ak.ridge_solve(G, A, lam, backend="cpu")
+        ref = ak.ridge_solve(G.double(), A.double(), lam, backend="reference")
+        unfused = torch.ops.avg_kernels_C.ridge_solve_unfused(G, A, lam)
+        kappa = (1 + lam) / lam
+        assert rel_err(out, ref) <= tol_for(torch.float32, torch.float32, kappa, d), lam
+        assert rel_err(unfused, ref) <= tol_for(torch.float32, torch.float32, kappa, d), lam
+    w[3, 0] = -0.2
+    with pytest.raises(ValueError, match=r"A\[3\] .* is not a Gram matrix"):
+        ak.ridge_solve(G, gram_with_spectrum(w).float(), 1e3, backend="cpu")  # found by the certificate
+    A[2, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"A\[2\] .* is not finite"):
+        ak.ridge_solve(G, A, 1e-2, backend="cpu")
