@@ -4,8 +4,9 @@ Cases (float32, one run, implementations interleaved):
 
 * 25 systems of D = 15 (C = 10 rows of G): many tiny layers;
 * 64 systems of D = 576 (C = 64): a 3x3 conv with 64 input channels, 64 layers or groups;
-* quick mode adds 64 x D = 576 with rank-deficient Grams (M = 288 < D) and λ = 1e-6·max|A_ii|, where
-  float32 Cholesky fails and the eigendecomposition fallback runs (the cost of that path).
+* 64 x D = 576 with rank-deficient Grams (M = 288 < D), G = ΔZ Xᵀ in the range of X as a layer's gradient
+  is, and λ = 1e-9·max|A_ii|: float32 Cholesky fails on every system and the eigendecomposition fallback
+  runs (the cost of that path; the plain Cholesky peers return garbage there, see their error).
 
 Implementations:
 
@@ -38,7 +39,7 @@ NAME = "ridge"
 CASES = {  # name -> (systems, D, C, rank M or None for 2D, lam: relative to max|A_ii| if negative)
     "25 x D=15": (25, 15, 10, None, 1e-3),
     "64 x D=576": (64, 576, 64, None, 1e-3),
-    "64 x D=576 rank-deficient": (64, 576, 64, 288, -1e-6),
+    "64 x D=576 rank-deficient": (64, 576, 64, 288, -1e-9),
 }
 QUICK = list(CASES)
 FULL = list(CASES)
@@ -52,7 +53,8 @@ def _inputs(nb, d, c, m, dev, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(nb, d, m or 2 * d, generator=gen)
     A = x @ x.mT
-    G = torch.randn(nb, c, d, generator=gen)
+    # full rank: a random G; rank-deficient: G = ΔZ Xᵀ, in the range of X (a layer's weight gradient)
+    G = torch.randn(nb, c, d, generator=gen) if m is None else torch.randn(nb, c, m, generator=gen) @ x.mT
     return G.to(dev), A.to(dev)
 
 
