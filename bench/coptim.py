@@ -4,7 +4,8 @@ A step = ``zero_grad`` + forward + backward + ``step()`` on a fixed batch, float
 
 * the demo CNN (``avg_kernels.demo.model.model_b``, depth 4: paper 000's Model B on 8x8 digits), batch 64;
 * a ResNet-18-shaped CNN (BasicBlocks [2, 2, 2, 2], widths 64-512, BatchNorm, 7x7/2 stem + max-pool),
-  3x64x64 inputs, 10 classes; batch 16 (quick) or 32 (full).
+  3x64x64 inputs, 10 classes, batch 32: conv1 and layer1-2 have M = N·H·W >= D (D x D form), layer3-4 and
+  the classifier M < D (M x M form).
 
 Implementations (timed interleaved):
 
@@ -73,7 +74,7 @@ def _models(mode: str):
     """name -> (factory, input shape, batch, k for the refresh-every-k variant)."""
     return {
         "demo CNN (model_b, depth 4)": (lambda: model_b(image_size=8, depth=4), (1, 8, 8), 64, 10),
-        "ResNet-18-shaped CNN": (resnet18, (3, 64, 64), 16 if mode == "quick" else 32, 5 if mode == "quick" else 10),
+        "ResNet-18-shaped CNN": (resnet18, (3, 64, 64), 32, 5 if mode == "quick" else 10),
     }
 
 

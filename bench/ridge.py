@@ -143,6 +143,11 @@ def run(ctx: Context) -> Report:
         "`X vs P` = time(P) / time(X): above 1 means X is faster. `err X` = normwise relative error against float64 "
         "Cholesky (torch.linalg.cholesky + cholesky_solve) on the same float32 inputs (rank-deficient case: against the float64 reference backend, "
         "which applies the same clamped-eigenvalue fallback).",
+        "Rank-deficient case: λ = 1e-9·max|A_ii| is far below the float32 rounding level of the Gram's null-space "
+        "eigenvalues (~1e-7·‖A‖), so every float32 result is dominated by amplified rounding noise there (err ~1 "
+        "or more, also for pinv); this is why SPEC §3 and the C-optimizers use the M × M form when M < D. The case "
+        "times the eigendecomposition fallback (it makes ridge_solve return instead of fail: `loop` raises, "
+        "`batched_torch` returns garbage without noticing).",
     ]
     title = f"Batched ridge solve (ridge_solve), {dev.type.upper()}, {ctx.mode} sweep"
     return Report(op=NAME, title=title, rows=rows, subjects=subjects, peers=peers, notes=notes,

@@ -331,6 +331,12 @@ class _Consequential:
                 parts.append(dz.reshape(n, g, c_out // g, -1).permute(1, 2, 0, 3).reshape(g, c_out // g, -1).to(ct))
         return torch.cat(parts, dim=2)
 
+    def _column_gram(self, X: torch.Tensor) -> torch.Tensor:
+        """K = XᵀX per group, (groups, M, M), through the Gram op (the rows of X[g] are D vectors of length M;
+        one triangle computed, about 1.4x faster than X.mT @ X at M ~ D ~ 1000 on this CPU)."""
+        return torch.cat([torch.ops.avg_kernels.linear_gram(X[g], False, self._backend_name)
+                          for g in range(X.shape[0])])
+
     @staticmethod
     def _uniform_factors(checks: list) -> list:
         """The M × M form uses ΔZ while the base optimizer sees .grad: they must agree (G = ΔZ Xᵀ) up to one
@@ -392,7 +398,7 @@ class _Consequential:
                     f"forward that bypasses the module, or the optimizer was built after the forward)")
         factors = self._uniform_factors([(self._layers[i], G, dZ, X) for i, G, dZ, X, _ in pending])
         for (i, G, dZ, X, bias), c in zip(pending, factors):
-            mm.setdefault((X.shape[-1], X.device, X.dtype), []).append((i, dZ, X.mT @ X, X, c, bias))
+            mm.setdefault((X.shape[-1], X.device, X.dtype), []).append((i, dZ, self._column_gram(X), X, c, bias))
         for entries in _merge_small_groups(list(dd.values()), lam):
             d = max(a.shape[-1] for _, _, a, _ in entries)
             A = _stack_square([a for _, _, a, _ in entries], d)
