@@ -23,6 +23,7 @@ Implementations (timed interleaved):
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -71,10 +72,13 @@ def resnet18(classes: int = 10) -> nn.Module:
 
 
 def _models(mode: str):
-    """name -> (factory, input shape, batch, k for the refresh-every-k variant)."""
+    """name -> (factory, input shape, batch, k for the refresh-every-k variant, seconds per measurement).
+
+    The demo CNN's steps take milliseconds on a shared, noisy machine: its measurements get 4 s each (about
+    25 calls of k steps in 3 interleaved rounds) instead of the runner's default."""
     return {
-        "demo CNN (model_b, depth 4)": (lambda: model_b(image_size=8, depth=4), (1, 8, 8), 64, 10),
-        "ResNet-18-shaped CNN": (resnet18, (3, 64, 64), 32, 5 if mode == "quick" else 10),
+        "demo CNN (model_b, depth 4)": (lambda: model_b(image_size=8, depth=4), (1, 8, 8), 64, 10, 4.0),
+        "ResNet-18-shaped CNN": (resnet18, (3, 64, 64), 32, 5 if mode == "quick" else 10, None),
     }
 
 
@@ -152,7 +156,8 @@ def run(ctx: Context) -> Report:
     rows: list[Row] = []
     notes_extra = []
     bar = ctx.bar(len(models), f"{NAME} on {dev.type}")
-    for name, (factory, shape, batch, k) in models.items():
+    for name, (factory, shape, batch, k, seconds) in models.items():
+        mctx = dataclasses.replace(ctx, min_run_time=max(ctx.min_run_time, seconds)) if seconds else ctx
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(batch, *shape, generator=gen).to(dev)
         y = torch.randint(0, 10, (batch,), generator=gen).to(dev)
@@ -179,13 +184,13 @@ def run(ctx: Context) -> Report:
         parts_opt = ak.optim.CSGD(nets["parts"], lr=0.01, lam=LAM, momentum=0.9)
         parts, info = _capture(parts_opt, nets["parts"], x, y)
         common = dict(op=NAME, case=name, inputs=f"batch {batch}, input {shape}, float32", size=batch, dtype="float32")
-        measured = ctx.measure_many(fns, None, **common)
+        measured = mctx.measure_many(fns, None, **common)
         for row in measured.values():
             if row.median_s:
                 row.median_s /= k
                 row.iqr_s = (row.iqr_s or 0) / k
                 row.extra["steps_per_call"] = k
-        measured.update(ctx.measure_many(parts, None, **common))
+        measured.update(mctx.measure_many(parts, None, **common))
         rows += measured.values()
         t = {impl: r.median_s for impl, r in measured.items()}
         if t.get("sgd") and t.get("csgd"):
