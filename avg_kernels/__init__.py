@@ -2,6 +2,7 @@
 
 Public API (see README.md and SPEC.md):
     avg_act, avg_act_backward, EPS, ACTIVATIONS        averaged activation ops (SPEC §1)
+    ag1_update_, ag2_rescale_                            multi-tensor AG-1 / AG-2 updates (SPEC §2)
     im2col_gram, linear_gram                             input Grams of im2col layers (SPEC §3)
     ridge_solve                                          batched ridge solve G (A + λI)⁻¹ (SPEC §3)
     optim.CSGD, optim.CAdam                              consequentialism optimizers (SPEC §3)
@@ -9,13 +10,13 @@ Public API (see README.md and SPEC.md):
 """
 from . import _build
 from .activations import ACTIVATIONS, EPS
-from .ops import (BackendUnavailableError, available_backends, avg_act, avg_act_backward, current_backend,
-                  im2col_gram, linear_gram, ridge_solve, use_backend)
+from .ops import (BackendUnavailableError, ag1_update_, ag2_rescale_, available_backends, avg_act, avg_act_backward,
+                  current_backend, im2col_gram, linear_gram, ridge_solve, use_backend)
 
 _build.extension()  # registers torch.ops.avg_kernels_C.* when the extension is built
 
 from . import optim  # noqa: E402  (after the ops it uses)
 
 __version__ = "0.1.0"
-__all__ = ["ACTIVATIONS", "EPS", "BackendUnavailableError", "available_backends", "avg_act", "avg_act_backward",
-           "current_backend", "im2col_gram", "linear_gram", "optim", "ridge_solve", "use_backend"]
+__all__ = ["ACTIVATIONS", "EPS", "BackendUnavailableError", "ag1_update_", "ag2_rescale_", "available_backends", "avg_act",
+           "avg_act_backward", "current_backend", "im2col_gram", "linear_gram", "optim", "ridge_solve", "use_backend"]

@@ -18,6 +18,7 @@ Adding an op family's benchmark:
 #: Op family name -> module that benchmarks it. Order = run order.
 OPS = {
     "avg_act": "bench.avg_act",
+    "ag_update": "bench.ag_update",
     "ridge": "bench.ridge",
     "coptim": "bench.coptim",
 }

@@ -1,6 +1,7 @@
 """Ahead-of-time compile of every registered Triton production configuration (avg_kernels/_triton/aot.py)
 for sm_80 and sm_90, without a GPU: each must compile, use no stack/local memory (no register spills),
-and, for avg_act_backward, load 128-bit vectors and address with 64-bit offsets.
+and, for avg_act_backward and the AG multi-tensor kernels, load 128-bit vectors (AG: in groups of
+16-byte-aligned tensors) and address with 64-bit offsets.
 
 Compiling is impossible while TRITON_INTERPRET=1 (conftest sets it when there is no GPU), so ONE
 subprocess without it compiles everything (`python -m avg_kernels._triton.aot --json`); the tests
@@ -63,8 +64,10 @@ def test_compiles_without_spills(results, name, cc):
     r = results[(name, cc)]
     assert r["ok"], f"{name} sm_{cc}: {r['error']}"
     assert r["stack"] == 0 and r["local"] == 0, f"{name} sm_{cc} spills to local memory: {r}"
-    if name.startswith("avg_act_backward["):
+    if name.startswith("avg_act_backward[") or (name.startswith(("ag1_update[", "ag2_reduce[", "ag2_scale["))
+                                                and "unaligned" not in name):
         assert r["max_load_bits"] == 128, f"{name} sm_{cc}: loads are not 128-bit vectors: {r}"
+    if name.startswith(("avg_act_backward[", "ag1_update[", "ag2_")):
         assert r["offsets_i64"], f"{name} sm_{cc}: some pointer offsets are not 64-bit"
 
 

@@ -1,0 +1,176 @@
+"""The multi-tensor sign-magnitude updates of SPEC §2:
+
+* ``torch.ops.avg_kernels.ag1_update_``: θ ← θ − |θ' − θ| ⊙ sign(ḡ), in place on ``params``;
+* ``torch.ops.avg_kernels.ag2_rescale_``: θ ← θ + Δ · ‖θ' − θ‖₁ / ‖Δ‖₁ with Δ = θ'' − θ, in place on
+  ``params`` (which hold θ'' on entry).
+
+Backends: "reference" (avg_kernels/reference/ag_update.py), "cpu" (csrc/cpu/ag_update.cpp),
+"triton" (avg_kernels/_triton/ag_update.py), "cuda" (csrc/cuda/ag_update.cu over the reusable
+multi-tensor launcher csrc/cuda/multi_tensor_apply.cuh).
+
+Argument checks (SPEC §6) run before anything is written: in C++ (csrc/ag_lists.h) when the
+extension is loaded, else in Python (ops/_lists.py); both raise the same errors. The grad-mode
+check ("a parameter that requires grad, updated with grad mode on") needs the caller's grad mode,
+which the op's implementation cannot see (custom ops run below autograd with grad mode off), so it
+lives in a kernel registered for the AutogradCPU/AutogradCUDA keys, ahead of everything else.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from .. import _build, reference
+from . import _backend, _lists
+
+AG1 = "ag1_update_"
+AG2 = "ag2_rescale_"
+_NAMES1 = ("params", "params_new", "avg_grads")
+_NAMES2 = ("params", "params_old", "params_step")
+
+
+def _check(op: str, lists, *, fake: bool = False) -> None:
+    """Full argument check before any write (C++ when available: same errors, ~35x faster at ResNet scale)."""
+    if not fake and _build.extension() is not None:
+        getattr(torch.ops.avg_kernels_C, "ag1_check" if op == AG1 else "ag2_check")(*lists)
+    else:
+        _lists.check_lists(op, _NAMES1 if op == AG1 else _NAMES2, lists, memory=not fake)
+
+
+def _run(op: str, lists, backend: str) -> None:
+    if len(lists[0]) == 0:  # nothing to update (and no device to choose a backend for)
+        _lists.check_lists(op, _NAMES1 if op == AG1 else _NAMES2, lists)
+        if backend != "auto":
+            _backend._check_name(backend)  # a bad name is still an error
+        return
+    name = _backend.resolve(op, backend, lists[0][0].device)
+    if name in ("cpu", "cuda"):  # the C++ op checks the arguments first
+        getattr(torch.ops.avg_kernels_C, op)(*lists)
+        return
+    _check(op, lists)
+    if name == "reference":
+        (reference.ag1_update_ if op == AG1 else reference.ag2_rescale_)(*lists)
+    else:
+        _run_triton(op, lists)
+
+
+def _run_triton(op: str, lists) -> None:
+    from .._triton import ag_update as tri
+
+    entries = _lists.flat_entries(lists)
+    if op == AG1:
+        tri.ag1_update_(entries)
+    else:
+        tri.ag2_rescale_(entries, lists[0][0].device)
+    _lists.write_back(entries)
+
+
+@torch.library.custom_op("avg_kernels::ag1_update_", mutates_args=("params",))
+def ag1_update_op(params: list[torch.Tensor], params_new: list[torch.Tensor],
+                  avg_grads: list[Optional[torch.Tensor]], backend: str = "auto") -> None:
+    _run(AG1, (params, params_new, avg_grads), backend)
+
+
+@ag1_update_op.register_fake
+def _(params, params_new, avg_grads, backend="auto"):
+    _check(AG1, (params, params_new, avg_grads), fake=True)
+
+
+@torch.library.custom_op("avg_kernels::ag2_rescale_", mutates_args=("params",))
+def ag2_rescale_op(params: list[torch.Tensor], params_old: list[torch.Tensor], params_step: list[torch.Tensor],
+                   backend: str = "auto") -> None:
+    _run(AG2, (params, params_old, params_step), backend)
+
+
+@ag2_rescale_op.register_fake
+def _(params, params_old, params_step, backend="auto"):
+    _check(AG2, (params, params_old, params_step), fake=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grad-mode guard, ahead of the op on the autograd keys (see the module docstring). These ops have
+# no outputs, so there is nothing to differentiate: the guard checks, bumps the version counter of
+# every written tensor (what custom_op's ADInplaceOrView kernel does, but in one C++ call instead
+# of a Python call per tensor: ~2 ms for ResNet-152's 467 tensors), then runs the op past both keys
+# with grad mode off (as custom_op's own autograd kernel does for ops without outputs).
+# ---------------------------------------------------------------------------------------------
+_guard_lib = torch.library.Library("avg_kernels", "IMPL")
+
+
+def _register_grad_guard(op_name: str) -> None:
+    overload = getattr(torch.ops.avg_kernels, op_name).default
+    below = torch._C._after_ADInplaceOrView_keyset
+
+    def guard(keyset, params, *rest):
+        _lists.check_grad_mode(op_name, "params", params)
+        torch.autograd.graph.increment_version(params)
+        with torch.no_grad():
+            return overload.redispatch(keyset & below, params, *rest)
+
+    for key in ("AutogradCPU", "AutogradCUDA"):
+        _guard_lib.impl(op_name, guard, key, with_keyset=True)
+
+
+_register_grad_guard(AG1)
+_register_grad_guard(AG2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public wrappers.
+# ---------------------------------------------------------------------------------------------
+def _as_lists(op: str, names, values, optional) -> list[list]:
+    lists = []
+    for name, v in zip(names, values):
+        if isinstance(v, torch.Tensor) or not isinstance(v, Iterable):
+            raise TypeError(f"{op}: {name} must be a list or tuple of tensors, got {type(v).__name__}")
+        lists.append(v if isinstance(v, list) else list(v))
+    _lists.check_structure(op, names, lists, optional)
+    return lists
+
+
+def ag1_update_(params: Iterable[torch.Tensor], params_new: Iterable[torch.Tensor],
+                avg_grads: Iterable[Optional[torch.Tensor]], *, backend: Optional[str] = None) -> None:
+    """AG-1 update, in place on ``params``: θ ← θ − |θ' − θ| ⊙ sign(ḡ) (SPEC §2).
+
+    One call updates a whole model: ``params[i]`` moves against the sign of ``avg_grads[i]`` by
+    the distance that the candidate step ``params_new[i]`` travelled.
+
+    Args:
+        params: θ, the tensors updated in place (e.g. ``list(model.parameters())``).
+        params_new: θ', the same shapes (the base optimizer's step from the ordinary gradient).
+        avg_grads: ḡ, the averaged gradients, same shapes; an entry ``None`` skips that tensor.
+        backend: "reference", "cpu", "triton", "cuda" or None/"auto" (see ``use_backend``).
+
+    Conventions: descent sign; sign(0) = 0 (ḡ = ±0 keeps the parameter exactly); a NaN in ḡ makes
+    that element NaN (numpy's sign). All tensors on one device; each triple one shape; dtypes
+    float16/bfloat16/float32/float64 may differ between and within triples: arithmetic in float32
+    (float64 when a member of the triple is float64), rounded once to the parameter's dtype. Any
+    memory layout (non-contiguous parameters are updated through a copy).
+
+    Raises (before anything is written) ValueError/TypeError naming the list and index: lists of
+    different lengths, shape or device mismatches, non-floating dtypes, parameters that overlap
+    other arguments in memory, and a parameter that requires grad while grad mode is on (call it
+    under ``torch.no_grad()``).
+    """
+    lists = _as_lists(AG1, _NAMES1, (params, params_new, avg_grads), (False, False, True))
+    torch.ops.avg_kernels.ag1_update_(*lists, backend or "auto")
+
+
+def ag2_rescale_(params: Iterable[torch.Tensor], params_old: Iterable[torch.Tensor],
+                 params_step: Iterable[torch.Tensor], *, backend: Optional[str] = None) -> None:
+    """AG-2 rescale, in place on ``params`` (SPEC §2).
+
+    On entry ``params`` hold θ'' (the base optimizer's step from the averaged gradient),
+    ``params_old`` θ and ``params_step`` θ' (the step from the ordinary gradient). Afterwards
+
+        params = θ + (θ'' − θ) · ‖θ' − θ‖₁ / ‖θ'' − θ‖₁
+
+    with both L1 norms over all tensors of the call; nothing changes when ‖θ'' − θ‖₁ = 0. The norms
+    are summed in float64 in a fixed order: the result is bitwise reproducible run to run. On CUDA
+    the scale never leaves the device (no synchronisation). A NaN (or inf) in θ'' − θ makes the
+    global scale NaN (or 0), as for any global norm.
+
+    Dtypes, layouts and errors as ``ag1_update_`` (there are no ``None`` entries here).
+    """
+    lists = _as_lists(AG2, _NAMES2, (params, params_old, params_step), (False, False, False))
+    torch.ops.avg_kernels.ag2_rescale_(*lists, backend or "auto")

@@ -1,0 +1,67 @@
+"""Reference AG-1 update and AG-2 rescale (SPEC §2), evaluated in float64.
+
+Readable first: one tensor at a time, every value widened to float64, one rounding to the
+parameter's dtype at the end. Every fast backend is tested against these two functions.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+
+def numpy_sign(g: torch.Tensor) -> torch.Tensor:
+    """sign(g) with numpy's conventions: -1, 0 (for +0 and -0), +1, and NaN for NaN.
+
+    ``torch.sign(nan)`` is 0, which would silently freeze a parameter whose averaged gradient is
+    NaN; SPEC §2 wants the NaN to reach the parameter.
+    """
+    return torch.where(g.isnan(), g, torch.sign(g))
+
+
+def ag1_update_(params: Sequence[torch.Tensor], params_new: Sequence[torch.Tensor],
+                avg_grads: Sequence[Optional[torch.Tensor]]) -> None:
+    """θ ← θ − |θ' − θ| ⊙ sign(ḡ), in place on ``params`` (float64 arithmetic).
+
+    * ``avg_grads[i] is None``: ``params[i]`` is skipped.
+    * ḡ = 0 (either sign of zero): the parameter keeps its value exactly, whatever θ' is (also
+      when θ' is not finite, where the product ``|θ' − θ| · 0`` would be NaN).
+    * ḡ = NaN: the element becomes NaN (numpy's ``sign(nan) = nan``).
+    """
+    for p, p_new, g in zip(params, params_new, avg_grads):
+        if g is None:
+            continue
+        t = p.detach().double()
+        d = (p_new.detach().double() - t).abs()
+        g64 = g.detach().double()
+        r = torch.where(g64 > 0, t - d, torch.where(g64 < 0, t + d, torch.where(g64 == 0, t, g64)))
+        p.detach().copy_(r)
+
+
+def l1_norms(params: Sequence[torch.Tensor], params_old: Sequence[torch.Tensor],
+             params_step: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """(‖θ' − θ‖₁, ‖θ'' − θ‖₁) over all tensors of the call, in float64."""
+    step = sum((s.detach().double() - o.detach().double()).abs().sum().item()
+               for s, o in zip(params_step, params_old))
+    delta = sum((p.detach().double() - o.detach().double()).abs().sum().item()
+                for p, o in zip(params, params_old))
+    return float(step), float(delta)
+
+
+def ag2_rescale_(params: Sequence[torch.Tensor], params_old: Sequence[torch.Tensor],
+                 params_step: Sequence[torch.Tensor]) -> None:
+    """θ ← θ + Δ · ‖θ' − θ‖₁ / ‖Δ‖₁ with Δ = θ'' − θ, in place on ``params`` (which hold θ'').
+
+    ``params_old`` holds θ, ``params_step`` θ' (the plain gradient step). Both norms run over all
+    tensors of the call. ‖Δ‖₁ = 0: nothing changes. Non-finite values follow the formula: a NaN or
+    infinite Δ anywhere makes the scale NaN or 0 for every tensor of the call, like any global norm
+    (``torch.nn.utils.clip_grad_norm_`` behaves the same way).
+    """
+    n_step, n_delta = l1_norms(params, params_old, params_step)
+    if n_delta == 0:
+        return
+    scale = n_step / n_delta
+    for p, o in zip(params, params_old):
+        t = o.detach().double()
+        r = t + (p.detach().double() - t) * scale
+        p.detach().copy_(r)
