@@ -19,6 +19,7 @@ Adding an op family's benchmark:
 OPS = {
     "avg_act": "bench.avg_act",
     "ag_update": "bench.ag_update",
+    "gram": "bench.gram",
     "ridge": "bench.ridge",
     "coptim": "bench.coptim",
 }

@@ -120,6 +120,8 @@ class Report:
     ceiling: str | None = None
     notes: list[str] = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    # keys of Row.extra shown as one column per subject (e.g. a memory figure), in this order
+    extra_columns: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -77,6 +77,9 @@ def markdown(report: Report, machine: dict, wall_s: float | None = None) -> str:
         if report.ceiling:
             header.append(f"{s} % of {report.ceiling}")
         header += [f"{s} vs {p}" for p in peers]
+    extra_cols = [(k, i) for k in report.extra_columns for i in impls
+                  if any(r.impl == i and k in r.extra for r in report.rows)]
+    header += [f"{k} {i}" for k, i in extra_cols]
     header += [f"err {i}" for i in with_acc]
     for (case, inputs), rows in _sections(report.rows).items():
         lines += [f"## {case} — {inputs}", "", "| " + " | ".join(header) + " |",
@@ -93,6 +96,7 @@ def markdown(report: Report, machine: dict, wall_s: float | None = None) -> str:
                     c = r.ratios.get(report.ceiling) if r is not None else None
                     cells.append(f"{100 * c:.0f} %" if c is not None else "–")
                 cells += [fmt_ratio(r.ratios.get(p)) if r is not None else "–" for p in peers]
+            cells += [str(by_impl[i].extra.get(k, "–")) if i in by_impl else "–" for k, i in extra_cols]
             cells += [fmt_err(by_impl[i].accuracy) if i in by_impl else "–" for i in with_acc]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -70,7 +70,7 @@ def test_cli_bench_clear_error_outside_a_checkout(tmp_path, monkeypatch, capsys)
 
 
 def test_tiny_end_to_end_run(tmp_path):
-    argv = ["--sizes", "10", "--dtypes", "float32", "--acts", "tanh", "--inputs", "train", "--no-compile",
+    argv = ["--ops", "avg_act", "--sizes", "10", "--dtypes", "float32", "--acts", "tanh", "--inputs", "train", "--no-compile",
             "--min-run-time", "0.01", "--rounds", "2", "--no-progress", "--out", str(tmp_path)]
     assert runner.main(argv) == 0
     doc = json.loads((tmp_path / "avg_act-cpu-quick.json").read_text())

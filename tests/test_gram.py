@@ -46,6 +46,8 @@ CONV_CONFIGS = [
     ((2, 5, 10, 12), (1, 3), 1, (0, 1), 1, 5, False),  # depthwise
     ((1, 13, 7, 6), 2, 1, 0, 1, 1, True),  # channels not a multiple of anything
     ((2, 4, 9, 9), 3, 3, 0, 1, 4, True),  # stride = kernel
+    ((2, 70, 6, 5), 3, 1, 1, 1, 70, True),  # depthwise, 70 groups: vector tails across groups
+    ((1, 33, 11), 3, 2, 2, 2, 33, False),  # depthwise Conv1d, strided and dilated
 ]
 
 
@@ -186,6 +188,11 @@ def test_torch_compile_fullgraph(fresh_seed):
     torch.testing.assert_close(b, b0)
     c = torch.compile(lambda x: ak.im2col_gram(x, 3, stride=2, groups=3), fullgraph=True)(x)
     assert rel_fro(c, ref_gram(x, 3, stride=2, groups=3)) <= TOL
+    dyn = torch.compile(lambda x: ak.im2col_gram(x, (3, 1), padding=(1, 0), bias=True), fullgraph=True, dynamic=True,
+                        backend="aot_eager")
+    for shape in [(2, 3, 8, 8), (3, 3, 9, 5)]:  # symbolic batch and spatial sizes
+        x = torch.randn(shape)
+        assert rel_fro(dyn(x), ref_gram(x, (3, 1), 1, (1, 0), 1, 1, True)) <= TOL
 
 
 def test_autograd_gradcheck():
@@ -355,6 +362,8 @@ def test_cuda_kernel_emulated_linear_and_empty(fresh_seed):
     assert rel_fro(out, ak.linear_gram(x.double(), True, backend="reference")) <= TOL
     out, info = _emulated(torch.randn(0, 4, 5, 5), 3, 1, 1, 1, 2, True)
     assert (out == 0).all() and info[2] == 0
+    out, _ = _emulated(torch.randn(2, 0, 6), 3, b=True)  # no channels: only the bias count M
+    assert out.shape == (1, 1, 1) and out.item() == 8
 
 
 def test_cuda_kernel_tile_numbering():
@@ -404,3 +413,23 @@ def test_cuda_kernel_addresses_beyond_2_31(fresh_seed):
                 want_off = n * strides[0] + (g * cg + c) * strides[1] + ih * strides[2] + iw * strides[3]
         assert (int(kind[e]), int(off[e])) == (want_kind, want_off), (m, d)
     assert int(off.max()) > 2**35
+
+
+def test_bench_smoke(tmp_path):
+    """bench/gram.py end to end on case (a) with batch 1: time rows for cpu and unfold+matmul, the
+    error, and a peak-memory figure from the LD_PRELOADed tracking allocator."""
+    import json
+
+    _needs_extension()
+    from bench import runner
+
+    argv = ["--ops", "gram", "--gram-cases", "a", "--gram-batch", "1", "--min-run-time", "0.01", "--rounds", "1",
+            "--no-progress", "--out", str(tmp_path)]
+    assert runner.main(argv) == 0
+    doc = json.loads((tmp_path / "gram-cpu-quick.json").read_text())
+    by_impl = {r["impl"]: r for r in doc["rows"]}
+    assert set(by_impl) == {"cpu", "unfold+matmul"} and all(r["median_s"] > 0 for r in by_impl.values())
+    assert by_impl["cpu"]["accuracy"] < TOL and "unfold+matmul" in by_impl["cpu"]["ratios"]
+    # unfold + matmul of one 64x56x56 sample holds its 7.2 MB of columns; the kernel ~2 MB at most
+    assert by_impl["unfold+matmul"]["extra"]["peak_extra_bytes"] > 7e6
+    assert by_impl["cpu"]["extra"]["peak_extra_bytes"] < 3e6

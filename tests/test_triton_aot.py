@@ -51,6 +51,13 @@ def results():
     return {(r["name"], r["cc"]): r for r in rows}
 
 
+def test_registry_covers_the_gram_kernel():
+    names = {c.name for c in CONFIGS}
+    for t in ("fp16", "bf16", "fp32", "fp64"):
+        for variant in ("nobias", "bias", "bias,wide"):
+            assert f"im2col_gram[{t},{variant}]" in names
+
+
 def test_registry_covers_every_activation_and_dtype():
     names = {c.name for c in CONFIGS}
     for act in KERNEL_ACTS:
@@ -68,6 +75,8 @@ def test_compiles_without_spills(results, name, cc):
                                                 and "unaligned" not in name):
         assert r["max_load_bits"] == 128, f"{name} sm_{cc}: loads are not 128-bit vectors: {r}"
     if name.startswith(("avg_act_backward[", "ag1_update[", "ag2_")):
+        assert r["offsets_i64"], f"{name} sm_{cc}: some pointer offsets are not 64-bit"
+    if name.startswith("im2col_gram["):  # gathers (no vector loads), but 64-bit addressing throughout
         assert r["offsets_i64"], f"{name} sm_{cc}: some pointer offsets are not 64-bit"
 
 

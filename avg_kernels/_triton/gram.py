@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..ops._alloc import new_output
+from . import aot
 
 BLOCK_D = 64
 _MIN_STEPS_PER_SPLIT = 8
@@ -47,6 +48,11 @@ _LAUNCH = {
     torch.float32: Launch(16, 8, 3),
     torch.float64: Launch(16, 8, 3),
 }
+_TF32_LAUNCH = Launch(16, 8, 2)  # float32 with TF32: 3 stages spill 8 bytes on sm_80 (with bias)
+
+
+def _launch(dtype: torch.dtype, precision: str | None) -> Launch:
+    return _TF32_LAUNCH if precision == "tf32" else _LAUNCH[dtype]
 
 
 @triton.jit
@@ -56,12 +62,12 @@ def gram_kernel(x_ptr, out_ptr, tiles_ptr,
                 K2, D_IN, D, M, STEPS,
                 BIAS: tl.constexpr, WIDE: tl.constexpr, DOT_T: tl.constexpr, ACC_T: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2).to(tl.int64)
     n_groups = tl.num_programs(1).to(tl.int64)
     bi = tl.load(tiles_ptr + 2 * pid)
-    bj = tl.load(tiles_ptr + 2 * pid + 1)
+    bj = tl.load(tiles_ptr + (2 * pid + 1))
     rows_i = bi * BLOCK_D + tl.arange(0, BLOCK_D)
     rows_j = bj * BLOCK_D + tl.arange(0, BLOCK_D)
 
@@ -178,20 +184,23 @@ def im2col_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, groups:
         return out
     n_tiles = -(-dim // BLOCK_D)
     tiles = _tile_table(n_tiles, x.device)
-    launch = _LAUNCH[x.dtype]
+    precision = _precision(x.dtype, x.device)
+    launch = _launch(x.dtype, precision)
     n_prog = tiles.shape[0] * groups
     if splits is None:
         splits = choose_splits(n_prog, m, launch.block_m, x.device)
     steps_total = -(-m // launch.block_m)
     steps = -(-steps_total // splits)
     splits = max(1, -(-steps_total // steps)) if steps_total else 1
+    if groups > 65535 or splits > 65535:  # CUDA's grid.y / grid.z limits
+        raise ValueError(f"im2col_gram (triton): groups={groups} or splits={splits} exceeds the launch grid's 65535")
     ws = out if splits == 1 else new_output((splits, groups, dim, dim), x, acc_dtype)
     grid = (tiles.shape[0], groups, splits)
     gram_kernel[grid](
         x4, ws, tiles, cg, h, w, oh, ow, *x4.stride(), k[1], s[0], s[1], p[0], p[1], d[0], d[1],
         k2, d_in, dim, m, steps if m else 0,
         BIAS=bool(bias), WIDE=bool(wide) if wide is not None else m + launch.block_m * splits >= 2**31, DOT_T=_DOT_T[x.dtype], ACC_T=tl.float64 if x.dtype == torch.float64 else tl.float32,
-        PRECISION=_precision(x.dtype, x.device),
+        PRECISION=precision,
         BLOCK_D=BLOCK_D, BLOCK_M=launch.block_m, num_warps=launch.num_warps, num_stages=launch.num_stages)
     if splits > 1:
         torch.sum(ws, dim=0, out=out)
@@ -203,3 +212,37 @@ def linear_gram(x: torch.Tensor, bias: bool, splits: int | None = None, wide: bo
     f = x.shape[-1]
     rows = x.reshape(math.prod(x.shape[:-1]), f)
     return im2col_gram(rows.unsqueeze(2), (1,), (1,), (0,), (1,), 1, bias, splits, wide)
+
+
+_TRITON_T = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _register_aot() -> None:
+    """The production configurations (``_LAUNCH``) for the AOT compile check (aot.py): every dtype,
+    with/without bias, int32/int64 positions; float32 also with TF32 (when torch allows it)."""
+    int_args = ("C_G", "H", "W", "OH", "OW", "sN", "sC", "sH", "sW", "KW", "SH", "SW", "PH", "PW", "DH", "DW",
+                "K2", "D_IN", "D", "M", "STEPS")
+    for dtype in _LAUNCH:
+        t = _TRITON_T[dtype]
+        precisions = [_precision(dtype, torch.device("cpu"))] + (["tf32"] if dtype == torch.float32 else [])
+        for precision in precisions:
+            launch = _launch(dtype, precision)
+            for bias, wide in ((False, False), (True, False), (True, True)):
+                sig = {"x_ptr": f"*{t}", "out_ptr": "*fp64" if dtype == torch.float64 else "*fp32", "tiles_ptr": "*i32"}
+                # the launcher's int arguments: i32 (Triton's specialisation below 2^31); in the wide
+                # configuration the sizes that reach 2^31 first are i64
+                sig.update({a: ("i64" if wide and a in ("sN", "sC", "M") else "i32") for a in int_args})
+                sig.update({c: "constexpr" for c in ("BIAS", "WIDE", "DOT_T", "ACC_T", "PRECISION", "BLOCK_D",
+                                                     "BLOCK_M")})
+                name = f"im2col_gram[{t},{'bias' if bias else 'nobias'}{',wide' if wide else ''}"
+                name += ",tf32]" if precision == "tf32" else "]"
+                aot.register(aot.KernelConfig(
+                    name=name, kernel=f"{__name__}:gram_kernel", signature=sig,
+                    constexprs={"BIAS": bias, "WIDE": wide, "DOT_T": _DOT_T[dtype],
+                                "ACC_T": tl.float64 if dtype == torch.float64 else tl.float32,
+                                "PRECISION": precision, "BLOCK_D": BLOCK_D, "BLOCK_M": launch.block_m},
+                    aligned=("x_ptr", "out_ptr", "tiles_ptr"), num_warps=launch.num_warps,
+                    num_stages=launch.num_stages))
+
+
+_register_aot()

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <vector>
 
 #include "gram_plan.h"
@@ -32,16 +33,46 @@ constexpr int64_t kPanelBytes = 24 << 10;  // q-operand panel of a K block (k_bl
 constexpr int64_t kKMin = 16, kKMax = 512;  // positions per K block, clamped
 constexpr int64_t kChunkBytes = 3 << 19;  // target size of the packed input buffer (1.5 MB)
 
+// c += v for a vector of T, into T or (for T = float) into double: the block sums of the micro-kernel
+// accumulate across K blocks and chunks in the accumulator type C.
+template <typename T, typename C>
+inline void add_to(const at::vec::Vectorized<T>& v, C* c) {
+  using Vec = at::vec::Vectorized<T>;
+  if constexpr (std::is_same_v<T, C>) {
+    (Vec::loadu(c) + v).store(c);
+  } else {
+    static_assert(std::is_same_v<T, float> && std::is_same_v<C, double>, "float into double only");
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 f = v;
+    const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
+    const __m512d hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)));
+    _mm512_storeu_pd(c, _mm512_add_pd(_mm512_loadu_pd(c), lo));
+    _mm512_storeu_pd(c + 8, _mm512_add_pd(_mm512_loadu_pd(c + 8), hi));
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m256 f = v;
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1));
+    _mm256_storeu_pd(c, _mm256_add_pd(_mm256_loadu_pd(c), lo));
+    _mm256_storeu_pd(c + 4, _mm256_add_pd(_mm256_loadu_pd(c + 4), hi));
+#else
+    T tmp[Vec::size()];
+    v.store(tmp);
+    for (int i = 0; i < Vec::size(); ++i) c[i] += C(tmp[i]);
+#endif
+  }
+}
+
 // c[r][:] += Σ_k a[k][r] · b[k][:] over positions k = rows[t] + w·ps (t < nrows, w < len), for R rows
-// and NVEC vectors of columns; b[k] = a[k] + bdelta. a/b/c are unaligned.
-template <typename T, int R, int NVEC>
-void micro(const T* a, int64_t bdelta, const int64_t* rows, int64_t nrows, int64_t len, int64_t ps, T* c,
+// and NVEC vectors of columns; b[k] = a[k] + bdelta. The sum of the block starts from zero in registers
+// and is added to c (type C) once: summation error ~ (block length + number of blocks)·eps, not M·eps.
+template <typename T, typename C, int R, int NVEC>
+void micro(const T* a, int64_t bdelta, const int64_t* rows, int64_t nrows, int64_t len, int64_t ps, C* c,
            int64_t ldc) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int VL = Vec::size();
   Vec acc[R][NVEC];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NVEC; ++v) acc[r][v] = Vec::loadu(c + r * ldc + v * VL);
+    for (int v = 0; v < NVEC; ++v) acc[r][v] = Vec(T(0));
   for (int64_t t = 0; t < nrows; ++t) {
     const T* pa = a + rows[t];
     for (int64_t w = 0; w < len; ++w, pa += ps) {
@@ -55,28 +86,62 @@ void micro(const T* a, int64_t bdelta, const int64_t* rows, int64_t nrows, int64
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NVEC; ++v) acc[r][v].store(c + r * ldc + v * VL);
+    for (int v = 0; v < NVEC; ++v) add_to<T, C>(acc[r][v], c + r * ldc + v * VL);
 }
 
-template <typename T>
-using MicroFn = void (*)(const T*, int64_t, const int64_t*, int64_t, int64_t, int64_t, T*, int64_t);
+template <typename T, typename C>
+using MicroFn = void (*)(const T*, int64_t, const int64_t*, int64_t, int64_t, int64_t, C*, int64_t);
 
-template <typename T, int R, int... NV>
-constexpr std::array<MicroFn<T>, sizeof...(NV)> micro_row(std::integer_sequence<int, NV...>) {
-  return {&micro<T, R, NV + 1>...};
+template <typename T, typename C, int R, int... NV>
+constexpr std::array<MicroFn<T, C>, sizeof...(NV)> micro_row(std::integer_sequence<int, NV...>) {
+  return {&micro<T, C, R, NV + 1>...};
 }
 
-template <typename T, int... R>
-constexpr std::array<std::array<MicroFn<T>, kNV>, sizeof...(R)> micro_table(std::integer_sequence<int, R...>) {
-  return {micro_row<T, R + 1>(std::make_integer_sequence<int, kNV>{})...};
+template <typename T, typename C, int... R>
+constexpr std::array<std::array<MicroFn<T, C>, kNV>, sizeof...(R)> micro_table(std::integer_sequence<int, R...>) {
+  return {micro_row<T, C, R + 1>(std::make_integer_sequence<int, kNV>{})...};
 }
 
-// MICRO<T>[r-1][nvec-1]
-template <typename T>
+// micro_fns<T, C>()[r-1][nvec-1]
+template <typename T, typename C>
 const auto& micro_fns() {
-  static const auto table = micro_table<T>(std::make_integer_sequence<int, kMR>{});
+  static const auto table = micro_table<T, C>(std::make_integer_sequence<int, kMR>{});
   return table;
 }
+
+// Depthwise (one channel per group): acc[g] += Σ_k a[k][g] · b[k][g] for `count` consecutive groups
+// (<= NVEC vectors), vectorised across groups; the buffer then has one channel per group, no padding.
+template <typename T, typename C, int NVEC>
+void micro_dw(const T* a, int64_t bdelta, const int64_t* rows, int64_t nrows, int64_t len, int64_t ps, C* c,
+              int64_t count) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int VL = Vec::size();
+  Vec acc[NVEC];
+  for (int v = 0; v < NVEC; ++v) acc[v] = Vec(T(0));
+  for (int64_t t = 0; t < nrows; ++t) {
+    const T* pa = a + rows[t];
+    for (int64_t w = 0; w < len; ++w, pa += ps) {
+      const T* pb = pa + bdelta;
+      for (int v = 0; v < NVEC; ++v) {
+        const int64_t n = std::min<int64_t>(VL, count - v * VL);
+        acc[v] = at::vec::fmadd(Vec::loadu(pa + v * VL, n), Vec::loadu(pb + v * VL, n), acc[v]);
+      }
+    }
+  }
+  for (int v = 0; v < NVEC; ++v) {
+    const int64_t n = std::min<int64_t>(VL, count - v * VL);
+    if (n == VL) {
+      add_to<T, C>(acc[v], c + v * VL);
+    } else {
+      T tmp[VL];
+      acc[v].store(tmp);
+      for (int64_t i = 0; i < n; ++i) c[v * VL + i] += C(tmp[i]);
+    }
+  }
+}
+
+template <typename T, typename C>
+using MicroDwFn = void (*)(const T*, int64_t, const int64_t*, int64_t, int64_t, int64_t, C*, int64_t);
 
 struct Geometry {
   int64_t groups, cg, cgp, ct;  // groups, channels per group, padded to the vector width, buffer channel stride
@@ -87,6 +152,8 @@ struct Geometry {
   // straight into A, rows of `dim`. Otherwise one (groups, cg, cgp) block per atom, atom_off[key][atom]
   // into one zeroed workspace, scattered into A's interleaved (c·k2 + i) layout once at the end.
   bool direct;
+  // Depthwise (cg == 1, groups > 1): no channel padding (cgp = 1), items are blocks of groups.
+  bool depthwise;
   std::vector<std::vector<int64_t>> atom_off;
 };
 
@@ -116,12 +183,12 @@ void for_k_blocks(const Atom& atom, const Geometry& geo, int64_t nsamples, int64
 }
 
 // One work item: rows [rb0, rb1) of the C×C products of one key and group over the packed chunk,
-// accumulated into the atoms' blocks (or A itself when direct).
-template <typename T>
+// accumulated into the atoms' blocks (type C: double for float inputs) or, when direct, into A itself.
+template <typename T, typename C>
 void run_item(const Key& key, int32_t key_index, const Geometry& geo, const T* buf, int64_t phase_stride,
-              int64_t nsamples, int64_t g, int64_t rb0, int64_t rb1, int64_t* rowoff, T* acc, T* out) {
+              int64_t nsamples, int64_t g, int64_t rb0, int64_t rb1, int64_t* rowoff, C* acc) {
   constexpr int64_t VL = at::vec::Vectorized<T>::size();
-  const auto& fns = micro_fns<T>();
+  const auto& fns = micro_fns<T, C>();
   const int64_t cgp = geo.cgp, ct = geo.ct, bw = geo.buf_w;
   const T* buf_p = buf + key.phase_p * phase_stride + g * cgp;
   const T* buf_q = buf + key.phase_q * phase_stride + g * cgp;
@@ -129,15 +196,9 @@ void run_item(const Key& key, int32_t key_index, const Geometry& geo, const T* b
   const int64_t col_lo0 = key.diag ? (rb0 / VL) * VL : 0;
   const int64_t k_block = std::clamp<int64_t>(kPanelBytes / (kNV * VL * int64_t(sizeof(T))), kKMin, kKMax);
   for (size_t ai = 0; ai < key.atoms.size(); ++ai) {
-    T* target;
-    int64_t ldc;
-    if (geo.direct) {
-      target = out + g * geo.dim * geo.dim;
-      ldc = geo.dim;
-    } else {
-      target = acc + geo.atom_off[key_index][ai] + g * geo.cg * cgp;
-      ldc = cgp;
-    }
+    // direct: acc is A itself (rows of dim); else the atom's (groups, cg, cgp) block
+    C* target = geo.direct ? acc + g * geo.dim * geo.dim : acc + geo.atom_off[key_index][ai] + g * geo.cg * cgp;
+    const int64_t ldc = geo.direct ? geo.dim : cgp;
     for_k_blocks(key.atoms[ai], geo, nsamples, k_block, rowoff, [&](const int64_t* rows, int64_t nrows, int64_t len) {
       // Column panels outer, row tiles inner: the panel's K block of the q operand (k_block ×
       // kNV·VL values) stays in L1 while every row tile of the item passes over it.
@@ -155,6 +216,28 @@ void run_item(const Key& key, int32_t key_index, const Geometry& geo, const T* b
   }
 }
 
+// Depthwise work item: groups [g0, g0 + count) of one key, vectorised across groups.
+template <typename T, typename C>
+void run_item_dw(const Key& key, int32_t key_index, const Geometry& geo, const T* buf, int64_t phase_stride,
+                 int64_t nsamples, int64_t g0, int64_t count, int64_t* rowoff, C* acc) {
+  constexpr int64_t VL = at::vec::Vectorized<T>::size();
+  static const std::array<MicroDwFn<T, C>, kNV> fns = {&micro_dw<T, C, 1>, &micro_dw<T, C, 2>, &micro_dw<T, C, 3>,
+                                                        &micro_dw<T, C, 4>};
+  static_assert(kNV == 4, "one micro_dw per vector count");
+  const int64_t ct = geo.ct;
+  const T* buf_p = buf + key.phase_p * phase_stride + g0;
+  const T* buf_q = buf + key.phase_q * phase_stride + g0;
+  const int64_t bdelta = (buf_q - buf_p) + (key.dh * geo.buf_w + key.dw) * ct;
+  const int64_t k_block = std::clamp<int64_t>(kPanelBytes / (kNV * VL * int64_t(sizeof(T))), kKMin, kKMax);
+  const int nvec = static_cast<int>((count + VL - 1) / VL);
+  for (size_t ai = 0; ai < key.atoms.size(); ++ai) {
+    C* target = acc + geo.atom_off[key_index][ai] + g0;  // one element per group (cg = cgp = 1)
+    for_k_blocks(key.atoms[ai], geo, nsamples, k_block, rowoff, [&](const int64_t* rows, int64_t nrows, int64_t len) {
+      fns[nvec - 1](buf_p, bdelta, rows, nrows, len, ct, target, count);
+    });
+  }
+}
+
 // Column sums of offset i over the packed chunk, accumulated into sums (groups × cgp).
 template <typename T>
 void run_bias_item(const Plan& plan, const Geometry& geo, const T* buf, int64_t phase_stride, int64_t nsamples,
@@ -167,7 +250,10 @@ void run_bias_item(const Plan& plan, const Geometry& geo, const T* buf, int64_t 
     for (int64_t h = rect[0].lo; h < rect[0].hi; ++h)
       for (int64_t w = rect[1].lo; w < rect[1].hi; ++w) {
         const T* src = base + ((n * geo.buf_h + h) * geo.buf_w + w) * geo.ct;
-        for (int64_t c = 0; c < geo.ct; c += VL) (Vec::loadu(src + c) + Vec::loadu(sums + c)).store(sums + c);
+        for (int64_t c = 0; c < geo.ct; c += VL) {
+          const int64_t n = std::min<int64_t>(VL, geo.ct - c);
+          (Vec::loadu(src + c, n) + Vec::loadu(sums + c, n)).store(sums + c, n);
+        }
       }
 }
 
@@ -208,11 +294,11 @@ __attribute__((noinline)) void symmetric_fill(T* o, const Geometry& geo, const s
 
 // A's computed entries from the atom blocks, row by row of A: row (c, p) gathers, for each q of
 // an oriented block (p, q), the sum of that block's atoms' row c (contiguous) into columns (c2, q).
-template <typename T>
-__attribute__((noinline)) void scatter_atoms(T* o, const Plan& plan, const Geometry& geo, const T* acc) {
+template <typename T, typename C>
+__attribute__((noinline)) void scatter_atoms(T* o, const Plan& plan, const Geometry& geo, const C* acc) {
   constexpr int64_t VL = at::vec::Vectorized<T>::size();
   const int64_t dim = geo.dim, k2 = geo.k2, cg = geo.cg, cgp = geo.cgp;
-  // Per block (p, q): the offsets of its atoms' blocks in acc, and whether it is diagonal.
+  // Per block (p, q): the offsets of its atoms' blocks in acc.
   std::vector<std::vector<int64_t>> block_atoms(size_t(k2 * k2));
   for (size_t k = 0; k < plan.keys.size(); ++k) {
     const Key& key = plan.keys[k];
@@ -221,15 +307,19 @@ __attribute__((noinline)) void scatter_atoms(T* o, const Plan& plan, const Geome
         block_atoms[size_t(key.pairs[pi][0] * k2 + key.pairs[pi][1])].push_back(geo.atom_off[k][ai]);
   }
   at::parallel_for(0, geo.groups * cg * k2, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<const C*> srcs;
     for (int64_t rr = r0; rr < r1; ++rr) {
       const int64_t g = rr / (cg * k2), c = (rr / k2) % cg, p = rr % k2;
       T* row = o + g * dim * dim + (c * k2 + p) * dim;
       for (int64_t q = 0; q < k2; ++q) {
         const auto& atoms = block_atoms[size_t(p * k2 + q)];
-        const int64_t c2_lo = p == q ? (c / VL) * VL : 0;
-        for (int64_t a : atoms) {
-          const T* src = acc + a + (g * cg + c) * cgp;
-          for (int64_t c2 = c2_lo; c2 < cg; ++c2) row[c2 * k2 + q] += src[c2];
+        if (atoms.empty()) continue;
+        srcs.clear();
+        for (int64_t a : atoms) srcs.push_back(acc + a + (g * cg + c) * cgp);
+        for (int64_t c2 = p == q ? (c / VL) * VL : 0; c2 < cg; ++c2) {
+          C v = 0;
+          for (const C* src : srcs) v += src[c2];
+          row[c2 * k2 + q] = static_cast<T>(v);
         }
       }
     }
@@ -244,7 +334,8 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
   Geometry geo;
   geo.groups = groups;
   geo.cg = c_total / groups;
-  geo.cgp = (geo.cg + VL - 1) / VL * VL;
+  geo.depthwise = geo.cg == 1 && groups > 1;
+  geo.cgp = geo.depthwise ? 1 : (geo.cg + VL - 1) / VL * VL;
   geo.ct = groups * geo.cgp;
   geo.k2 = plan.k2();
   geo.dim = geo.cg * geo.k2 + (bias ? 1 : 0);
@@ -275,7 +366,8 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
     const int64_t phase_stride = geo.chunk * plan.buf_h * plan.buf_w * geo.ct;
     // Workspaces are ATen tensors (torch's allocator; bench/gram.py measures every byte anyway).
     at::Tensor buf = at::zeros({int64_t(plan.phases.size()), geo.chunk, plan.buf_h, plan.buf_w, groups, geo.cgp}, opts);
-    at::Tensor acc = at::zeros({acc_len}, opts);
+    // float inputs: the atoms accumulate in double (memory: one (groups, cg, cgp) block per atom)
+    at::Tensor acc = at::zeros({acc_len}, opts.dtype(at::kDouble));
     at::Tensor sums = at::zeros({bias ? k2 : 0, geo.ct}, opts);
     // Work items: (key, group, row block) products, then one bias item per offset.
     struct Item { int32_t key; int64_t g, rb0, rb1; };
@@ -283,7 +375,10 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
     for (size_t k = 0; k < plan.keys.size(); ++k) {
       if (plan.keys[k].atoms.empty()) continue;
       for (int64_t g = 0; g < groups; ++g)
-        for (int64_t rb = 0; rb < cg; rb += kRowBlock) items.push_back({int32_t(k), g, rb, std::min(cg, rb + kRowBlock)});
+        if (!geo.depthwise)
+          for (int64_t rb = 0; rb < cg; rb += kRowBlock) items.push_back({int32_t(k), g, rb, std::min(cg, rb + kRowBlock)});
+      if (geo.depthwise)  // (key, block of groups): g = first group, rb1 = number of groups
+        for (int64_t g = 0; g < groups; g += kNV * VL) items.push_back({int32_t(k), g, 0, std::min(kNV * VL, groups - g)});
     }
     // Bigger items first (the diagonal keys compute a triangle): a better dynamic schedule.
     std::stable_sort(items.begin(), items.end(), [&](const Item& a, const Item& b) {
@@ -296,7 +391,7 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
     at::Tensor rowoffs_t = at::empty({nthreads, max_rows}, x4.options().dtype(at::kLong));
     int64_t* rowoffs = rowoffs_t.data_ptr<int64_t>();
     const T* bp = buf.const_data_ptr<T>();
-    T* ap = acc.data_ptr<T>();
+    double* ap = acc.data_ptr<double>();
     T* sp = sums.data_ptr<T>();
     at::Tensor x5 = x4.unflatten(1, {groups, cg});  // (N, G, Cg, H, W), a view for any strides
     for (int64_t n0 = 0; n0 < n_total; n0 += geo.chunk) {
@@ -314,8 +409,15 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
         for (int64_t it = next++; it < n_items; it = next++) {
           if (it < int64_t(items.size())) {
             const Item& item = items[it];
-            run_item<T>(plan.keys[item.key], item.key, geo, bp, phase_stride, ns, item.g, item.rb0, item.rb1, rowoff,
-                        ap, o);
+            if (geo.depthwise)
+              run_item_dw<T, double>(plan.keys[item.key], item.key, geo, bp, phase_stride, ns, item.g, item.rb1,
+                                     rowoff, ap);
+            else if (geo.direct)
+              run_item<T, T>(plan.keys[item.key], item.key, geo, bp, phase_stride, ns, item.g, item.rb0, item.rb1,
+                             rowoff, o);
+            else
+              run_item<T, double>(plan.keys[item.key], item.key, geo, bp, phase_stride, ns, item.g, item.rb0,
+                                  item.rb1, rowoff, ap);
           } else {
             const int64_t i = it - int64_t(items.size());
             run_bias_item<T>(plan, geo, bp, phase_stride, ns, i, sp + i * geo.ct);
@@ -325,7 +427,7 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
     }
     // Scatter the atoms into A's blocks (one orientation per unordered block pair; the diagonal
     // blocks' upper parts) and the bias column.
-    if (!geo.direct) scatter_atoms<T>(o, plan, geo, ap);
+    if (!geo.direct) scatter_atoms<T, double>(o, plan, geo, ap);
     if (bias)
       for (int64_t g = 0; g < groups; ++g)
         for (int64_t i = 0; i < k2; ++i)
