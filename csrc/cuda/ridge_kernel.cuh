@@ -16,21 +16,18 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <avg_kernels/half_bits.h>
 #include <avg_kernels/ridge.h>
 
-#if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#endif
 
 namespace avg_kernels {
 namespace ridge {
 namespace cuda {
 
 // ------------------------------------------------------------------------------------------------
-// Storage types of A. 16-bit types are carried as their bits (torch-free); conversion to float is
-// exact: bfloat16 is the high half of a float, float16 is rebuilt field by field on the host and
-// converted by the hardware on the device.
+// Storage types of A. 16-bit types are carried as their bits (torch-free) and converted exactly by the
+// project's one conversion header (csrc/include/avg_kernels/half_bits.h: hardware cvt on the device,
+// field by field on the host).
 
 struct F16 {
   uint16_t bits;
@@ -39,33 +36,8 @@ struct BF16 {
   uint16_t bits;
 };
 
-AVGK_RIDGE_HD float bits_to_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
-
-AVGK_RIDGE_HD float to_float(F16 h) {
-#if defined(__CUDA_ARCH__)
-  return __half2float(__ushort_as_half(h.bits));
-#else
-  const uint32_t sign = uint32_t(h.bits & 0x8000u) << 16;
-  const uint32_t exp = (h.bits >> 10) & 0x1fu;
-  const uint32_t man = h.bits & 0x3ffu;
-  if (exp == 0) {  // zero or subnormal: man * 2^-24, exact in float
-    const float v = float(man) * 5.9604644775390625e-08f;
-    return sign ? -v : v;
-  }
-  if (exp == 31) return bits_to_float(sign | 0x7f800000u | (man << 13));  // inf / NaN
-  return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
-#endif
-}
-
-AVGK_RIDGE_HD float to_float(BF16 h) { return bits_to_float(uint32_t(h.bits) << 16); }
+AVGK_RIDGE_HD float to_float(F16 h) { return half_bits_to_float(h.bits); }
+AVGK_RIDGE_HD float to_float(BF16 h) { return bf16_bits_to_float(h.bits); }
 AVGK_RIDGE_HD float to_float(float x) { return x; }
 AVGK_RIDGE_HD double to_float(double x) { return x; }
 
