@@ -520,3 +520,20 @@ def test_wider_layers_and_merged_small_groups_match(monkeypatch):
         assert _max_rel(model, ref_model) < 1e-9
         results.append(model)
     assert _max_rel(results[0], results[1]) < 1e-12
+
+
+def test_unused_layer_with_zeroed_gradient_is_skipped():
+    """zero_grad(set_to_none=False) leaves zero gradients on a layer that sat out the forward: its P is 0."""
+    torch.manual_seed(14)
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    model = nn.ModuleDict({"a": a, "b": b})
+    opt = CSGD(model, lr=0.1)
+    x = torch.randn(8, 3)
+    a(x).sum().backward()
+    b(x).sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    a(x).sum().backward()  # b unused: zero gradient, no statistics
+    before = b.weight.detach().clone()
+    opt.step()
+    assert torch.equal(b.weight, before)

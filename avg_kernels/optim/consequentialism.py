@@ -391,6 +391,8 @@ class _Consequential:
                 dd.setdefault((G.shape[-1], G.dtype, G.device), []).append((i, G, st.gram, bias))
             elif i in self._inverses and self._inverses[i].shape[-1] == G.shape[-1]:
                 reuse.setdefault((G.shape[-1], G.dtype, G.device), []).append((i, G, self._inverses[i], bias))
+            elif not G.any():  # zero_grad(set_to_none=False) and the layer sat out this step: P = 0 = G
+                continue
             else:
                 raise RuntimeError(
                     f"layer {layer.name} ({type(layer.module).__name__}) has a gradient but no training-mode forward "
