@@ -351,7 +351,8 @@ void scale_impl(at::Tensor& Y, const at::Tensor& w, C lam, C rtol) {
   const int64_t nb = Y.size(0), rows = Y.size(1), D = Y.size(2);
   C* y = Y.mutable_data_ptr<C>();
   const C* wp = w.const_data_ptr<C>();
-  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, rows * D));  // no thread wake-up for tiny work
+  at::parallel_for(0, nb, grain, [&](int64_t begin, int64_t end) {
     std::vector<C> r(static_cast<size_t>(D));
     for (int64_t b = begin; b < end; ++b) {
       const C* wb = wp + b * D;
