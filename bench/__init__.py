@@ -21,4 +21,6 @@ OPS = {
     "ag_update": "bench.ag_update",
     "gram": "bench.gram",
     "ag_train": "bench.ag_train",
+    "ridge": "bench.ridge",
+    "coptim": "bench.coptim",
 }

@@ -39,3 +39,14 @@ def test_registry_has_base_methods_and_rejects_duplicates():
 
     with pytest.raises(ValueError, match="twice"):
         register(REGISTRY["sgd"])
+
+
+def test_c_methods_are_registered_and_train(tmp_path):
+    """csgd, cnesterov, cadam (paper 003) run in the demo next to their base methods."""
+    assert {"csgd", "cnesterov", "cadam"} <= set(REGISTRY)
+    assert REGISTRY["csgd"].base == "sgd" and REGISTRY["cadam"].base == "adam"
+    assert run.main(_args(tmp_path, "--methods", "csgd", "cnesterov", "cadam")) == 0
+    results = json.loads((tmp_path / "demo.json").read_text())
+    for r in results:
+        first, last = r["curve"][0][1], r["epochs"][-1]["train_loss"]
+        assert last < first, r["method"]  # one epoch lowers the loss

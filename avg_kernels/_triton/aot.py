@@ -29,7 +29,8 @@ import time
 from typing import Any, Mapping
 
 #: Modules whose import registers their production configurations (``register``).
-KERNEL_MODULES = ("avg_kernels._triton.avg_act", "avg_kernels._triton.ag_update", "avg_kernels._triton.gram")
+KERNEL_MODULES = ("avg_kernels._triton.avg_act", "avg_kernels._triton.ag_update", "avg_kernels._triton.gram",
+                  "avg_kernels._triton.ridge")
 
 #: Compute capabilities checked by default: A100 (sm_80) and H100 (sm_90).
 DEFAULT_CCS = (80, 90)

@@ -3,6 +3,7 @@ from ._backend import BackendUnavailableError, available_backends, current_backe
 from .ag_update import ag1_update_, ag2_rescale_
 from .avg_act import avg_act, avg_act_backward
 from .gram import im2col_gram, linear_gram
+from .ridge import ridge_solve
 
 __all__ = ["BackendUnavailableError", "ag1_update_", "ag2_rescale_", "available_backends", "avg_act", "avg_act_backward",
-           "current_backend", "im2col_gram", "linear_gram", "use_backend"]
+           "current_backend", "im2col_gram", "linear_gram", "ridge_solve", "use_backend"]
