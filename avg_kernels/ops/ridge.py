@@ -17,7 +17,7 @@ import torch
 
 from .. import reference
 from ..reference.ridge import compute_dtype
-from . import _backend, _checks
+from . import _backend, _checks, _library
 
 _OP = "ridge_solve"
 
@@ -60,8 +60,7 @@ def _run_triton(G, A, lam):
 _IMPLS = {"reference": _run_reference, "cpu": _run_cpu_or_cuda, "cuda": _run_cpu_or_cuda, "triton": _run_triton}
 
 
-@torch.library.custom_op("avg_kernels::ridge_solve", mutates_args=())
-def ridge_solve_op(G: torch.Tensor, A: torch.Tensor, lam: float, backend: str = "auto") -> torch.Tensor:
+def _ridge_solve_impl(G, A, lam, backend="auto"):
     _check_args(G, A, lam)
     name = _backend.resolve(_OP, backend, G.device)
     if G.numel() == 0 or A.numel() == 0:  # nothing to solve (C, D or a batch dim is 0)
@@ -69,10 +68,13 @@ def ridge_solve_op(G: torch.Tensor, A: torch.Tensor, lam: float, backend: str = 
     return _IMPLS[name](G, A, float(lam))
 
 
-@ridge_solve_op.register_fake
-def _(G, A, lam, backend="auto"):
+def _ridge_solve_fake(G, A, lam, backend="auto"):
     _check_args(G, A, lam)
     return G.new_empty(G.shape)
+
+
+ridge_solve_op = _library.define("ridge_solve(Tensor G, Tensor A, float lam, str backend='auto') -> Tensor",
+                                 _ridge_solve_impl, _ridge_solve_fake)
 
 
 # Autograd. With B = sym(A) + λI and P = G B⁻¹ (the Cholesky branch, λ > 0):
@@ -101,7 +103,7 @@ def _backward(ctx, grad):
     return grad_g, grad_a, None, None
 
 
-ridge_solve_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("avg_kernels::ridge_solve", _backward, setup_context=_setup_context)
 
 
 def ridge_solve(G: torch.Tensor, A: torch.Tensor, lam: float, *, backend: Optional[str] = None) -> torch.Tensor:

@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include <avg_kernels/half_bits.h>
 #include <avg_kernels/ridge.h>
 
 #include "../ridge_driver.h"
@@ -282,6 +283,12 @@ at::Tensor ridge_solve_driver(const at::Tensor& G, const at::Tensor& A, double l
 namespace cpu {
 namespace {
 
+// Loads in the compute type. 16-bit values go through the shared bit conversions: c10::Half's
+// operator float inlines an AVX-512 intrinsic that GCC 12 flags as maybe-uninitialized.
+template <class C, class T> inline C load(T v) { return C(v); }
+template <class C> inline C load(c10::Half v) { return C(half_bits_to_float(v.x)); }
+template <class C> inline C load(c10::BFloat16 v) { return C(bf16_bits_to_float(v.x)); }
+
 // ------------------------------------------------------------------------------------------------
 // CPU prologue: rows are processed in tiles of kTile so that the transposed reads A[j, i..i+kTile)
 // hit cache lines shared by the tile's rows; each task (entry, row tile) keeps its own flags, reduced
@@ -310,11 +317,11 @@ void prologue_impl(const at::Tensor& A3, C lam, at::Tensor& Bm, at::Tensor& stat
         const in_t* col = ab + i * sj;  // A[:, i]
         C* orow = ob + i * D;
         for (int64_t j = 0; j < D; ++j) {
-          const C aij = C(row[j * sj]), aji = C(col[j * si]);
+          const C aij = load<C>(row[j * sj]), aji = load<C>(col[j * si]);
           bad |= !ridge::is_finite(aij);
           orow[j] = ridge::sym_entry(aij, aji);
         }
-        const C aii = C(row[i * sj]);
+        const C aii = load<C>(row[i * sj]);
         maxdiag = std::max(maxdiag, ridge::abs_value(aii));
         orow[i] += lam;
       }
@@ -430,7 +437,7 @@ void small_impl(const at::Tensor& G3, const at::Tensor& A3, C lam, at::Tensor& P
         const in_t* col = ab + i * sj;  // A[:, i]
         C* __restrict ui = U + i * D;
         for (int64_t j = i; j < D; ++j) {
-          const C aij = C(row[j * sj]), aji = C(col[j * si]);
+          const C aij = load<C>(row[j * sj]), aji = load<C>(col[j * si]);
           probe += aij * C(0) + aji * C(0);
           ui[j] = ridge::sym_entry(aij, aji);
         }
