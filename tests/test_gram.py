@@ -283,6 +283,36 @@ def _random_configs(backend, dev, gen):
         assert rel_fro(out, ref) <= TOL, (shape, k, s, p, d, g, b)
 
 
+@pytest.mark.parametrize("mode", [-1, 1], ids=["correlation", "gemm"])
+def test_im2col_gram_cpu_paths(mode, fresh_seed):
+    """The CPU kernel has two paths (csrc/cpu/gram.cpp): shifted-channel correlations and, for 1-3 channels
+    per group, explicit im2col of a few samples + GEMM. The other tests see whichever the size picks; here
+    each is forced for every configuration, dtype and layout."""
+    from avg_kernels.ops._backend import unavailable_reason
+
+    if unavailable_reason("cpu"):
+        pytest.skip(unavailable_reason("cpu"))
+    previous = torch.ops.avg_kernels_C.set_gram_path(mode)
+    try:
+        for shape, k, s, p, d, g, b in CONV_CONFIGS:
+            x = torch.randn(shape)
+            for inp in (x, x.transpose(-1, -2).contiguous().transpose(-1, -2), x.half(), x.double()):
+                out = ak.im2col_gram(inp, k, s, p, d, g, b, backend="cpu")
+                tol = 1e-12 if inp.dtype == torch.float64 else TOL
+                assert rel_fro(out, ref_gram(inp, k, s, p, d, g, b)) <= tol, (mode, shape, k, s, p, d, g, b, inp.dtype)
+        _random_configs("cpu", "cpu", torch.Generator().manual_seed(2000 + mode))
+        x = torch.randn(0, 2, 5, 5)
+        out = ak.im2col_gram(x, 3, bias=True, backend="cpu")
+        assert out[0, -1, -1] == 0 and out.abs().sum() == 0
+        # several chunks of the bounded workspace (1.5 MB): the chunk sums must add up
+        x = torch.randn(300, 2, 40, 40)
+        assert rel_fro(ak.im2col_gram(x, 3, 1, 1, bias=True, backend="cpu"), ref_gram(x, 3, 1, 1, bias=True)) <= TOL
+    finally:
+        torch.ops.avg_kernels_C.set_gram_path(previous)
+    with pytest.raises(RuntimeError, match="mode must be -1, 0 or 1"):
+        torch.ops.avg_kernels_C.set_gram_path(2)
+
+
 @pytest.mark.parametrize("splits,wide", [(1, False), (2, False), (3, True)])
 def test_triton_splits_and_tile_edges(splits, wide, fresh_seed):
     """The Triton kernel's split-M partial Grams (workspace + sum) and tiles across D: D_IN = 64 puts

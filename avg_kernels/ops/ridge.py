@@ -60,7 +60,8 @@ def _run_triton(G, A, lam):
 _IMPLS = {"reference": _run_reference, "cpu": _run_cpu_or_cuda, "cuda": _run_cpu_or_cuda, "triton": _run_triton}
 
 
-def _ridge_solve_impl(G, A, lam, backend="auto"):
+def ridge_solve_impl(G, A, lam, backend="auto"):
+    """The op's implementation (validation, backend choice, kernel), for internal callers needing no autograd."""
     _check_args(G, A, lam)
     name = _backend.resolve(_OP, backend, G.device)
     if G.numel() == 0 or A.numel() == 0:  # nothing to solve (C, D or a batch dim is 0)
@@ -74,7 +75,7 @@ def _ridge_solve_fake(G, A, lam, backend="auto"):
 
 
 ridge_solve_op = _library.define("ridge_solve(Tensor G, Tensor A, float lam, str backend='auto') -> Tensor",
-                                 _ridge_solve_impl, _ridge_solve_fake)
+                                 ridge_solve_impl, _ridge_solve_fake)
 
 
 # Autograd. With B = sym(A) + λI and P = G B⁻¹ (the Cholesky branch, λ > 0):
