@@ -33,6 +33,7 @@ from typing import Optional, Union
 import torch
 
 from .. import activations
+from ..ops.avg_act import backward_kernel as _backward_kernel
 from ..activations import KernelAct
 
 GRAPH, REPLAY, BACKWARD, PLAIN = "graph", "replay", "backward", "plain"
@@ -211,8 +212,10 @@ class _SlotAct(torch.autograd.Function):
         if x_new is None:
             return activations.native_backward(grad, saved[0], saved[1] if len(saved) > 1 else None, k), None
         rec = slot.recorder
-        return torch.ops.avg_kernels.avg_act_backward(grad, saved[0], x_new, k.name, [k.p0, k.p1], rec.eps,
-                                                      rec.backend), None
+        if torch.compiler.is_compiling():
+            return torch.ops.avg_kernels.avg_act_backward(grad, saved[0], x_new, k.name, [k.p0, k.p1], rec.eps,
+                                                          rec.backend), None
+        return _backward_kernel(grad, saved[0], x_new, k, rec.eps, rec.backend), None
 
 
 def _inside_checkpoint() -> bool:

@@ -57,11 +57,15 @@ _IMPLS = {
 }
 
 
-def _avg_act_backward_impl(grad_out, x, x_new, act, params, eps, backend="auto"):
+def backward_kernel(grad_out, x, x_new, k: KernelAct, eps: float, backend: str = "auto") -> torch.Tensor:
+    """avg_act_backward for an already parsed activation, below the op's dispatcher layer: for internal
+    eager callers (the AG recorder's backward, once per activation per step), ~20 us less per call."""
     _check_backward_args(grad_out, x, x_new, eps)
-    k = _kernel_act(act, params)
-    name = _backend.resolve(_OP, backend, x.device)
-    return _IMPLS[name](grad_out, x, x_new, k, eps)
+    return _IMPLS[_backend.resolve(_OP, backend, x.device)](grad_out, x, x_new, k, eps)
+
+
+def _avg_act_backward_impl(grad_out, x, x_new, act, params, eps, backend="auto"):
+    return backward_kernel(grad_out, x, x_new, _kernel_act(act, params), eps, backend)
 
 
 def _avg_act_backward_fake(grad_out, x, x_new, act, params, eps, backend="auto"):
