@@ -77,3 +77,17 @@ def fp32_rounding_tol(value: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, 
     x (1 - sigmoid(x)) in silu's, whose error grows with |x|)."""
     e32 = torch.finfo(torch.float32).eps
     return ulps * e32 * (value.abs() + grad.abs() * (1 + x.abs()))
+
+
+def non_finite_inputs():
+    """(grad_out, x, x_new), float32: NaN/±inf in each argument and in pairs, huge and ordinary pairs, and
+    NaN/±inf in grad_out (the last three elements), for the elementwise-propagation tests."""
+    inf, nan = math.inf, math.nan
+    pairs = [(0.3, nan), (nan, 0.3), (nan, nan), (0.3, inf), (0.3, -inf), (inf, 0.3), (-inf, 0.3),
+             (inf, inf), (-inf, -inf), (inf, -inf), (-inf, inf), (-50.0, inf), (50.0, -inf), (0.0, 0.0),
+             (1e30, -1e30), (-1e30, 2e30), (1e6, 1e6 + 1), (-1e4, -1e4 + 2), (1.0, 1.5), (-2.0, 3.0)]
+    x = torch.tensor([p[0] for p in pairs] + [0.5, 0.5, 0.5])
+    xn = torch.tensor([p[1] for p in pairs] + [0.7, 0.7, 0.7])
+    g = torch.ones_like(x)
+    g[-3], g[-2], g[-1] = nan, inf, -inf
+    return g, x, xn

@@ -67,18 +67,25 @@ def _forward_capture(model, x, rng):
     return inputs, out
 
 
-def _averaged_grads(model, x, y, loss_fn, rng, x_new):
-    """Graph 2 at the model's current parameters, activations back-propagating the secant with x_new."""
-    saved = [(b, b.clone()) for b in model.buffers()]
+def _secant_loss(model, x, y, loss_fn, rng, x_new):
+    """The loss of a forward whose activations back-propagate the secant with x_new (call order), RNG at rng."""
     calls = iter(range(len(x_new)))
     hooks = []
     for m in _acts(model):
         f = _f(m)
         hooks.append(m.register_forward_hook(lambda mod, a, out, f=f: _Secant.apply(a[0], out, x_new[next(calls)], f)))
     torch.set_rng_state(rng)
-    loss = loss_fn(model(x), y)
-    for h in hooks:
-        h.remove()
+    try:
+        return loss_fn(model(x), y)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _averaged_grads(model, x, y, loss_fn, rng, x_new):
+    """Graph 2 at the model's current parameters, activations back-propagating the secant with x_new."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    loss = _secant_loss(model, x, y, loss_fn, rng, x_new)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     with torch.no_grad():
@@ -158,15 +165,7 @@ def ag3_step(model, opt, x, y, loss_fn, rng, prev):
             p.copy_(t)
     # graph at θ_t (the ordinary training forward: updates BatchNorm statistics once)
     saved_calls = []
-    hooks = []
-    calls = iter(range(len(x_new)))
-    for m in _acts(model):
-        f = _f(m)
-        hooks.append(m.register_forward_hook(lambda mod, a, out, f=f: _Secant.apply(a[0], out, x_new[next(calls)], f)))
-    torch.set_rng_state(rng)
-    loss = loss_fn(model(x), y)
-    for h in hooks:
-        h.remove()
+    loss = _secant_loss(model, x, y, loss_fn, rng, x_new)
     gbar = torch.autograd.grad(loss, params, allow_unused=True)
     for p, g in zip(params, gbar):
         p.grad = g

@@ -11,8 +11,8 @@ import avg_kernels as ak
 from avg_kernels import EPS, reference
 from avg_kernels.activations import native_backward, forward
 
-from _accuracy import (CONFIGS, SMOOTH, config_id, fp32_rounding_tol, kernel_act, literal_float32, slope_errors,
-                       spec_inputs)
+from _accuracy import (CONFIGS, SMOOTH, config_id, fp32_rounding_tol, kernel_act, literal_float32, non_finite_inputs,
+                       slope_errors, spec_inputs)
 from conftest import backend_device, interpreted
 
 
@@ -134,14 +134,7 @@ def test_non_finite_propagate_elementwise(backend, cfg):
     reference gives (the secant's limit when one end is infinite)."""
     dev = backend_device(backend)
     k = kernel_act(cfg)
-    inf, nan = math.inf, math.nan
-    pairs = [(0.3, nan), (nan, 0.3), (nan, nan), (0.3, inf), (0.3, -inf), (inf, 0.3), (-inf, 0.3),
-             (inf, inf), (-inf, -inf), (inf, -inf), (-inf, inf), (-50.0, inf), (50.0, -inf), (0.0, 0.0),
-             (1e30, -1e30), (-1e30, 2e30), (1e6, 1e6 + 1), (-1e4, -1e4 + 2), (1.0, 1.5), (-2.0, 3.0)]
-    x = torch.tensor([p[0] for p in pairs] + [0.5, 0.5, 0.5])
-    xn = torch.tensor([p[1] for p in pairs] + [0.7, 0.7, 0.7])
-    g = torch.ones_like(x)
-    g[-3], g[-2], g[-1] = nan, inf, -inf
+    g, x, xn = non_finite_inputs()
     out = ak.avg_act_backward(g.to(dev), x.to(dev), xn.to(dev), cfg[0], backend=backend, **cfg[1]).cpu()
     ref = reference.avg_act_backward(g, x, xn, k, EPS)
     assert torch.equal(out.isnan(), ref.isnan()), (out, ref)

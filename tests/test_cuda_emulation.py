@@ -26,7 +26,7 @@ from avg_kernels import EPS, reference
 from avg_kernels.activations import forward
 from avg_kernels.ops._backend import unavailable_reason
 
-from _accuracy import CONFIGS, config_id, kernel_act, slope_errors, spec_inputs
+from _accuracy import CONFIGS, config_id, kernel_act, non_finite_inputs, slope_errors, spec_inputs
 
 _CPU_REASON = unavailable_reason("cpu")
 _CUDA_REASON = unavailable_reason("cuda")
@@ -128,14 +128,7 @@ def test_emulated_float64(cfg, fresh_seed):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
 def test_emulated_non_finite(cfg):
     k = kernel_act(cfg)
-    inf, nan = math.inf, math.nan
-    pairs = [(0.3, nan), (nan, 0.3), (nan, nan), (0.3, inf), (0.3, -inf), (inf, 0.3), (-inf, 0.3),
-             (inf, inf), (-inf, -inf), (inf, -inf), (-inf, inf), (-50.0, inf), (50.0, -inf), (0.0, 0.0),
-             (1e30, -1e30), (-1e30, 2e30), (1e6, 1e6 + 1), (-1e4, -1e4 + 2), (1.0, 1.5), (-2.0, 3.0)]
-    x = torch.tensor([p[0] for p in pairs] + [0.5, 0.5, 0.5])
-    xn = torch.tensor([p[1] for p in pairs] + [0.7, 0.7, 0.7])
-    g = torch.ones_like(x)
-    g[-3], g[-2], g[-1] = nan, inf, -inf
+    g, x, xn = non_finite_inputs()
     for launch in ("1x1", "device"):
         out, _ = emulate(g, x, xn, cfg, launch)
         ref = reference.avg_act_backward(g, x, xn, k, EPS)
