@@ -285,9 +285,9 @@ def _random_configs(backend, dev, gen):
 
 @pytest.mark.parametrize("mode", [-1, 1], ids=["correlation", "gemm"])
 def test_im2col_gram_cpu_paths(mode, fresh_seed):
-    """The CPU kernel has two paths (csrc/cpu/gram.cpp): shifted-channel correlations and, for 1-3 channels
-    per group, explicit im2col of a few samples + GEMM. The other tests see whichever the size picks; here
-    each is forced for every configuration, dtype and layout."""
+    """The CPU kernel has two paths (csrc/cpu/gram.cpp): shifted-channel correlations and GEMMs (conv with 1-3
+    channels per group: explicit im2col of a few samples; Linear with D <= 64: the rows). The other tests see
+    whichever the size picks; here each is forced for every configuration, dtype and layout."""
     from avg_kernels.ops._backend import unavailable_reason
 
     if unavailable_reason("cpu"):
@@ -307,6 +307,17 @@ def test_im2col_gram_cpu_paths(mode, fresh_seed):
         # several chunks of the bounded workspace (1.5 MB): the chunk sums must add up
         x = torch.randn(300, 2, 40, 40)
         assert rel_fro(ak.im2col_gram(x, 3, 1, 1, bias=True, backend="cpu"), ref_gram(x, 3, 1, 1, bias=True)) <= TOL
+        # Linear: the GEMM path runs on the rows themselves (one chunk, several chunks, 16-bit, strided)
+        for shape, dtype in [((7,), torch.float32), ((64, 10), torch.float32), ((3, 5, 33), torch.float64),
+                             ((50000, 10), torch.float32), ((45000, 9), torch.bfloat16), ((20, 63), torch.float16),
+                             ((0, 5), torch.float32), ((4, 0), torch.float32)]:
+            x = torch.randn(shape).to(dtype)
+            for inp in (x, x[::2] if x.dim() > 1 else x):
+                for bias in (False, True):
+                    out = ak.linear_gram(inp, bias, backend="cpu")
+                    ref = ak.linear_gram(inp.double(), bias, backend="reference")
+                    tol = 1e-12 if dtype == torch.float64 else TOL
+                    assert rel_fro(out, ref) <= tol, (mode, shape, dtype, bias)
     finally:
         torch.ops.avg_kernels_C.set_gram_path(previous)
     with pytest.raises(RuntimeError, match="mode must be -1, 0 or 1"):

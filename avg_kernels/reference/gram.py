@@ -9,6 +9,8 @@ Readable first: this is F.unfold + matmul, chunked over the batch only to keep t
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -59,7 +61,7 @@ def im2col_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, groups:
 
 def linear_gram(x: torch.Tensor, bias: bool) -> torch.Tensor:
     """(1, D, D) Gram ``Σ u uᵀ`` over the rows u of ``x.reshape(-1, in_features)`` (+ trailing 1 with bias)."""
-    rows = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).to(torch.float64)  # (-1 is ambiguous for 0 features)
     if bias:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
     return (rows.T @ rows).unsqueeze(0).to(out_dtype(x.dtype))
