@@ -11,6 +11,7 @@ Install with `pip install --no-build-isolation -e .` so the build uses the torch
 """
 import glob
 import os
+import sys
 import shutil
 
 from setuptools import find_packages, setup
@@ -100,11 +101,17 @@ def cuda_wanted() -> tuple[bool, list[str]]:
     return True, extra
 
 
+# at::parallel_for is a header template: compiled without OpenMP it runs serially in our own code, whatever
+# torch.set_num_threads says. With -fopenmp the extension needs libgomp.so.1, which resolves to the copy
+# torch has already loaded (same SONAME): one OpenMP runtime, one thread count.
+OPENMP = [] if sys.platform == "darwin" else ["-fopenmp"]
+
+
 def extension():
     isa = cpu_isa()
     # No -std flag: torch.utils.cpp_extension adds the standard the installed torch needs (c++20
     # since torch 2.13's cpp_extension; torch 2.14's headers reject anything older).
-    cxx = ["-O3", "-fno-math-errno", *ISA_FLAGS[isa]]
+    cxx = ["-O3", "-fno-math-errno", *ISA_FLAGS[isa], *OPENMP]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     with_cuda, cuda_includes = cuda_wanted()
@@ -116,10 +123,11 @@ def extension():
             nvcc.append("-Xptxas=-v")
         return cpp_extension.CUDAExtension(
             "avg_kernels._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx + ["-DAVG_KERNELS_WITH_CUDA"], "nvcc": nvcc},
+            extra_compile_args={"cxx": cxx + ["-DAVG_KERNELS_WITH_CUDA"], "nvcc": nvcc}, extra_link_args=OPENMP,
         )
     return cpp_extension.CppExtension(
-        "avg_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx}
+        "avg_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
+        extra_link_args=OPENMP,
     )
 
 
