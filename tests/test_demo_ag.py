@@ -21,7 +21,7 @@ def test_registry_has_ag_methods_with_their_bases():
     for mode in ("ag1", "ag2", "ag3-1"):
         for base in ("sgd", "adam", "rmsprop"):
             assert REGISTRY[f"{mode}/{base}"].base == base
-    assert run.DEFAULT_METHODS == ["rmsprop", "ag1", "ag3-1", "adam", "ag2"]
+    assert run.DEFAULT_METHODS == ["rmsprop", "ag1", "ag3-1", "adam", "ag2", "sgd", "csgd", "cnesterov", "cadam"]
 
 
 def test_ag_trainer_uses_the_base_definition_and_excludes_the_rd_forward_from_timing():

@@ -15,7 +15,7 @@ from .. import data as datasets
 from .methods import REGISTRY, Settings
 from .model import model_b
 
-DEFAULT_METHODS = ["rmsprop", "ag1", "ag3-1", "adam", "ag2"]
+DEFAULT_METHODS = ["rmsprop", "ag1", "ag3-1", "adam", "ag2", "sgd", "csgd", "cnesterov", "cadam"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
