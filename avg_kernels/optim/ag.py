@@ -366,6 +366,10 @@ class AG(torch.optim.Optimizer):
         self.last = info
         return info.loss
 
+    def _buffer_stand_ins(self, buffers) -> dict:
+        """Buffer id -> its pre-step snapshot, for a replay pass (a copy when the loss-after pass reuses it)."""
+        return {id(b): (s.clone() if self.track_loss_after else s) for b, s in buffers}
+
     def _direct_use_check(self, params):
         """On the first step: a detector of real parameters used while swapped out (else a no-op)."""
         if self._checked:
@@ -469,10 +473,7 @@ class AG(torch.optim.Optimizer):
             self.base.step()
             ph.mark("base_step")
             try:
-                if self.track_loss_after:
-                    repl = {id(b): s.clone() for b, s in buffers}
-                else:
-                    repl = {id(b): s for b, s in buffers}
+                repl = self._buffer_stand_ins(buffers)
                 loss_new = self._replay(closure, sites, repl, rng, rec, "θ'", params, swapped_params=False)
                 ph.mark("forward_replay")
                 rec.check_unmodified()
@@ -544,7 +545,7 @@ class AG(torch.optim.Optimizer):
                 loss = self._graph_pass(closure, params, rec, contextlib.nullcontext(), swapped_params=False)
                 ph.mark("forward_graph")
                 repl = {id(p): t for p, t in zip(params, self._prev)}
-                repl.update({id(b): (s.clone() if self.track_loss_after else s) for b, s in buffers})
+                repl.update(self._buffer_stand_ins(buffers))
                 loss_prev = self._replay(closure, sites, repl, rng, rec, "θ_(t-1)", params, swapped_params=True)
                 ph.mark("forward_replay")
                 rec.check_unmodified()

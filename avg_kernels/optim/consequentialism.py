@@ -36,7 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops as _ops  # noqa: F401  (registers torch.ops.avg_kernels.*)
-from ..ops import gram as _gram_ops, ridge as _ridge_ops
+from ..ops import _library, gram as _gram_ops, ridge as _ridge_ops
+
+# The Gram and solve ops without their autograd layer (nothing here is differentiated; see _library.internal).
+_linear_gram = _library.internal(_gram_ops.linear_gram_op, _gram_ops.linear_gram_impl)
+_im2col_gram = _library.internal(_gram_ops.im2col_gram_op, _gram_ops.im2col_gram_impl)
+_ridge_solve = _library.internal(_ridge_ops.ridge_solve_op, _ridge_ops.ridge_solve_impl)
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -208,20 +213,13 @@ class _Consequential:
         return x.shape[0] * out
 
     def _gram(self, layer: _Layer, x: torch.Tensor, bias: bool) -> torch.Tensor:
-        """The layer input's Gram (arguments prepared once). Eager: the ops' implementations directly (no
-        autograd is needed here and the op wrappers cost ~20 us each); traced: the ops themselves."""
-        if torch.compiler.is_compiling():
-            if layer.conv_dims == 0:
-                return torch.ops.avg_kernels.linear_gram(x, bias, self._backend_name)
-            return torch.ops.avg_kernels.im2col_gram(x, *layer.gram_args, bias, self._backend_name)
+        """The layer input's Gram (arguments prepared once)."""
         if layer.conv_dims == 0:
-            return _gram_ops.linear_gram_impl(x, bias, self._backend_name)
-        return _gram_ops.im2col_gram_impl(x, *layer.gram_args, bias, self._backend_name)
+            return _linear_gram(x, bias, self._backend_name)
+        return _im2col_gram(x, *layer.gram_args, bias, self._backend_name)
 
     def _solve(self, G: torch.Tensor, A: torch.Tensor, lam: float) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            return torch.ops.avg_kernels.ridge_solve(G, A, lam, self._backend_name)
-        return _ridge_ops.ridge_solve_impl(G, A, lam, self._backend_name)
+        return _ridge_solve(G, A, lam, self._backend_name)
 
     def _record(self, i: int, layer: _Layer, x: torch.Tensor, output: torch.Tensor) -> None:
         st = self._stats[i]
@@ -342,10 +340,7 @@ class _Consequential:
     def _column_gram(self, X: torch.Tensor) -> torch.Tensor:
         """K = XᵀX per group, (groups, M, M), through the Gram op (the rows of X[g] are D vectors of length M;
         one triangle computed, about 1.4x faster than X.mT @ X at M ~ D ~ 1000 on this CPU)."""
-        if torch.compiler.is_compiling():
-            return torch.cat([torch.ops.avg_kernels.linear_gram(X[g], False, self._backend_name)
-                              for g in range(X.shape[0])])
-        return torch.cat([_gram_ops.linear_gram_impl(X[g], False, self._backend_name) for g in range(X.shape[0])])
+        return torch.cat([_linear_gram(X[g], False, self._backend_name) for g in range(X.shape[0])])
 
     @staticmethod
     def _uniform_factors(checks: list) -> list:

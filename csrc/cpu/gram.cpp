@@ -452,11 +452,12 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
 enum class GramPath : int64_t { kNever = -1, kAuto = 0, kAlways = 1 };
 std::atomic<int64_t> gemm_path{int64_t(GramPath::kAuto)};
 
-bool use_gemm(int64_t cg, int64_t dim) {
+// The GEMM path runs where `automatic` (the measured rule of the caller) says so, unless set_gram_path forces it.
+bool use_gemm(bool automatic) {
   switch (GramPath(gemm_path.load(std::memory_order_relaxed))) {
     case GramPath::kNever: return false;
     case GramPath::kAlways: return true;
-    default: return cg <= kGemmMaxChannels && dim <= kGemmMaxDim;
+    default: return automatic;
   }
 }
 
@@ -548,7 +549,7 @@ void gram_conv(const at::Tensor& x4, const ConvDim& gh, const ConvDim& gw, int64
   const Plan plan = make_plan(gh, gw);
   check_out(x4, out, groups, x4.size(1) / groups * plan.k2() + (bias ? 1 : 0));
   TORCH_CHECK(x4.is_floating_point(), "im2col_gram: x must be a floating-point tensor");
-  if (use_gemm(x4.size(1) / groups, out.size(1))) {
+  if (use_gemm(x4.size(1) / groups <= kGemmMaxChannels && out.size(1) <= kGemmMaxDim)) {
     if (x4.size(0) == 0 || x4.size(1) == 0) {
       out.zero_();
       if (bias) out.select(1, out.size(1) - 1).select(1, out.size(1) - 1).fill_(double(x4.size(0) * plan.positions));
@@ -587,35 +588,29 @@ constexpr int64_t kLinearGemmMaxDim = 64;
 
 template <typename T>
 void linear_mm(const at::Tensor& rows, bool bias, at::Tensor& out) {
-  const int64_t m = rows.size(0), f = rows.size(1);
+  const int64_t m = rows.size(0), f = rows.size(1), dim = f + (bias ? 1 : 0);
   const auto opts = rows.options().dtype(c10::CppTypeToScalarType<T>::value);
-  const int64_t chunk = kGemmK;  // rows per GEMM (accuracy, see kGemmK; bounded 16-bit conversions)
+  // U = [x_c, 1] in the compute type: its Gram holds x_cᵀx_c, the column sums and the count
+  auto pack = [&](const at::Tensor& c) {
+    if (!bias) return c.to(opts);  // no copy when x is already T
+    at::Tensor u = at::empty({c.size(0), dim}, opts);
+    u.narrow(1, 0, f).copy_(c);
+    u.select(1, f).fill_(1);
+    return u;
+  };
   at::Tensor a = out.select(0, 0);
-  if (m <= chunk) {  // one GEMM straight into A (few ATen calls: at these sizes each costs ~1-2 us)
-    at::Tensor u = rows;
-    if (bias) {  // [x, 1]: its Gram holds the column sums and the count
-      u = at::empty({m, f + 1}, opts);
-      u.narrow(1, 0, f).copy_(rows);
-      u.select(1, f).fill_(1);
-    } else if (u.scalar_type() != opts.dtype().toScalarType()) {
-      u = u.to(opts);
-    }
+  if (m <= kGemmK) {  // one GEMM straight into A (few ATen calls: at these sizes each costs ~1-2 us)
+    at::Tensor u = pack(rows);
     at::mm_out(a, u.t(), u);
     return;
-  } else {  // chunks of rows, summed in double
-    at::Tensor acc = at::zeros({f + (bias ? 1 : 0), f + (bias ? 1 : 0)}, opts.dtype(at::kDouble));
-    for (int64_t r0 = 0; r0 < m; r0 += chunk) {
-      at::Tensor c = rows.narrow(0, r0, std::min(chunk, m - r0)).to(opts);
-      acc.narrow(0, 0, f).narrow(1, 0, f).add_(at::mm(c.t(), c));
-      if (bias) {
-        at::Tensor sums = c.sum(0, /*keepdim=*/false, at::kDouble);
-        acc.select(1, f).narrow(0, 0, f).add_(sums);
-        acc.select(0, f).narrow(0, 0, f).add_(sums);
-      }
-    }
-    a.copy_(acc);
   }
-  if (bias) a.select(0, f).select(0, f).fill_(double(m));
+  // chunks of kGemmK rows (accuracy, see kGemmK; bounded 16-bit conversions), summed in double
+  at::Tensor acc = at::zeros({dim, dim}, opts.dtype(at::kDouble));
+  for (int64_t r0 = 0; r0 < m; r0 += kGemmK) {
+    at::Tensor u = pack(rows.narrow(0, r0, std::min(kGemmK, m - r0)));
+    acc.add_(at::mm(u.t(), u));
+  }
+  a.copy_(acc);
 }
 
 void linear_gram_out(const at::Tensor& x, bool bias, at::Tensor& out) {
@@ -624,8 +619,7 @@ void linear_gram_out(const at::Tensor& x, bool bias, at::Tensor& out) {
   int64_t m = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) m *= x.size(d);
   at::Tensor rows = x.reshape({m, f});  // a view when the leading dims collapse
-  const auto mode = GramPath(gemm_path.load(std::memory_order_relaxed));
-  if (f > 0 && m > 0 && (mode == GramPath::kAlways || (mode == GramPath::kAuto && dim <= kLinearGemmMaxDim))) {
+  if (f > 0 && m > 0 && use_gemm(dim <= kLinearGemmMaxDim)) {
     TORCH_CHECK(x.is_floating_point(), "linear_gram: x must be a floating-point tensor");
     check_out(x, out, 1, dim);
     if (x.scalar_type() == at::kDouble) {

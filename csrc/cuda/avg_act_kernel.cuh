@@ -281,18 +281,19 @@ struct CoverageCheck {
   }
 };
 
-template <int VEC>
-struct CoverageBody {
-  CoverageCheck* c;
-  AK_HDI void vec(int64_t i) { c->vec_visit(i); }
-  AK_HDI void one(int64_t i) { c->one(i); }
+// grid_stride's body interface (vec(i), one(i)) forwarded to a checker/recorder's vec_visit/one.
+template <class V>
+struct VisitBody {
+  V* v;
+  AK_HDI void vec(int64_t i) { v->vec_visit(i); }
+  AK_HDI void one(int64_t i) { v->one(i); }
 };
 
 template <int VEC>
 inline CoverageCheck check_thread_coverage(int64_t n, int64_t tid, int64_t nthreads) {
   CoverageCheck c{n, VEC, tid, nthreads, tid * VEC, (n / VEC) * VEC + tid};
   if (VEC == 1) c.next_one = tid;
-  CoverageBody<VEC> body{&c};
+  VisitBody<CoverageCheck> body{&c};
   grid_stride<VEC>(n, tid, nthreads, body);
   // The loop must stop exactly when the next expected visit is past the end.
   if (VEC > 1 && c.next_vec < (n / VEC) * VEC) ++c.errors;
@@ -318,16 +319,9 @@ struct RangeRecorder {
 };
 
 template <int VEC>
-struct RecorderBody {
-  RangeRecorder* r;
-  AK_HDI void vec(int64_t i) { r->vec_visit(i); }
-  AK_HDI void one(int64_t i) { r->one(i); }
-};
-
-template <int VEC>
 inline int64_t record_thread_ranges(int64_t n, int64_t tid, int64_t nthreads, int64_t* out, int64_t capacity) {
   RangeRecorder r{out, capacity, 0, VEC};
-  RecorderBody<VEC> body{&r};
+  VisitBody<RangeRecorder> body{&r};
   grid_stride<VEC>(n, tid, nthreads, body);
   return r.count;
 }
