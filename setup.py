@@ -1,18 +1,29 @@
-"""Builds avg_kernels._C: the C++ CPU kernels always, the CUDA kernels when possible.
+"""Builds the compiled parts of avg_kernels from csrc/ (every source listed below, nothing globbed):
+
+  avg_kernels._C            op registration, argument checks and drivers (CPU), and the CUDA kernels
+                            when built with them. Compiled once, for any CPU.
+  avg_kernels._cpu_<level>  the C++ CPU kernels (csrc/cpu/kernels/), compiled once per capability level
+                            with that level's flags (avg_kernels/_cpu_levels.py: default = portable C++;
+                            avx2 and avx512 on x86-64 hosts), each with hidden symbols so no AVX code of
+                            one level can stand in for another's. avg_kernels/_build.py picks the level
+                            when the package is imported: the build never looks at the build machine's CPU.
+  avg_kernels._C_testing    test hooks (host emulation of the CUDA launches, kernel probes), imported by
+                            tests/ only.
 
 Environment switches (all optional):
   AVG_KERNELS_CUDA=auto|0|1   auto (default): build CUDA kernels when torch has CUDA and nvcc is
                               found; 0: never; 1: always, failing with a clear message if impossible.
-  AVG_KERNELS_CPU_ISA=auto|avx512|avx2|default
-                              SIMD level of the CPU kernels; auto picks what torch.compile picks
-                              on this machine (the extension is built for the machine it runs on).
   TORCH_CUDA_ARCH_LIST, MAX_JOBS are honoured as in torch.utils.cpp_extension.
-Install with `pip install --no-build-isolation -e .` so the build uses the torch you installed.
+Install with `pip install --no-build-isolation -e .` so the build uses the torch you installed. Object
+files are kept under build/ (per extension), so re-running it recompiles only what changed.
 """
 import glob
+import importlib.util
 import os
-import sys
+import platform
 import shutil
+import sys
+import sysconfig
 
 from setuptools import find_packages, setup
 
@@ -26,26 +37,62 @@ except ImportError as exc:  # pragma: no cover - only hit by an isolated build
     ) from exc
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-ISA_FLAGS = {
-    "avx512": ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma", "-DCPU_CAPABILITY_AVX512"],
-    "avx2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
-    "default": [],
-}
 
 
-def cpu_isa() -> str:
-    choice = os.environ.get("AVG_KERNELS_CPU_ISA", "auto").lower()
-    if choice != "auto":
-        if choice not in ISA_FLAGS:
-            raise SystemExit(f"AVG_KERNELS_CPU_ISA={choice!r}: expected one of auto, {', '.join(ISA_FLAGS)}")
-        return choice
-    try:  # the same choice torch.compile's C++ backend makes on this machine
-        from torch._inductor import cpu_vec_isa
+def _load_levels():
+    """avg_kernels/_cpu_levels.py, by path (the package itself imports the extension being built)."""
+    spec = importlib.util.spec_from_file_location("_avg_kernels_cpu_levels", os.path.join(ROOT, "avg_kernels",
+                                                                                          "_cpu_levels.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
-        name = str(cpu_vec_isa.pick_vec_isa())
-    except Exception:  # noqa: BLE001 - any failure means: no known SIMD level
-        name = ""
-    return "avx512" if name.startswith("avx512") else "avx2" if name.startswith("avx2") else "default"
+
+LEVELS = _load_levels()
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+# Registration, checks and drivers (avg_kernels._C).
+OPS_SOURCES = [
+    "csrc/module.cpp",
+    "csrc/ridge_driver.cpp",
+    "csrc/cpu/capability.cpp",
+    "csrc/cpu/avg_act.cpp",
+    "csrc/cpu/ag_update.cpp",
+    "csrc/cpu/gram.cpp",
+    "csrc/cpu/ridge.cpp",
+]
+CUDA_SOURCES = ["csrc/cuda/avg_act.cu", "csrc/cuda/ag_update.cu", "csrc/cuda/gram.cu", "csrc/cuda/ridge.cu"]
+# The CPU kernels, compiled once per level (avg_kernels._cpu_<level>).
+KERNEL_SOURCES = [
+    "csrc/cpu/kernels/avg_act.cpp",
+    "csrc/cpu/kernels/ag_update.cpp",
+    "csrc/cpu/kernels/gram.cpp",
+    "csrc/cpu/kernels/ridge.cpp",
+    "csrc/cpu/kernels/vec_math.cpp",
+    "csrc/cpu/kernels/table.cpp",
+]
+# Test hooks (avg_kernels._C_testing).
+TESTING_SOURCES = [
+    "csrc/testing/module.cpp",
+    "csrc/testing/cpu_probes.cpp",
+    "csrc/testing/avg_act_cuda_emulation.cpp",
+    "csrc/testing/ag_update_cuda_emulation.cpp",
+    "csrc/testing/gram_cuda_emulation.cpp",
+    "csrc/testing/ridge_cuda_emulation.cpp",
+    "csrc/cpu/capability.cpp",
+    "csrc/ridge_driver.cpp",
+]
+INCLUDE_DIRS = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+
+# at::parallel_for is a header template: compiled without OpenMP it runs serially in our own code, whatever
+# torch.set_num_threads says. With -fopenmp the extension needs libgomp.so.1, which resolves to the copy
+# torch has already loaded (same SONAME): one OpenMP runtime, one thread count.
+OPENMP = [] if sys.platform == "darwin" else ["-fopenmp"]
+# No -std flag: torch.utils.cpp_extension adds the standard the installed torch needs (c++20 since torch
+# 2.13's cpp_extension; torch 2.14's headers reject anything older). No -march: nothing depends on the
+# build machine's CPU.
+CXX = ["-O3", "-fno-math-errno", *OPENMP]
+DEFAULT_LEVEL = ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
 
 
 def _nvidia_wheel_includes() -> list[str]:
@@ -101,38 +148,50 @@ def cuda_wanted() -> tuple[bool, list[str]]:
     return True, extra
 
 
-# at::parallel_for is a header template: compiled without OpenMP it runs serially in our own code, whatever
-# torch.set_num_threads says. With -fopenmp the extension needs libgomp.so.1, which resolves to the copy
-# torch has already loaded (same SONAME): one OpenMP runtime, one thread count.
-OPENMP = [] if sys.platform == "darwin" else ["-fopenmp"]
-
-
-def extension():
-    isa = cpu_isa()
-    # No -std flag: torch.utils.cpp_extension adds the standard the installed torch needs (c++20
-    # since torch 2.13's cpp_extension; torch 2.14's headers reject anything older).
-    cxx = ["-O3", "-fno-math-errno", *ISA_FLAGS[isa], *OPENMP]
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    include_dirs = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
+def ops_extension():
     with_cuda, cuda_includes = cuda_wanted()
-    if with_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        include_dirs += cuda_includes
-        nvcc = ["-O3", "-DAVG_KERNELS_WITH_CUDA", "--expt-relaxed-constexpr"]
-        if os.environ.get("AVG_KERNELS_PTXAS_VERBOSE"):  # register/spill report per kernel
-            nvcc.append("-Xptxas=-v")
-        return cpp_extension.CUDAExtension(
-            "avg_kernels._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx + ["-DAVG_KERNELS_WITH_CUDA"], "nvcc": nvcc}, extra_link_args=OPENMP,
-        )
-    return cpp_extension.CppExtension(
-        "avg_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
-        extra_link_args=OPENMP,
-    )
+    cxx = CXX + DEFAULT_LEVEL
+    if not with_cuda:
+        return cpp_extension.CppExtension("avg_kernels._C", OPS_SOURCES, include_dirs=INCLUDE_DIRS,
+                                          extra_compile_args={"cxx": cxx}, extra_link_args=OPENMP)
+    nvcc = ["-O3", "-DAVG_KERNELS_WITH_CUDA", "--expt-relaxed-constexpr"]
+    if os.environ.get("AVG_KERNELS_PTXAS_VERBOSE"):  # register/spill report per kernel
+        nvcc.append("-Xptxas=-v")
+    return cpp_extension.CUDAExtension(
+        "avg_kernels._C", OPS_SOURCES + CUDA_SOURCES, include_dirs=INCLUDE_DIRS + cuda_includes,
+        extra_compile_args={"cxx": cxx + ["-DAVG_KERNELS_WITH_CUDA"], "nvcc": nvcc}, extra_link_args=OPENMP)
 
 
+def kernel_extension(level: str):
+    # Hidden visibility: every inline function of a header (c10::Half's F16C conversion, at::vec, ...) is
+    # this module's own copy, bound inside it; no other module (or level) can use it, nor it theirs.
+    name = level.upper()
+    cxx = CXX + ["-fvisibility=hidden", "-fvisibility-inlines-hidden", f"-DCPU_CAPABILITY={name}",
+                 f"-DCPU_CAPABILITY_{name}", *LEVELS.FLAGS[level]]
+    return cpp_extension.CppExtension(LEVELS.module_name(level), KERNEL_SOURCES, include_dirs=INCLUDE_DIRS,
+                                      extra_compile_args={"cxx": cxx}, extra_link_args=OPENMP)
+
+
+def testing_extension():
+    return cpp_extension.CppExtension("avg_kernels._C_testing", TESTING_SOURCES, include_dirs=INCLUDE_DIRS,
+                                      extra_compile_args={"cxx": CXX + DEFAULT_LEVEL}, extra_link_args=OPENMP)
+
+
+class BuildExt(cpp_extension.BuildExtension):
+    """Keeps each extension's objects in its own folder under build/ (pip's editable builds otherwise use a
+    fresh temporary folder each time, so every re-install recompiled everything; and the levels compile the
+    same sources, whose objects must not overwrite each other)."""
+
+    def build_extension(self, ext):
+        tag = f"{sysconfig.get_platform()}-py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}"
+        self.build_temp = os.path.join(ROOT, "build", f"temp-{tag}", ext.name.split(".")[-1])
+        os.makedirs(self.build_temp, exist_ok=True)
+        super().build_extension(ext)
+
+
+levels = [lvl for lvl in LEVELS.LEVELS if lvl == "default" or X86]
 setup(
     packages=find_packages(include=["avg_kernels", "avg_kernels.*"]),
-    ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=bool(shutil.which("ninja")))},
+    ext_modules=[ops_extension(), *(kernel_extension(lvl) for lvl in levels), testing_extension()],
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=bool(shutil.which("ninja")))},
 )

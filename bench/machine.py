@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import platform
 import subprocess
@@ -62,13 +63,15 @@ def extension_state() -> dict:
     if ext is None:
         return info
     so = Path(ext.__file__)
+    modules = [so] + [Path(importlib.import_module(f"avg_kernels._cpu_{lvl}").__file__) for lvl in _build.built_levels()]
     newest = max((p.stat().st_mtime for p in (ROOT / "csrc").rglob("*") if p.is_file()), default=0.0)
     info.update(
-        cpu_isa=ext.cpu_isa(),
+        cpu_kernels_level=_build.cpu_capability(),
+        cpu_levels_supported=_build.supported_levels(),
         built_with_cuda=ext.built_with_cuda(),
         file=str(so.relative_to(ROOT)) if so.is_relative_to(ROOT) else str(so),
-        # the .so is older than some csrc/ file: the kernels timed may not be the sources in the tree
-        maybe_stale=so.stat().st_mtime < newest,
+        # a module is older than some csrc/ file: the kernels timed may not be the sources in the tree
+        maybe_stale=min(p.stat().st_mtime for p in modules) < newest,
     )
     return info
 
@@ -131,14 +134,15 @@ def markdown(m: dict) -> list[str]:
     lines = [
         f"- **{kernel_commit_line(m)}**; tree at {src['head']} ({src['branch']})"
         + (", with uncommitted changes" if src["tree_dirty"] else ""),
-        f"- CPU: {m['cpu']} ({m['cpu_capability']}), {m['cpus_usable']} usable CPUs, torch threads "
+        f"- CPU: {m['cpu']} (torch's level {m['cpu_capability']}), {m['cpus_usable']} usable CPUs, torch threads "
         f"{m['torch_threads']}; {m['platform']}",
         f"- GPU: {gpu['name']} (sm {gpu['capability']}, {gpu['memory_gib']} GiB, CUDA {gpu['cuda_runtime']}"
         + (f", driver/clocks {gpu['nvidia_smi']}" if gpu.get("nvidia_smi") else "") + ")" if gpu else "- GPU: none",
         f"- Python {m['python']}, torch {m['torch']}, triton {m['triton'] or 'not installed'}",
         f"- extension avg_kernels._C: "
-        + (f"cpu_isa={ext['cpu_isa']}, built_with_cuda={ext['built_with_cuda']}" if ext.get("cpu_isa")
-           else f"NOT LOADED ({ext['error']})")
+        + (f"CPU kernels at level {ext['cpu_kernels_level']} (this CPU supports "
+           f"{', '.join(ext['cpu_levels_supported'])}), built_with_cuda={ext['built_with_cuda']}"
+           if ext.get("cpu_kernels_level") else f"NOT LOADED ({ext['error']})")
         + f"; available backends {ext['available_backends']}",
         f"- measured {m['date_utc']} UTC by `{m['command']}`",
     ]

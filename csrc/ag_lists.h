@@ -1,6 +1,6 @@
 // Host side of the multi-tensor ops (SPEC §2): argument checks and flat-buffer preparation, shared
-// by the CPU kernels (csrc/cpu/ag_update.cpp), the CUDA launcher (csrc/cuda/ag_update.cu) and the
-// host emulation of the CUDA launch (csrc/cpu/ag_update_emulation.cpp).
+// by the CPU op (csrc/cpu/ag_update.cpp), the CUDA launcher (csrc/cuda/ag_update.cu) and the host
+// emulation of the CUDA launch (csrc/testing/ag_update_cuda_emulation.cpp).
 //
 // check_lists() mirrors avg_kernels/ops/_lists.py::check_lists line for line: same checks, same
 // order, same exception types (TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError) and
@@ -10,6 +10,8 @@
 #include <ATen/ATen.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
+
+#include "ag_entry.h"
 
 #include <algorithm>
 #include <array>
@@ -139,14 +141,6 @@ inline void check_lists(const char* op, const std::vector<NamedList>& lists) {
 // Flat buffers: element k of every member of an entry is the same logical element.
 // ---------------------------------------------------------------------------------------------
 template <int Depth>
-struct FlatEntry {
-  std::array<void*, Depth> ptr;
-  std::array<at::ScalarType, Depth> dtype;
-  int64_t numel;
-  int64_t index;  // position in the user's lists
-};
-
-template <int Depth>
 struct Prepared {
   std::vector<FlatEntry<Depth>> entries;
   std::vector<at::Tensor> keep_alive;                          // copies made for layout reasons
@@ -196,14 +190,6 @@ Prepared<Depth> prepare(const std::vector<NamedList>& lists) {
     out.entries.push_back(e);
   }
   return out;
-}
-
-// float64 arithmetic when any member is float64 (SPEC §2), else float32.
-template <int Depth>
-bool wants_double(const FlatEntry<Depth>& e) {
-  for (int r = 0; r < Depth; ++r)
-    if (e.dtype[r] == at::kDouble) return true;
-  return false;
 }
 
 }  // namespace avg_kernels::ag

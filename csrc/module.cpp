@@ -1,6 +1,9 @@
-// The Python module avg_kernels._C. Importing it runs the TORCH_LIBRARY registrations of every
-// kernel file (ops appear under torch.ops.avg_kernels_C); the functions below describe the build.
+// The Python module avg_kernels._C. Importing it runs the TORCH_LIBRARY registrations of every op
+// (torch.ops.avg_kernels_C.*); the functions below describe the build and install the CPU kernels of
+// the capability level avg_kernels/_build.py chose (csrc/cpu/capability.h).
 #include <torch/extension.h>
+
+#include "cpu/capability_bindings.h"
 
 namespace {
 
@@ -12,20 +15,11 @@ bool built_with_cuda() {
 #endif
 }
 
-std::string cpu_isa() {
-#if defined(CPU_CAPABILITY_AVX512)
-  return "avx512";
-#elif defined(CPU_CAPABILITY_AVX2)
-  return "avx2";
-#else
-  return "default";
-#endif
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "avg_kernels compiled kernels (C++ CPU, and CUDA when built with it)";
+  m.doc() = "avg_kernels ops: registration, checks and drivers (C++ CPU kernels in avg_kernels._cpu_<level>; "
+            "CUDA kernels when built with them)";
   m.def("built_with_cuda", &built_with_cuda, "True when the CUDA kernels were compiled in");
-  m.def("cpu_isa", &cpu_isa, "SIMD instruction set the CPU kernels were compiled for");
+  avg_kernels::cpu::bind_capability(m);
 }

@@ -1,10 +1,14 @@
 // The ridge solve driver (SPEC §3) shared by the CPU and CUDA backends: ATen linalg (batched
 // Cholesky with per-entry info, cholesky_solve, eigh for the failing entries only) around two fused
-// kernels that each backend supplies. Defined in csrc/cpu/ridge.cpp (compiled by the C++ compiler in
+// kernels that each backend supplies. Defined in csrc/ridge_driver.cpp (compiled by the C++ compiler in
 // every build; it only calls ATen, so it drives CUDA tensors too).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <cstdint>
+
+namespace at {
+class Tensor;
+}
 
 namespace avg_kernels {
 

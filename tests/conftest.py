@@ -15,6 +15,14 @@ if not torch.cuda.is_available():
 os.environ.setdefault("AVG_KERNELS_POISON_OUTPUTS", "1")
 
 import avg_kernels  # noqa: E402
+from avg_kernels import _build  # noqa: E402
+
+
+def testing_ops():
+    """``torch.ops.avg_kernels_testing``: the test hooks of avg_kernels._C_testing (host emulations of the
+    CUDA launches, probes into the CPU kernels of the active capability level), or None when the C++
+    extension is not built."""
+    return torch.ops.avg_kernels_testing if _build.testing_extension() is not None else None
 
 
 def backend_params():

@@ -1,7 +1,7 @@
 """The GPU launch logic of the multi-tensor AG ops, verified without a GPU.
 
 * CUDA C++: csrc/cuda/multi_tensor_apply.cuh + ag_update_kernel.cuh run on the host through internal
-  CPU ops (csrc/cpu/ag_update_emulation.cpp) that execute the CUDA path's own planning and, for every
+  CPU ops (csrc/testing/ag_update_cuda_emulation.cpp) that execute the CUDA path's own planning and, for every
   block and thread, the same __host__ __device__ functions the GPU runs: chunk tables (also lists
   longer than one table, tensors carried over between tables), 64-bit offsets (plans for tensors
   beyond 2^31 and 2^32 elements by index arithmetic only), vector/tail element I/O with every
@@ -21,11 +21,12 @@ from avg_kernels import model_shapes, reference
 from avg_kernels.ops import _lists
 
 from test_ag_update import DTYPE_MIXES, ag1_lists, ag2_lists, clone_all, exact_ag1, same_bits
+from conftest import testing_ops
 
 needs_ext = pytest.mark.skipif("cpu" not in ak.available_backends(), reason="the C++ extension is not built")
 needs_triton = pytest.mark.skipif("triton" not in ak.available_backends(), reason="triton cannot run here")
 
-E = torch.ops.avg_kernels_C if "cpu" in ak.available_backends() else None
+E = testing_ops()
 
 
 def limits():
@@ -106,7 +107,7 @@ def test_emulated_cuda_matches_cpu_backend(fresh_seed):
     norms and to one float32 rounding in the results."""
     ps, os_, ss = ag2_lists([(300, 70), (5,), (65537,), (3, 3)], DTYPE_MIXES["f32"], torch.device("cpu"))
     a, b = clone_all(ps), clone_all(ps)
-    n_cpu = E.ag2_rescale_(a, os_, ss)
+    n_cpu = torch.ops.avg_kernels_C.ag2_rescale_(a, os_, ss)
     n_emu, _ = E.ag2_rescale_cuda_emulated_(b, os_, ss, *_lim("production"))
     torch.testing.assert_close(n_cpu, n_emu, rtol=1e-13, atol=0)
     for x, y in zip(a, b):

@@ -3,7 +3,7 @@
 ``csrc/cuda/avg_act_kernel.cuh`` keeps everything the CUDA kernel does per element and per index
 (16-byte vector loads/stores, scalar path for misaligned pointers, grid-stride loop, masked tail,
 64-bit offsets, float16/bfloat16 conversions) in ``__host__ __device__`` code. The internal ops of
-``csrc/cpu/cuda_emulation.cpp`` run that code on the host for every (block, thread) of a chosen
+``csrc/testing/avg_act_cuda_emulation.cpp`` run that code on the host for every (block, thread) of a chosen
 launch, through the same dtype/activation dispatch and argument setup as ``csrc/cuda/avg_act.cu``:
 
 * ``avg_act_backward_emulated(g, x, x_new, out, act, p0, p1, eps, grid, block) -> vectorized``
@@ -27,6 +27,7 @@ from avg_kernels.activations import forward
 from avg_kernels.ops._backend import unavailable_reason
 
 from _accuracy import CONFIGS, config_id, kernel_act, non_finite_inputs, slope_errors, spec_inputs
+from conftest import testing_ops
 
 _CPU_REASON = unavailable_reason("cpu")
 _CUDA_REASON = unavailable_reason("cuda")
@@ -40,7 +41,7 @@ def needs_cuda(fn):
 
 
 def _C():
-    return torch.ops.avg_kernels_C
+    return testing_ops()
 
 
 # An H100-like device: 132 SMs; 4 resident blocks per SM is in the range the occupancy API gives

@@ -1,6 +1,6 @@
 """Triton backend of the ridge solve (SPEC §3): P = G (sym(A) + λI)⁻¹.
 
-The same driver as the C++ one (csrc/cpu/ridge.cpp, whose header comment explains the steps), written
+The same driver as the C++ one (csrc/ridge_driver.cpp, whose header comment explains the steps), written
 with torch.linalg, around two Triton kernels:
 
 * ``ridge_prologue_kernel``: one pass over A, tile by tile (BLOCK x BLOCK, the tile and its transposed

@@ -3,7 +3,8 @@
 * ``torch.ops.avg_kernels.avg_act_backward``: grad_in = grad_out * s(x, x_new);
 * ``torch.ops.avg_kernels.avg_act``: f(x) whose backward is the averaged one when x_new is given.
 
-Backends: "reference" (avg_kernels/reference/avg_act.py), "cpu" (csrc/cpu/avg_act.cpp),
+Backends: "reference" (avg_kernels/reference/avg_act.py), "cpu" (csrc/cpu/avg_act.cpp, kernels
+in csrc/cpu/kernels/avg_act.cpp),
 "triton" (avg_kernels/_triton/avg_act.py), "cuda" (csrc/cuda/avg_act.cu).
 """
 from __future__ import annotations

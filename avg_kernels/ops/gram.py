@@ -7,7 +7,8 @@ D = C_in/groups · ∏kernel (+1 with ``bias``: each column u gets a trailing 1)
 of ``W.view(C_out, -1)``; summed over every sample and output position; float32 accumulation for
 float16/bfloat16/float32 inputs (float32 output), float64 for float64.
 
-Backends: "reference" (avg_kernels/reference/gram.py), "cpu" (csrc/cpu/gram.cpp), "triton"
+Backends: "reference" (avg_kernels/reference/gram.py), "cpu" (csrc/cpu/gram.cpp, kernels in
+csrc/cpu/kernels/gram.cpp), "triton"
 (avg_kernels/_triton/gram.py), "cuda" (csrc/cuda/gram.cu).
 """
 from __future__ import annotations

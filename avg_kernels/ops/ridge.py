@@ -5,8 +5,8 @@ eigendecomposition with eigenvalues clamped at 0 when Cholesky fails (rank-defic
 the pseudoinverse. Definition and error cases: avg_kernels/reference/ridge.py.
 
 Backends: "reference" (float64, avg_kernels/reference/ridge.py), "cpu" and "cuda" (C++ driver
-csrc/cpu/ridge.cpp around ATen linalg, fused prologue/epilogue kernels in csrc/cpu/ridge.cpp and
-csrc/cuda/ridge.cu), "triton" (the same driver in Python with Triton kernels, avg_kernels/_triton/ridge.py).
+csrc/ridge_driver.cpp around ATen linalg, fused prologue/epilogue kernels in csrc/cpu/kernels/ridge.cpp
+and csrc/cuda/ridge.cu), "triton" (the same driver in Python with Triton kernels, avg_kernels/_triton/ridge.py).
 """
 from __future__ import annotations
 

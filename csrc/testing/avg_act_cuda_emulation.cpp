@@ -1,6 +1,7 @@
-// Host emulation of the CUDA kernels, compiled into every build (CPU-only included), so the CPU
-// test suite executes the GPU's index, vector, tail and float16/bfloat16 logic
-// (csrc/cuda/avg_act_kernel.cuh) for chosen launch configurations. Internal ops, for tests only:
+// Host emulation of the CUDA kernels, built into avg_kernels._C_testing (for the test suite; not loaded
+// by `import avg_kernels`), so the CPU test suite executes the GPU's index, vector, tail and
+// float16/bfloat16 logic (csrc/cuda/avg_act_kernel.cuh) for chosen launch configurations. Ops
+// torch.ops.avg_kernels_testing.*:
 //
 //   avg_act_backward_emulated(grad_out, x, x_new, out!, act, p0, p1, eps, grid, block) -> bool
 //       the CUDA op's code path (same dispatch, same arguments, same vector/scalar choice) with
@@ -137,7 +138,7 @@ at::Tensor emulated_float_to_bits(const at::Tensor& values, int64_t kind) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(avg_kernels_C, m) {
+TORCH_LIBRARY_FRAGMENT(avg_kernels_testing, m) {
   m.def("avg_act_backward_emulated(Tensor grad_out, Tensor x, Tensor x_new, Tensor(a!) out, int act, float p0, "
         "float p1, float eps, int grid, int block) -> bool");
   m.def("cuda_launch_config(int n, int elem_size, bool vectorized, int num_sms, int blocks_per_sm) -> int[]",
@@ -151,7 +152,7 @@ TORCH_LIBRARY_FRAGMENT(avg_kernels_C, m) {
   m.def("emulated_float_to_bits(Tensor values, int kind) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(avg_kernels_C, CPU, m) {
+TORCH_LIBRARY_IMPL(avg_kernels_testing, CPU, m) {
   m.impl("avg_act_backward_emulated", &avg_act_backward_emulated);
   m.impl("emulated_bits_to_float", &emulated_bits_to_float);
   m.impl("emulated_float_to_bits", &emulated_float_to_bits);

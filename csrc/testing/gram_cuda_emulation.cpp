@@ -1,6 +1,7 @@
-// Host emulation of the CUDA Gram kernel (csrc/cuda/gram_kernel.cuh), compiled into every build so
-// the CPU tests execute the GPU kernel's tile numbering, per-thread row/position decomposition,
-// masks, 64-bit offsets, shared-memory stages and stores. Internal ops, for tests only:
+// Host emulation of the CUDA Gram kernel (csrc/cuda/gram_kernel.cuh), built into avg_kernels._C_testing
+// (for the test suite; not loaded by `import avg_kernels`), so the CPU tests execute the GPU kernel's
+// tile numbering, per-thread row/position decomposition, masks, 64-bit offsets, shared-memory stages
+// and stores. Ops torch.ops.avg_kernels_testing.*:
 //
 //   im2col_gram_cuda_emulated(x, kernel_size, stride, padding, dilation, groups, bias, out!, splits,
 //                             wide, sm_count) -> int[]
@@ -102,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> gram_unfolded_index(at::IntArrayRef sizes, at
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(avg_kernels_C, m) {
+TORCH_LIBRARY_FRAGMENT(avg_kernels_testing, m) {
   m.def("im2col_gram_cuda_emulated(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
         "int groups, bool bias, Tensor(a!) out, int splits, bool wide, int sm_count) -> int[]");
   m.def("linear_gram_cuda_emulated(Tensor x, bool bias, Tensor(a!) out, int splits, bool wide, int sm_count) -> int[]");
@@ -111,7 +112,7 @@ TORCH_LIBRARY_FRAGMENT(avg_kernels_C, m) {
         "int[] dilation, int groups, bool bias, int g, Tensor rows, Tensor positions, bool wide) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(avg_kernels_C, CPU, m) {
+TORCH_LIBRARY_IMPL(avg_kernels_testing, CPU, m) {
   m.impl("im2col_gram_cuda_emulated", &im2col_gram_cuda_emulated);
   m.impl("linear_gram_cuda_emulated", &linear_gram_cuda_emulated);
   m.impl("gram_unfolded_index", &gram_unfolded_index);

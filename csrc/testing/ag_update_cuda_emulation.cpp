@@ -1,8 +1,9 @@
 // Host emulation of the CUDA multi-tensor launches of AG-1 / AG-2 (csrc/cuda/ag_update_kernel.cuh),
-// as internal CPU ops for the tests. They run the CUDA path's own host code (checks, preparation,
-// grouping, table planning, launch sequence) and, for every block and thread of every launch, the
-// same __host__ __device__ functions the GPU runs. Table limits and the chunk size can be lowered
-// so that short lists already need several tables, chunks and carried-over tensors.
+// as CPU ops for the tests (torch.ops.avg_kernels_testing.*, built into avg_kernels._C_testing). They
+// run the CUDA path's own host code (checks, preparation, grouping, table planning, launch sequence)
+// and, for every block and thread of every launch, the same __host__ __device__ functions the GPU
+// runs. Table limits and the chunk size can be lowered so that short lists already need several
+// tables, chunks and carried-over tensors.
 //
 //   ag1_update_cuda_emulated_(params, params_new, avg_grads, chunk, max_tensors, max_blocks)
 //       -> launches [ag1, ag2_reduce, ag2_final, ag2_scale]
@@ -108,7 +109,7 @@ std::vector<int64_t> limits_list() {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(avg_kernels_C, m) {
+TORCH_LIBRARY_FRAGMENT(avg_kernels_testing, m) {
   m.def("ag1_update_cuda_emulated_(Tensor(a!)[] params, Tensor[] params_new, Tensor?[] avg_grads, int chunk, "
         "int max_tensors, int max_blocks) -> Tensor");
   m.def("ag2_rescale_cuda_emulated_(Tensor(a!)[] params, Tensor[] params_old, Tensor[] params_step, int chunk, "
@@ -119,7 +120,7 @@ TORCH_LIBRARY_FRAGMENT(avg_kernels_C, m) {
   m.def("mta_limits() -> int[]", &limits_list);
 }
 
-TORCH_LIBRARY_IMPL(avg_kernels_C, CPU, m) {
+TORCH_LIBRARY_IMPL(avg_kernels_testing, CPU, m) {
   m.impl("ag1_update_cuda_emulated_", &ag1_emulated);
   m.impl("ag2_rescale_cuda_emulated_", &ag2_emulated);
 }

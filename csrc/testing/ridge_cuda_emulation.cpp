@@ -1,6 +1,7 @@
-// Host emulation of the ridge CUDA kernels (csrc/cuda/ridge_kernel.cuh), compiled into every build, so the
-// CPU test suite executes the GPU's tile, shared-memory, masking and 64-bit index logic. Internal ops,
-// for tests only:
+// Host emulation of the ridge CUDA kernels (csrc/cuda/ridge_kernel.cuh), built into
+// avg_kernels._C_testing (for the test suite; not loaded by `import avg_kernels`), so the CPU test
+// suite executes the GPU's tile, shared-memory, masking and 64-bit index logic. Ops
+// torch.ops.avg_kernels_testing.*:
 //
 //   ridge_prologue_emulated(A, lam, compute_dtype, grid) -> (Bm, stats)
 //       the CUDA prologue (same dispatch, same arguments) with every block of a grid of `grid` blocks
@@ -83,7 +84,7 @@ std::vector<int64_t> coords(int64_t blk, int64_t nt) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(avg_kernels_C, m) {
+TORCH_LIBRARY_FRAGMENT(avg_kernels_testing, m) {
   m.def("ridge_prologue_emulated(Tensor A, float lam, ScalarType compute_dtype, int grid) -> (Tensor, Tensor)");
   m.def("ridge_scale_emulated(Tensor Y, Tensor w, float lam, float rtol, int grid, int block) -> Tensor");
   m.def("ridge_solve_emulated(Tensor G, Tensor A, float lam) -> Tensor");
@@ -91,13 +92,13 @@ TORCH_LIBRARY_FRAGMENT(avg_kernels_C, m) {
   m.def("ridge_tile_coords(int blk, int nt) -> int[]");
 }
 
-TORCH_LIBRARY_IMPL(avg_kernels_C, CPU, m) {
+TORCH_LIBRARY_IMPL(avg_kernels_testing, CPU, m) {
   m.impl("ridge_prologue_emulated", &prologue_emulated);
   m.impl("ridge_scale_emulated", &scale_emulated);
   m.impl("ridge_solve_emulated", &solve_emulated);
 }
 
-TORCH_LIBRARY_IMPL(avg_kernels_C, CompositeExplicitAutograd, m) {
+TORCH_LIBRARY_IMPL(avg_kernels_testing, CompositeExplicitAutograd, m) {
   m.impl("ridge_cuda_launch", &cuda_launch);
   m.impl("ridge_tile_coords", &coords);
 }
