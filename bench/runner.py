@@ -10,7 +10,10 @@ from pathlib import Path
 
 from . import OPS
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+# A run writes here unless --out says otherwise: git-ignored, so the main job leaves the checkout clean.
+# The committed tables in bench/results/ are written with `--out bench/results`.
+DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+COMMITTED = Path(__file__).resolve().parent / "results"
 MIN_RUN_TIME = {"cpu": {"quick": 0.3, "full": 0.6}, "cuda": {"quick": 0.1, "full": 0.1}}
 ROUNDS = {"cpu": 3, "cuda": 1}
 
@@ -38,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(mode="quick")
     parser.add_argument("--ops", type=_ops, default=list(OPS),
                         help=f"comma-separated op families (default: all: {','.join(OPS)})")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"output folder (default: {DEFAULT_OUT}, git-ignored; the committed tables are in "
+                             f"{COMMITTED})")
     parser.add_argument("--device", default=None,
                         help="cpu or cuda (default: cuda when a GPU is present, else cpu)")
     parser.add_argument("--sizes", type=parse_sizes, default=None,

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 COMMAND = "bench"
-HELP = "run the benchmarks (bench/ in a source checkout): tables + plots under bench/results/"
+HELP = "run the benchmarks (bench/ in a source checkout): tables + plots under bench/out/ (or --out)"
 
 # bench/ lives at the repository root, next to the avg_kernels package, not inside it.
 ROOT = Path(__file__).resolve().parent.parent.parent
