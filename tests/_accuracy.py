@@ -60,6 +60,29 @@ def slope_errors(out: torch.Tensor, g: torch.Tensor, x: torch.Tensor, x_new: tor
     return mask, violations, normwise, ref
 
 
+def reduced_precision_violations(out: torch.Tensor, g: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 grad_in (``out``) against the float64 reference ``ref``: arithmetic in float32, so
+    the only extra error allowed is rounding grad_in once (half an ulp of the dtype). True where violated."""
+    tiny = torch.finfo(out.dtype).tiny
+    ulp = torch.finfo(out.dtype).eps * ref.abs().clamp(min=tiny)  # spacing of dtype just above |ref|
+    err = (out.cpu().double() - ref).abs()
+    fp32_err = 1e-5 * ref.abs() + 1e-6 * g.cpu().double().abs()
+    return err > 0.5 * ulp + fp32_err + tiny
+
+
+def float64_violations(out: torch.Tensor, g: torch.Tensor, x: torch.Tensor, x_new: torch.Tensor, k: KernelAct,
+                       eps: float = EPS) -> torch.Tensor:
+    """float64 grad_in against the reference, to the reference's own rounding error (PyTorch's float64 f is
+    accurate to ~eps (|f(x)| + |x|): e.g. gelu's 1 + erf(x) cancels) over |d|, plus 1e-12 relative. True
+    where violated."""
+    ref = reference.avg_act_backward(g, x, x_new, k, eps)
+    e64 = torch.finfo(torch.float64).eps
+    ref_err = 4 * e64 * (forward(x, k).abs() + forward(x_new, k).abs() + x.abs() + x_new.abs()) / (
+        x_new - x).abs().clamp(min=eps)
+    tol = (1e-12 * (ref / g).abs() + ref_err + 1e-300) * g.abs()
+    return (out - ref).abs() > tol
+
+
 def literal_float32(g, x, x_new, k: KernelAct, eps: float = EPS):
     """The naive secant in float32, as the papers evaluate it (fails SPEC's bar for smooth f)."""
     d = x_new - x

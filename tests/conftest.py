@@ -18,7 +18,7 @@ import avg_kernels  # noqa: E402
 from avg_kernels import _build  # noqa: E402
 
 
-def testing_ops():
+def hook_ops():
     """``torch.ops.avg_kernels_testing``: the test hooks of avg_kernels._C_testing (host emulations of the
     CUDA launches, probes into the CPU kernels of the active capability level), or None when the C++
     extension is not built."""
@@ -54,6 +54,38 @@ def interpreted(backend: str) -> bool:
 @pytest.fixture(params=backend_params())
 def backend(request):
     return request.param
+
+
+def cpu_level_params():
+    """Every CPU capability level (avg_kernels/_cpu_levels.py); the ones this machine or build cannot run are
+    skipped with the reason."""
+    from avg_kernels import _cpu_levels
+
+    supported = _build.supported_levels()
+    out = []
+    for level in _cpu_levels.LEVELS:
+        if level in supported:
+            marks = []
+        elif _build.extension() is None:
+            marks = [pytest.mark.skip(reason=f"C++ extension: {_build.extension_error()}")]
+        elif level not in _build.built_levels():
+            marks = [pytest.mark.skip(reason=f"{level} kernels are not built on this platform")]
+        else:
+            lacks = ", ".join(_cpu_levels.missing(level, _build.cpu_features()))
+            marks = [pytest.mark.skip(reason=f"this CPU lacks {lacks} (tests/test_cpu_emulated.py covers {level} "
+                                             "under emulation where qemu can)")]
+        out.append(pytest.param(level, marks=marks, id=level))
+    return out
+
+
+@pytest.fixture(params=cpu_level_params())
+def cpu_level(request):
+    """Runs the test with the C++ CPU kernels of one capability level (switched in-process), then restores."""
+    previous = _build.set_cpu_capability(request.param)
+    try:
+        yield request.param
+    finally:
+        _build.set_cpu_capability(previous)
 
 
 @pytest.fixture

@@ -21,12 +21,12 @@ from avg_kernels import model_shapes, reference
 from avg_kernels.ops import _lists
 
 from test_ag_update import DTYPE_MIXES, ag1_lists, ag2_lists, clone_all, exact_ag1, same_bits
-from conftest import testing_ops
+from conftest import hook_ops
 
 needs_ext = pytest.mark.skipif("cpu" not in ak.available_backends(), reason="the C++ extension is not built")
 needs_triton = pytest.mark.skipif("triton" not in ak.available_backends(), reason="triton cannot run here")
 
-E = testing_ops()
+E = hook_ops()
 
 
 def limits():

@@ -27,7 +27,7 @@ from avg_kernels.activations import forward
 from avg_kernels.ops._backend import unavailable_reason
 
 from _accuracy import CONFIGS, config_id, kernel_act, non_finite_inputs, slope_errors, spec_inputs
-from conftest import testing_ops
+from conftest import hook_ops
 
 _CPU_REASON = unavailable_reason("cpu")
 _CUDA_REASON = unavailable_reason("cuda")
@@ -41,7 +41,7 @@ def needs_cuda(fn):
 
 
 def _C():
-    return testing_ops()
+    return hook_ops()
 
 
 # An H100-like device: 132 SMs; 4 resident blocks per SM is in the range the occupancy API gives

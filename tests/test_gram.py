@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import avg_kernels as ak
 from avg_kernels import reference
 
-from conftest import backend_device, interpreted, testing_ops
+from conftest import backend_device, interpreted, hook_ops
 
 TOL = 1e-5  # SPEC §3: relative Frobenius error vs the float64 reference
 
@@ -363,7 +363,7 @@ def _emulated(x, k, s=1, p=0, d=1, g=1, b=False, splits=0, wide=False, sm_count=
 
     geo = ak.ops.gram.conv_geometry(x, k, s, p, d, g, b)
     out = new_output((g, geo.dim, geo.dim), x, out_dtype(x.dtype))  # NaN-poisoned under the test suite
-    info = testing_ops().im2col_gram_cuda_emulated(
+    info = hook_ops().im2col_gram_cuda_emulated(
         x, list(geo.kernel_size), list(geo.stride), list(geo.padding), list(geo.dilation), g, b, out, splits, wide,
         sm_count)
     return out, info
@@ -399,7 +399,7 @@ def test_cuda_kernel_emulated_linear_and_empty(fresh_seed):
 
     x = torch.randn(5, 7, 66)
     out = new_output((1, 67, 67), x, torch.float32)
-    testing_ops().linear_gram_cuda_emulated(x, True, out, 2, False, 4)
+    hook_ops().linear_gram_cuda_emulated(x, True, out, 2, False, 4)
     assert rel_fro(out, ak.linear_gram(x.double(), True, backend="reference")) <= TOL
     out, info = _emulated(torch.randn(0, 4, 5, 5), 3, 1, 1, 1, 2, True)
     assert (out == 0).all() and info[2] == 0
@@ -410,7 +410,7 @@ def test_cuda_kernel_emulated_linear_and_empty(fresh_seed):
 def test_cuda_kernel_tile_numbering():
     """Tile t -> (bi, bj) enumerates the upper triangle once, also far beyond 2^31 tiles."""
     _needs_extension()
-    coords = testing_ops().gram_tile_coords
+    coords = hook_ops().gram_tile_coords
     n = 60
     got = [tuple(coords(t)) for t in range(n * (n + 1) // 2)]
     assert got == [(i, j) for j in range(n) for i in range(j + 1)]
@@ -436,7 +436,7 @@ def test_cuda_kernel_addresses_beyond_2_31(fresh_seed):
     d_in = cg * ks[0] * ks[1]
     rows = torch.randint(0, d_in + 2, pos.shape, generator=gen)
     g = 1
-    off, kind = testing_ops().gram_unfolded_index(list(sizes), list(strides), list(ks), list(st), list(pd),
+    off, kind = hook_ops().gram_unfolded_index(list(sizes), list(strides), list(ks), list(st), list(pd),
                                                             list(dl), groups, True, g, rows, pos, True)
     for e in range(pos.numel()):
         m, d = int(pos[e]), int(rows[e])

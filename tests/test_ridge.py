@@ -11,7 +11,7 @@ import torch
 import avg_kernels as ak
 from avg_kernels.reference.ridge import pinv_rtol
 
-from conftest import backend_device, interpreted, testing_ops
+from conftest import backend_device, interpreted, hook_ops
 
 # Triton's interpreter evaluates inf - inf (the finiteness test) in numpy, which warns.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -294,13 +294,13 @@ def test_cpu_fused_small_path_matches_unfused_driver(fresh_seed):
             for b in range(6):  # per entry: κ of S + λI, or of the clamped spectrum where Cholesky fails
                 kappa = (w[b].abs().max() + lam) / (w[b].min() + lam if w[b].min() + lam > 0 else lam)
                 tol = tol_for(torch.float32, torch.float32, kappa.item(), d)
-                for f in (torch.ops.avg_kernels_C.ridge_solve, testing_ops().ridge_solve_unfused):
+                for f in (torch.ops.avg_kernels_C.ridge_solve, hook_ops().ridge_solve_unfused):
                     assert rel_err(f(G, A, lam)[b], ref[b]) <= tol, (d, lam, b, f)
 
 
 def _prologue_impl(backend):
     if backend == "cpu":
-        return testing_ops().ridge_prologue
+        return hook_ops().ridge_prologue
     if backend == "triton":
         from avg_kernels._triton.ridge import prologue
 
@@ -389,7 +389,7 @@ def test_positive_definite_batch_is_the_plain_cholesky_solve():
 def _emulation():
     if "cpu" not in ak.available_backends():
         pytest.skip("the C++ extension is not built")
-    return testing_ops()
+    return hook_ops()
 
 
 @pytest.mark.parametrize("dt", DTYPES)
@@ -498,7 +498,7 @@ def test_cpu_per_entry_lapack_path(fresh_seed):
     for lam in (5e-5, 1e-2, 1e3):
         out = ak.ridge_solve(G, A, lam, backend="cpu")
         ref = ak.ridge_solve(G.double(), A.double(), lam, backend="reference")
-        unfused = testing_ops().ridge_solve_unfused(G, A, lam)
+        unfused = hook_ops().ridge_solve_unfused(G, A, lam)
         kappa = (1 + lam) / lam
         assert rel_err(out, ref) <= tol_for(torch.float32, torch.float32, kappa, d), lam
         assert rel_err(unfused, ref) <= tol_for(torch.float32, torch.float32, kappa, d), lam

@@ -7,6 +7,7 @@
 
 #include <avg_kernels/activations.h>
 
+#include <cmath>
 #include <type_traits>
 
 namespace avg_kernels {
@@ -53,7 +54,17 @@ inline VF erfc(const VF& z) {
                   0.20536042749881744f, 0.2424793839454651f, 0.28245383501052856f, 0.28208234906196594f})
     P = at::vec::fmadd(P, t, VF(c));
   const VF p = za * za;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   const VF pe = at::vec::fmsub(za, za, p);
+#else
+  // The default level has no fused multiply-add (at::vec's fmsub rounds za * za first, which leaves
+  // z^2 ulps of error in e^{-z^2}): the exact residual lane by lane instead.
+  float zs[VF::size()], ps[VF::size()];
+  za.store(zs);
+  p.store(ps);
+  for (int i = 0; i < VF::size(); ++i) ps[i] = std::fma(zs[i], zs[i], -ps[i]);
+  const VF pe = VF::loadu(ps);
+#endif
   const VF r = exp(-p) * (VF(1.0f) - pe) * t * P;
   return VF::blendv(r, VF(2.0f) - r, z < VF(0.0f));
 }
