@@ -90,8 +90,9 @@ INCLUDE_DIRS = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc"
 OPENMP = [] if sys.platform == "darwin" else ["-fopenmp"]
 # No -std flag: torch.utils.cpp_extension adds the standard the installed torch needs (c++20 since torch
 # 2.13's cpp_extension; torch 2.14's headers reject anything older). No -march: nothing depends on the
-# build machine's CPU.
-CXX = ["-O3", "-fno-math-errno", *OPENMP]
+# build machine's CPU. -g0 overrides the -g of Python's own CFLAGS: debug info for these template-heavy
+# sources made the build slower and the modules several times larger.
+CXX = ["-O3", "-g0", "-fno-math-errno", *OPENMP]
 DEFAULT_LEVEL = ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
 
 
