@@ -124,7 +124,10 @@ def gram_kernel(x_ptr, out_ptr, tiles_ptr,
     ri = rows_i.to(tl.int64)
     rj = rows_j.to(tl.int64)
     tl.store(out + ri[:, None] * D + rj[None, :], acc, mask=ok)
-    tl.store(out + rj[None, :] * D + ri[:, None], acc, mask=ok & (bi != bj))
+    # The transpose only for off-diagonal tiles. Written as a select, not `ok & (bi != bj)`: Triton's interpreter
+    # broadcasts a scalar comparison as an int32 array (its handle keeps the operands' dtype), and from Triton 3.9
+    # on it rejects such a mask ("mask has unsupported dtype"). Compiled, both forms give the same PTX.
+    tl.store(out + rj[None, :] * D + ri[:, None], acc, mask=tl.where(bi != bj, ok, False))
 
 
 _DOT_T = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
