@@ -117,7 +117,7 @@ def gram_kernel(x_ptr, out_ptr, tiles_ptr,
         if BIAS:
             a = tl.where((rows_i == D_IN)[:, None] & m_ok[None, :], 1.0, a).to(DOT_T)
             b = tl.where((rows_j == D_IN)[:, None] & m_ok[None, :], 1.0, b).to(DOT_T)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC_T)
 
     out = out_ptr + (split * n_groups + g) * D * D
     ok = (rows_i < D)[:, None] & (rows_j < D)[None, :]
