@@ -85,9 +85,11 @@ def gram_kernel(x_ptr, out_ptr, tiles_ptr,
     dw_j = kw_j * DW - PW
     row_i = (g * C_G + c_i) * sC + dh_i.to(tl.int64) * sH + dw_i.to(tl.int64) * sW
     row_j = (g * C_G + c_j) * sC + dh_j.to(tl.int64) * sH + dw_j.to(tl.int64) * sW
-    # a row outside D_IN gets an impossible height window, so its mask is all false
-    lo_i = tl.where(rows_i < D_IN, -dh_i, H)
-    lo_j = tl.where(rows_j < D_IN, -dh_j, H)
+    # A row outside D_IN (the bias row, the tile's rows past D) gets an impossible height window, so its mask is
+    # all false: no position starts at hs >= 2^31 - 1. (Not H: hs runs over the padded height, up to H + 2·PH - 1,
+    # and with dh < 0 the window [H, H - dh) let such rows load past the end of their channels.)
+    lo_i = tl.where(rows_i < D_IN, -dh_i, 2147483647)
+    lo_j = tl.where(rows_j < D_IN, -dh_j, 2147483647)
 
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC_T)
     m_start = split * STEPS * BLOCK_M
