@@ -85,9 +85,11 @@ def gram_kernel(x_ptr, out_ptr, tiles_ptr,
     dw_j = kw_j * DW - PW
     row_i = (g * C_G + c_i) * sC + dh_i.to(tl.int64) * sH + dw_i.to(tl.int64) * sW
     row_j = (g * C_G + c_j) * sC + dh_j.to(tl.int64) * sH + dw_j.to(tl.int64) * sW
-    # a row outside D_IN gets an impossible height window, so its mask is all false
-    lo_i = tl.where(rows_i < D_IN, -dh_i, H)
-    lo_j = tl.where(rows_j < D_IN, -dh_j, H)
+    # A row outside D_IN (the bias row, the tile's rows past D) gets an impossible height window, so its mask is
+    # all false: no position starts at hs >= 2^31 - 1. (Not H: hs runs over the padded height, up to H + 2·PH - 1,
+    # and with dh < 0 the window [H, H - dh) let such rows load past the end of their channels.)
+    lo_i = tl.where(rows_i < D_IN, -dh_i, 2147483647)
+    lo_j = tl.where(rows_j < D_IN, -dh_j, 2147483647)
 
     acc = tl.zeros((BLOCK_D, BLOCK_D), dtype=ACC_T)
     m_start = split * STEPS * BLOCK_M
@@ -117,14 +119,17 @@ def gram_kernel(x_ptr, out_ptr, tiles_ptr,
         if BIAS:
             a = tl.where((rows_i == D_IN)[:, None] & m_ok[None, :], 1.0, a).to(DOT_T)
             b = tl.where((rows_j == D_IN)[:, None] & m_ok[None, :], 1.0, b).to(DOT_T)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION, out_dtype=ACC_T)
 
     out = out_ptr + (split * n_groups + g) * D * D
     ok = (rows_i < D)[:, None] & (rows_j < D)[None, :]
     ri = rows_i.to(tl.int64)
     rj = rows_j.to(tl.int64)
     tl.store(out + ri[:, None] * D + rj[None, :], acc, mask=ok)
-    tl.store(out + rj[None, :] * D + ri[:, None], acc, mask=ok & (bi != bj))
+    # The transpose only for off-diagonal tiles. Written as a select, not `ok & (bi != bj)`: Triton's interpreter
+    # broadcasts a scalar comparison as an int32 array (its handle keeps the operands' dtype), and from Triton 3.9
+    # on it rejects such a mask ("mask has unsupported dtype"). Compiled, both forms give the same PTX.
+    tl.store(out + rj[None, :] * D + ri[:, None], acc, mask=tl.where(bi != bj, ok, False))
 
 
 _DOT_T = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,

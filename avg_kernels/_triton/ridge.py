@@ -5,7 +5,8 @@ with torch.linalg, around two Triton kernels:
 
 * ``ridge_prologue_kernel``: one pass over A, tile by tile (BLOCK x BLOCK, the tile and its transposed
   partner loaded together): S + λI in the compute dtype, and per program a non-finite flag and the
-  largest |A_ii| of its diagonal (reduced per batch entry with one small amax afterwards: no atomics);
+  largest |A_ii| of its diagonal (one two-value reduction in the program; reduced per batch entry with
+  one small amax afterwards: no atomics);
 * ``ridge_scale_kernel``: the epilogue of the eigendecomposition path, Y[b, c, j] *= r(w[b, j]) with
   r = 1/(max(w, 0) + λ) (λ > 0) or pinv's cutoff (λ = 0), as csrc/include/avg_kernels/ridge.h.
 
@@ -30,6 +31,11 @@ from . import aot
 
 
 @triton.jit
+def _max_and_nan_max(m_a, n_a, m_b, n_b):  # combine of (max |A_ii|, non-finite marker) pairs
+    return tl.maximum(m_a, m_b), tl.maximum(n_a, n_b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def ridge_prologue_kernel(a_ptr, out_ptr, part_ptr, prm_ptr, sb, si, sj, D, n_tiles,
                           BLOCK: tl.constexpr, COMPUTE: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -49,8 +55,13 @@ def ridge_prologue_kernel(a_ptr, out_ptr, part_ptr, prm_ptr, sb, si, sj, D, n_ti
     diag = (i[:, None] == j[None, :]) & mask
     s = tl.where(diag, s + lam, s)
     tl.store(out_ptr + (b * D * D + i[:, None] * D + j[None, :]), s, mask=mask)
-    bad = tl.max(tl.max(tl.where(((aij - aij) == 0) | (mask == 0), 0, 1), axis=1), axis=0)
-    maxdiag = tl.max(tl.max(tl.where(diag, tl.abs(aij), 0.0), axis=1), axis=0)
+    # One reduction for both statistics: max |a_ii| over the diagonal, and a NaN-propagating max of a - a, which is
+    # 0 for finite a (and for masked-off elements, loaded as 0) and NaN for ±inf/NaN. Not a max over 0/1 flags:
+    # LLVM 24 (Triton 3.9) folds that into a bitcast of an <8 x i1> vector, which the NVPTX backend lowers through
+    # a stack slot (an 8-byte stack frame on sm_90 for fp64).
+    maxdiag, nonfinite = tl.reduce((tl.where(diag, tl.abs(aij), 0.0), aij - aij), 1, _max_and_nan_max)
+    maxdiag, nonfinite = tl.reduce((maxdiag, nonfinite), 0, _max_and_nan_max)
+    bad = nonfinite != 0  # NaN != 0
     tl.store(part_ptr + pid * 2, bad.to(COMPUTE))
     tl.store(part_ptr + (pid * 2 + 1), maxdiag)
 
