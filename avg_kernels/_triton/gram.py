@@ -39,13 +39,17 @@ class Launch(NamedTuple):
     num_stages: int
 
 
-# Per input dtype. Chosen with the AOT check (sm_80 and sm_90, triton 3.8): these compile without
-# stack/local memory for every (bias, wide) variant; e.g. fp32 with BLOCK_M=16 and 2 stages spills 8
-# bytes on sm_80, BLOCK_M=32 spills on sm_90 for fp64 with bias, 4 warps run at 254 registers.
+# Triton 3.7 (the release torch 2.13 pins) allocates registers differently from 3.8/3.9: there float32 with
+# bias and 3 stages spills 8 bytes on sm_80, while on 3.8/3.9 2 stages spill.
+_TRITON_3_7 = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8)
+
+# Per input dtype. Chosen with the AOT check (sm_80 and sm_90, triton 3.7-3.9): these compile without
+# stack/local memory for every (bias, wide) variant; e.g. BLOCK_M=32 spills on sm_90 for fp64 with bias,
+# 4 warps run at 254 registers.
 _LAUNCH = {
     torch.float16: Launch(32, 8, 2),
     torch.bfloat16: Launch(32, 8, 2),
-    torch.float32: Launch(16, 8, 3),
+    torch.float32: Launch(16, 8, 2 if _TRITON_3_7 else 3),
     torch.float64: Launch(16, 8, 3),
 }
 _TF32_LAUNCH = Launch(16, 8, 2)  # float32 with TF32: 3 stages spill 8 bytes on sm_80 (with bias)
