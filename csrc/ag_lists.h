@@ -2,7 +2,7 @@
 // by the CPU op (csrc/cpu/ag_update.cpp), the CUDA launcher (csrc/cuda/ag_update.cu) and the host
 // emulation of the CUDA launch (csrc/testing/ag_update_cuda_emulation.cpp).
 //
-// check_lists() mirrors avg_kernels/ops/_lists.py::check_lists line for line: same checks, same
+// check_lists() mirrors avg_kernels/_contract/lists.py::check_lists line for line: same checks, same
 // order, same exception types (TORCH_CHECK_VALUE -> ValueError, TORCH_CHECK_TYPE -> TypeError) and
 // the same messages (tests/test_ag_update.py compares the two on every error case).
 #pragma once
@@ -108,7 +108,7 @@ inline void check_aliasing(const char* op, const std::vector<NamedList>& lists) 
   }
 }
 
-// SPEC §6 checks of a multi-tensor in-place op; lists[0] is written. See ops/_lists.py::check_lists.
+// SPEC §6 checks of a multi-tensor in-place op; lists[0] is written. See _contract/lists.py::check_lists.
 inline void check_lists(const char* op, const std::vector<NamedList>& lists) {
   const NamedList& w = lists[0];
   const size_t n = w.tensors.size();
@@ -152,10 +152,12 @@ struct Prepared {
   }
 };
 
-// Mirrors ops/_lists.py::flat_entries. Indices with an undefined (None) member or no elements are
+// Mirrors _contract/lists.py::flat_entries. Indices with an undefined (None) member or no elements are
 // left out. The written tensor is used in place when it is non-overlapping and dense (any memory
 // order), else through a contiguous copy (written back by finish()); a read tensor is used as it is
-// when its strides equal the written buffer's, else copied into that layout.
+// when its strides equal the written buffer's, else copied into that layout. The arguments were
+// validated by check_lists(); the element counts and devices are asserted again here because the
+// kernels walk raw memory.
 template <int Depth>
 Prepared<Depth> prepare(const std::vector<NamedList>& lists) {
   Prepared<Depth> out;
@@ -178,6 +180,8 @@ Prepared<Depth> prepare(const std::vector<NamedList>& lists) {
     e.dtype[0] = wb.scalar_type();
     for (int r = 1; r < Depth; ++r) {
       at::Tensor t = lists[r].tensors[i];
+      TORCH_CHECK(t.numel() == w.numel() && t.device() == w.device(), "ag update (internal): ", lists[r].name, "[", i,
+                  "] does not match ", lists[0].name, "[", i, "]; the lists must be validated by check_lists first");
       if (t.numel() > 1 && t.strides() != wb.strides()) {
         at::Tensor c = at::empty_like(wb, wb.options().dtype(t.scalar_type()));
         c.copy_(t);

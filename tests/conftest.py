@@ -4,14 +4,21 @@ Without a CUDA device the Triton backend runs in Triton's interpreter on CPU ten
 same parity tests cover it: TRITON_INTERPRET=1 must be set before triton is first imported.
 """
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+# The benchmarks (bench/, at the repository root, not part of the package) are tested too: importable as `bench`.
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Every kernel output is allocated NaN-filled ("poisoned") before the launch, so an element a
-# kernel forgets to write cannot pass a parity test (see avg_kernels/ops/_alloc.py).
+# kernel forgets to write cannot pass a parity test (see avg_kernels/_contract/outputs.py).
 os.environ.setdefault("AVG_KERNELS_POISON_OUTPUTS", "1")
 
 import avg_kernels  # noqa: E402

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import avg_kernels as ak
-from avg_kernels import model_shapes, reference
-from avg_kernels.ops import _lists
+from avg_kernels import reference
+from bench import model_shapes
+from avg_kernels._contract import lists as _lists
 
 from test_ag_update import DTYPE_MIXES, ag1_lists, ag2_lists, clone_all, exact_ag1, same_bits
 from conftest import hook_ops

@@ -10,7 +10,7 @@ import torch
 
 import avg_kernels as ak
 from avg_kernels import reference
-from avg_kernels.ops import _lists
+from avg_kernels._contract import lists as _lists
 from avg_kernels.ops.ag_update import AG1, AG2
 
 from conftest import backend_device, interpreted

@@ -1,16 +1,10 @@
 """bench/ag_train.py runs through the bench harness (smoke run) and reports every method, its ratio to
 the base step and the per-phase breakdown."""
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import OPS, ag_train, runner  # noqa: E402
+from bench import OPS, ag_train, runner  # conftest puts the checkout root on sys.path
 
 
 def test_registered_and_smoke_run(tmp_path):

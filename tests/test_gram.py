@@ -358,11 +358,11 @@ def _needs_extension():
 
 
 def _emulated(x, k, s=1, p=0, d=1, g=1, b=False, splits=0, wide=False, sm_count=4):
-    from avg_kernels.ops._alloc import new_output
-    from avg_kernels.reference.gram import out_dtype
+    from avg_kernels._contract.dtypes import gram_dtype
+    from avg_kernels._contract.outputs import new_output
 
     geo = ak.ops.gram.conv_geometry(x, k, s, p, d, g, b)
-    out = new_output((g, geo.dim, geo.dim), x, out_dtype(x.dtype))  # NaN-poisoned under the test suite
+    out = new_output((g, geo.dim, geo.dim), x, gram_dtype(x.dtype))  # NaN-poisoned under the test suite
     info = hook_ops().im2col_gram_cuda_emulated(
         x, list(geo.kernel_size), list(geo.stride), list(geo.padding), list(geo.dilation), g, b, out, splits, wide,
         sm_count)
@@ -395,7 +395,7 @@ def test_cuda_kernel_emulated_dtypes_layouts_wide(dtype, fresh_seed):
 
 def test_cuda_kernel_emulated_linear_and_empty(fresh_seed):
     _needs_extension()
-    from avg_kernels.ops._alloc import new_output
+    from avg_kernels._contract.outputs import new_output
 
     x = torch.randn(5, 7, 66)
     out = new_output((1, 67, 67), x, torch.float32)

@@ -2,7 +2,7 @@
 
 Design: a fixed number of launches per dtype group, whatever the number of tensors.
 
-* The host turns every tensor triple into flat buffers (``ops._lists.flat_entries``) and groups the
+* The host turns every tensor triple into flat buffers (``_contract.lists.flat_entries``) and groups the
   triples by (dtype of each member, 16-byte alignment of every member). Each group is ONE launch
   (AG-2: one for the reduction and one for the scaling pass, plus one single-program final reduce
   for the whole call), so the launch count is independent of the number of tensors.
@@ -45,8 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._alloc import new_output
-from ..ops._lists import FlatEntry
+from .._contract.lists import FlatEntry
+from .._contract.outputs import new_output
 
 # Element type codes (constexpr): which loads/stores a member uses.
 F16 = tl.constexpr(0)

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..activations import KERNEL_ACTS, KernelAct
-from ..ops._alloc import new_output
+from .._contract.outputs import new_output
 from . import aot
 
 # ---------------------------------------------------------------------------------------------

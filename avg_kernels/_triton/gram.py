@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._alloc import new_output
+from .._contract.outputs import new_output
 from . import aot
 
 BLOCK_D = 64

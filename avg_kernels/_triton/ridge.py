@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.ridge import GRAM_TOL, batch_name, nonfinite_message, not_gram_message
+from .._contract.ridge import GRAM_TOL, batch_name, nonfinite_message, not_gram_message
 from . import aot
 
 

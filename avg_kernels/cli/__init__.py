@@ -7,6 +7,9 @@ A command is a module in this package (``avg_kernels/cli/<name>.py``) that defin
     def configure(parser): ...              # adds its arguments to its argparse sub-parser
                                             # (set_defaults(_accept_extra=True): it takes unknown ones too)
     def run(args) -> int: ...               # runs it; the exit status
+or, instead of configure and run,
+    PASSTHROUGH = True
+    def run_argv(argv) -> int: ...          # gets its arguments unparsed (its own parser sees them all)
 
 Modules are discovered here, so adding a command means adding one file, no edit elsewhere. Keep
 their module-level imports light (every invocation imports every command module); a command module
@@ -53,13 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, mod in _commands().items():
         p = sub.add_parser(name, help=mod.HELP, description=(mod.__doc__ or mod.HELP).strip().splitlines()[0]
-                           if not isinstance(mod, _Broken) else mod.HELP)
-        mod.configure(p)
-        p.set_defaults(_run=mod.run)
+                           if not isinstance(mod, _Broken) else mod.HELP, add_help=not getattr(mod, "PASSTHROUGH", False))
+        if not getattr(mod, "PASSTHROUGH", False):  # (a passthrough command never reaches this parser)
+            mod.configure(p)
+            p.set_defaults(_run=mod.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = _commands()
+    if argv and getattr(commands.get(argv[0]), "PASSTHROUGH", False):  # its own parser sees every argument
+        return int(commands[argv[0]].run_argv(argv[1:]) or 0)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "_accept_extra", False):  # a command that cannot run takes anything

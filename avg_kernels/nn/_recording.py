@@ -7,7 +7,7 @@ activation call (a converted module or ``avg_kernels.nn.functional``) asks it wh
   runs ``_SlotAct``, an autograd Function that computes f(x) with PyTorch's own op and keeps the slot in
   its context. Its backward reads the slot when it runs: empty -> PyTorch's own f' backward formula
   (``activations.native_backward``: bitwise the gradient PyTorch computes); filled -> the averaged
-  backward ``grad * s(x, x')`` through the public op ``torch.ops.avg_kernels.avg_act_backward``.
+  backward ``grad * s(x, x')`` through the public op ``avg_act_backward`` (its eager fast path).
   (A post-hook on PyTorch's own autograd node would also work, but autograd cannot skip the node, so
   the averaged backward would pay for f' as well; measured ~2 % of a ResNet-18-shaped AG-3-1 step.)
 * ``REPLAY`` (the no-grad forward at θ' -- or at θ_{t-1} for AG-3-1): call k checks that its input
@@ -33,7 +33,7 @@ from typing import Optional, Union
 import torch
 
 from .. import activations
-from ..ops.avg_act import backward_kernel as _backward_kernel
+from ..ops import AVG_ACT_BACKWARD
 from ..activations import KernelAct
 
 GRAPH, REPLAY, BACKWARD, PLAIN = "graph", "replay", "backward", "plain"
@@ -212,10 +212,7 @@ class _SlotAct(torch.autograd.Function):
         if x_new is None:
             return activations.native_backward(grad, saved[0], saved[1] if len(saved) > 1 else None, k), None
         rec = slot.recorder
-        if torch.compiler.is_compiling():
-            return torch.ops.avg_kernels.avg_act_backward(grad, saved[0], x_new, k.name, [k.p0, k.p1], rec.eps,
-                                                          rec.backend), None
-        return _backward_kernel(grad, saved[0], x_new, k, rec.eps, rec.backend), None
+        return AVG_ACT_BACKWARD.eager(grad, saved[0], x_new, k.name, [k.p0, k.p1], rec.eps, rec.backend), None
 
 
 def _inside_checkpoint() -> bool:

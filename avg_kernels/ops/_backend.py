@@ -72,6 +72,15 @@ def _check_name(name: str) -> None:
         raise ValueError(f"backend={name!r} is not a backend; expected one of {list(BACKENDS)} or 'auto'")
 
 
+def check_backend(name) -> str:
+    """``name`` when it is "auto" or a backend's name; else TypeError/ValueError naming ``backend``."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str (or None), got {type(name).__name__} {name!r}")
+    if name != "auto":
+        _check_name(name)
+    return name
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
     """Within the block, ops called with backend="auto" (the default) use backend ``name``.
@@ -98,8 +107,7 @@ def current_backend() -> str | None:
 
 def resolve(op: str, backend: str, device: torch.device) -> str:
     """The backend that runs ``op`` on ``device`` for the requested ``backend`` ("auto" or a name)."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    check_backend(backend)
     return _resolve(op, backend if backend != "auto" else current_backend(), device.type)
 
 

@@ -9,19 +9,20 @@ Backends: "reference" (avg_kernels/reference/ag_update.py), "cpu" (csrc/cpu/ag_u
 multi-tensor launcher csrc/cuda/multi_tensor_apply.cuh).
 
 Argument checks (SPEC §6) run before anything is written: in C++ (csrc/ag_lists.h) when the
-extension is loaded, else in Python (ops/_lists.py); both raise the same errors. The grad-mode
+extension is loaded, else in Python (_contract/lists.py); both raise the same errors. The grad-mode
 check ("a parameter that requires grad, updated with grad mode on") needs the caller's grad mode,
 which the op's implementation cannot see (it runs below autograd), so it
 lives in a kernel registered for the AutogradCPU/AutogradCUDA keys, ahead of everything else.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 
 from .. import _build, reference
-from . import _backend, _library, _lists
+from .._contract import lists as _lists
+from ._registry import Op, OpSpec
 
 AG1 = "ag1_update_"
 AG2 = "ag2_rescale_"
@@ -29,66 +30,57 @@ _NAMES1 = ("params", "params_new", "avg_grads")
 _NAMES2 = ("params", "params_old", "params_step")
 
 
-def _check(op: str, lists, *, fake: bool = False) -> None:
-    """Full argument check before any write (C++ when available: same errors, ~35x faster at ResNet scale)."""
+class ListsCall(NamedTuple):
+    op: str
+    lists: tuple
+
+
+def _check(op: str, names, lists, *, fake: bool) -> ListsCall:
+    """SPEC §6's checks of every list before any write: in C++ (csrc/ag_lists.h: same checks, same messages,
+    ~35x faster at ResNet scale) when the extension is loaded, else in Python (_contract/lists.py). Fake
+    tensors have no memory: their aliasing is not checked."""
     if not fake and _build.extension() is not None:
         getattr(torch.ops.avg_kernels_C, "ag1_check" if op == AG1 else "ag2_check")(*lists)
     else:
-        _lists.check_lists(op, _NAMES1 if op == AG1 else _NAMES2, lists, memory=not fake)
+        _lists.check_lists(op, names, lists, memory=not fake)
+    return ListsCall(op, lists)
 
 
-def _run(op: str, lists, backend: str) -> None:
-    if len(lists[0]) == 0:  # nothing to update (and no device to choose a backend for)
-        _lists.check_lists(op, _NAMES1 if op == AG1 else _NAMES2, lists)
-        if backend != "auto":
-            _backend._check_name(backend)  # a bad name is still an error
-        return
-    name = _backend.resolve(op, backend, lists[0][0].device)
-    if name in ("cpu", "cuda"):  # the C++ op checks the arguments first
-        getattr(torch.ops.avg_kernels_C, op)(*lists)
-        return
-    _check(op, lists)
-    if name == "reference":
-        (reference.ag1_update_ if op == AG1 else reference.ag2_rescale_)(*lists)
-    else:
-        _run_triton(op, lists)
+def _device(c: ListsCall):
+    """The written tensors' device; None for empty lists (nothing to update, and no device to choose for)."""
+    return c.lists[0][0].device if len(c.lists[0]) else None
 
 
-def _run_triton(op: str, lists) -> None:
+def _compiled(c: ListsCall):
+    """The C++ op (csrc/cpu/ag_update.cpp or csrc/cuda/ag_update.cu)."""
+    getattr(torch.ops.avg_kernels_C, c.op)(*c.lists)
+
+
+def _reference(c: ListsCall):
+    (reference.ag1_update_ if c.op == AG1 else reference.ag2_rescale_)(*c.lists)
+
+
+def _triton(c: ListsCall):
     from .._triton import ag_update as tri
 
-    entries = _lists.flat_entries(lists)
-    if op == AG1:
+    entries = _lists.flat_entries(c.lists)
+    if c.op == AG1:
         tri.ag1_update_(entries)
     else:
-        tri.ag2_rescale_(entries, lists[0][0].device)
+        tri.ag2_rescale_(entries, c.lists[0][0].device)
     _lists.write_back(entries)
 
 
-def _ag1_impl(params, params_new, avg_grads, backend="auto"):
-    _run(AG1, (params, params_new, avg_grads), backend)
+def _spec(op: str, schema: str, names) -> OpSpec:
+    return OpSpec(schema=schema, check=lambda *lists, fake: _check(op, names, lists, fake=fake), fake=lambda c: None,
+                  device=_device, backends={"reference": _reference, "cpu": _compiled, "cuda": _compiled,
+                                            "triton": _triton})
 
 
-def _ag1_fake(params, params_new, avg_grads, backend="auto"):
-    _check(AG1, (params, params_new, avg_grads), fake=True)
-
-
-ag1_update_op = _library.define(
-    "ag1_update_(Tensor(a!)[] params, Tensor[] params_new, Tensor?[] avg_grads, str backend='auto') -> ()",
-    _ag1_impl, _ag1_fake)
-
-
-def _ag2_impl(params, params_old, params_step, backend="auto"):
-    _run(AG2, (params, params_old, params_step), backend)
-
-
-def _ag2_fake(params, params_old, params_step, backend="auto"):
-    _check(AG2, (params, params_old, params_step), fake=True)
-
-
-ag2_rescale_op = _library.define(
-    "ag2_rescale_(Tensor(a!)[] params, Tensor[] params_old, Tensor[] params_step, str backend='auto') -> ()",
-    _ag2_impl, _ag2_fake)
+AG1_UPDATE = Op(_spec(AG1, "ag1_update_(Tensor(a!)[] params, Tensor[] params_new, Tensor?[] avg_grads, "
+                           "str backend='auto') -> ()", _NAMES1))
+AG2_RESCALE = Op(_spec(AG2, "ag2_rescale_(Tensor(a!)[] params, Tensor[] params_old, Tensor[] params_step, "
+                            "str backend='auto') -> ()", _NAMES2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,8 +123,9 @@ def _as_lists(op: str, names, values, optional) -> list[list]:
     return lists
 
 
+@AG1_UPDATE.public
 def ag1_update_(params: Iterable[torch.Tensor], params_new: Iterable[torch.Tensor],
-                avg_grads: Iterable[Optional[torch.Tensor]], *, backend: Optional[str] = None) -> None:
+                avg_grads: Iterable[Optional[torch.Tensor]]):
     """AG-1 update, in place on ``params``: θ ← θ − |θ' − θ| ⊙ sign(ḡ) (SPEC §2).
 
     One call updates a whole model: ``params[i]`` moves against the sign of ``avg_grads[i]`` by
@@ -155,12 +148,12 @@ def ag1_update_(params: Iterable[torch.Tensor], params_new: Iterable[torch.Tenso
     other arguments in memory, and a parameter that requires grad while grad mode is on (call it
     under ``torch.no_grad()``).
     """
-    lists = _as_lists(AG1, _NAMES1, (params, params_new, avg_grads), (False, False, True))
-    torch.ops.avg_kernels.ag1_update_(*lists, backend or "auto")
+    return _as_lists(AG1, _NAMES1, (params, params_new, avg_grads), (False, False, True))
 
 
+@AG2_RESCALE.public
 def ag2_rescale_(params: Iterable[torch.Tensor], params_old: Iterable[torch.Tensor],
-                 params_step: Iterable[torch.Tensor], *, backend: Optional[str] = None) -> None:
+                 params_step: Iterable[torch.Tensor]):
     """AG-2 rescale, in place on ``params`` (SPEC §2).
 
     On entry ``params`` hold θ'' (the base optimizer's step from the averaged gradient),
@@ -175,5 +168,4 @@ def ag2_rescale_(params: Iterable[torch.Tensor], params_old: Iterable[torch.Tens
 
     Dtypes, layouts and errors as ``ag1_update_`` (there are no ``None`` entries here).
     """
-    lists = _as_lists(AG2, _NAMES2, (params, params_old, params_step), (False, False, False))
-    torch.ops.avg_kernels.ag2_rescale_(*lists, backend or "auto")
+    return _as_lists(AG2, _NAMES2, (params, params_old, params_step), (False, False, False))

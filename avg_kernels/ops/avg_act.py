@@ -1,103 +1,106 @@
 """The averaged activation ops (SPEC §1):
 
-* ``torch.ops.avg_kernels.avg_act_backward``: grad_in = grad_out * s(x, x_new);
-* ``torch.ops.avg_kernels.avg_act``: f(x) whose backward is the averaged one when x_new is given.
+* ``avg_act_backward``: grad_in = grad_out * s(x, x_new);
+* ``avg_act``: f(x) whose backward is the averaged one when x_new is given.
 
-Backends: "reference" (avg_kernels/reference/avg_act.py), "cpu" (csrc/cpu/avg_act.cpp, kernels
-in csrc/cpu/kernels/avg_act.cpp),
-"triton" (avg_kernels/_triton/avg_act.py), "cuda" (csrc/cuda/avg_act.cu).
+Backends of avg_act_backward: "reference" (avg_kernels/reference/avg_act.py), "cpu" (csrc/cpu/avg_act.cpp,
+kernels in csrc/cpu/kernels/avg_act.cpp), "triton" (avg_kernels/_triton/avg_act.py), "cuda"
+(csrc/cuda/avg_act.cu). Declared through the registry (ops/_registry.py).
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional
+import math
+from typing import NamedTuple, Optional
 
 import torch
 
 from .. import activations, reference
+from .._contract import args
+from .._contract.outputs import new_output
 from ..activations import EPS, KERNEL_ACTS, KernelAct
-from . import _backend, _checks, _library
-from ._alloc import new_output
-
-_OP = "avg_act_backward"
+from ._registry import Autograd, Op, OpSpec
 
 
-def _kernel_act(act: str, params: list[float]) -> KernelAct:
+def kernel_act(act, params) -> KernelAct:
+    """The kernel-level activation of the ops' (act, params) arguments, validated (direct torch.ops calls
+    included): a name in KERNEL_ACTS, two finite numbers, softplus's beta > 0."""
     if act not in KERNEL_ACTS:
         raise ValueError(f"act={act!r} is not a kernel activation; expected one of {list(KERNEL_ACTS)}")
     if len(params) != 2:
         raise ValueError(f"params must hold 2 numbers (p0, p1), got {len(params)}")
-    return KernelAct(act, float(params[0]), float(params[1]))
+    p0, p1 = float(params[0]), float(params[1])
+    if not (math.isfinite(p0) and math.isfinite(p1)):
+        raise ValueError(f"params={[p0, p1]} of act={act!r} must be finite")
+    if act == "softplus" and not p0 > 0:
+        raise ValueError(f"beta={p0!r}: softplus needs beta > 0")
+    return KernelAct(act, p0, p1)
 
 
-def _check_backward_args(grad_out, x, x_new, eps) -> None:
-    _checks.tensor("x", x)
-    _checks.tensor("grad_out", grad_out)
-    _checks.tensor("x_new", x_new)
-    _checks.same_meta("x", x, grad_out=grad_out, x_new=x_new)
-    _checks.nonneg_real("eps", eps)
+# ----------------------------------------------------------------------------------------------
+# avg_act_backward
+
+class BackwardCall(NamedTuple):
+    grad_out: torch.Tensor
+    x: torch.Tensor
+    x_new: torch.Tensor
+    k: KernelAct
+    eps: float
 
 
-def _run_cpu_or_cuda(grad_out, x, x_new, k: KernelAct, eps):
-    out = new_output(x.shape, x)
-    torch.ops.avg_kernels_C.avg_act_backward_out(grad_out, x, x_new, out, k.kernel_id, k.p0, k.p1, eps)
+def _check_backward(grad_out, x, x_new, act, params, eps, *, fake: bool) -> BackwardCall:
+    args.tensor("x", x)
+    args.tensor("grad_out", grad_out)
+    args.tensor("x_new", x_new)
+    args.same_meta("x", x, grad_out=grad_out, x_new=x_new)
+    return BackwardCall(grad_out, x, x_new, kernel_act(act, params), args.nonneg_real("eps", eps))
+
+
+def _compiled(c: BackwardCall):
+    out = new_output(c.x.shape, c.x)
+    torch.ops.avg_kernels_C.avg_act_backward_out(c.grad_out, c.x, c.x_new, out, c.k.kernel_id, c.k.p0, c.k.p1, c.eps)
     return out
 
 
-def _run_triton(grad_out, x, x_new, k: KernelAct, eps):
+def _triton(c: BackwardCall):
     from .._triton.avg_act import avg_act_backward as triton_avg_act_backward
 
-    return triton_avg_act_backward(grad_out, x, x_new, k, eps)
+    return triton_avg_act_backward(c.grad_out, c.x, c.x_new, c.k, c.eps)
 
 
-_IMPLS = {
-    "reference": reference.avg_act_backward,
-    "cpu": _run_cpu_or_cuda,
-    "cuda": _run_cpu_or_cuda,
-    "triton": _run_triton,
-}
+AVG_ACT_BACKWARD = Op(OpSpec(
+    schema="avg_act_backward(Tensor grad_out, Tensor x, Tensor x_new, str act, float[] params, float eps, "
+           "str backend='auto') -> Tensor",
+    check=_check_backward,
+    fake=lambda c: c.x.new_empty(c.x.shape),
+    device=lambda c: c.x.device,
+    backends={"reference": lambda c: reference.avg_act_backward(c.grad_out, c.x, c.x_new, c.k, c.eps),
+              "cpu": _compiled, "cuda": _compiled, "triton": _triton},
+))
 
 
-def backward_kernel(grad_out, x, x_new, k: KernelAct, eps: float, backend: str = "auto") -> torch.Tensor:
-    """avg_act_backward for an already parsed activation, below the op's dispatcher layer: for internal
-    eager callers (the AG recorder's backward, once per activation per step), ~20 us less per call."""
-    _check_backward_args(grad_out, x, x_new, eps)
-    return _IMPLS[_backend.resolve(_OP, backend, x.device)](grad_out, x, x_new, k, eps)
+# ----------------------------------------------------------------------------------------------
+# avg_act
+
+class ForwardCall(NamedTuple):
+    x: torch.Tensor
+    x_new: Optional[torch.Tensor]
+    k: KernelAct
+    eps: float
 
 
-def _avg_act_backward_impl(grad_out, x, x_new, act, params, eps, backend="auto"):
-    return backward_kernel(grad_out, x, x_new, _kernel_act(act, params), eps, backend)
-
-
-def _avg_act_backward_fake(grad_out, x, x_new, act, params, eps, backend="auto"):
-    _check_backward_args(grad_out, x, x_new, eps)
-    _kernel_act(act, params)
-    return x.new_empty(x.shape)
-
-
-avg_act_backward_op = _library.define(
-    "avg_act_backward(Tensor grad_out, Tensor x, Tensor x_new, str act, float[] params, float eps, "
-    "str backend='auto') -> Tensor", _avg_act_backward_impl, _avg_act_backward_fake)
-
-
-def _avg_act_impl(x, x_new, act, params, eps, backend="auto"):
-    return activations.forward(x, _kernel_act(act, params))
-
-
-def _avg_act_fake(x, x_new, act, params, eps, backend="auto"):
-    _kernel_act(act, params)
-    return x.new_empty(x.shape)
-
-
-avg_act_op = _library.define(
-    "avg_act(Tensor x, Tensor? x_new, str act, float[] params, float eps, str backend='auto') -> Tensor",
-    _avg_act_impl, _avg_act_fake)
+def _check_forward(x, x_new, act, params, eps, *, fake: bool) -> ForwardCall:
+    args.tensor("x", x)
+    if x_new is not None:
+        args.tensor("x_new", x_new)
+        args.same_meta("x", x, x_new=x_new)
+    return ForwardCall(x, x_new, kernel_act(act, params), args.nonneg_real("eps", eps))
 
 
 def _setup_context(ctx, inputs, output):
     x, x_new, act, params, eps, backend = inputs
     ctx.save_for_backward(x, x_new, output)
-    ctx.k = _kernel_act(act, params)
+    ctx.k = kernel_act(act, params)
     ctx.eps, ctx.backend = eps, backend
 
 
@@ -107,12 +110,21 @@ def _backward(ctx, grad):
     if x_new is None:
         gx = activations.native_backward(grad, x, y, k)
     else:
-        gx = torch.ops.avg_kernels.avg_act_backward(grad, x, x_new, k.name, [k.p0, k.p1], ctx.eps, ctx.backend)
+        gx = AVG_ACT_BACKWARD(grad, x, x_new, k.name, [k.p0, k.p1], ctx.eps, ctx.backend)
     return gx, None, None, None, None, None
 
 
-torch.library.register_autograd("avg_kernels::avg_act", _backward, setup_context=_setup_context)
+AVG_ACT = Op(OpSpec(
+    schema="avg_act(Tensor x, Tensor? x_new, str act, float[] params, float eps, str backend='auto') -> Tensor",
+    check=_check_forward,
+    fake=lambda c: c.x.new_empty(c.x.shape),
+    run=lambda c, backend: activations.forward(c.x, c.k),  # the backend serves the averaged backward
+    autograd=Autograd(_backward, _setup_context),
+))
 
+
+# ----------------------------------------------------------------------------------------------
+# Public wrappers
 
 @functools.lru_cache(maxsize=256)
 def _resolve_cached(act, params: tuple) -> KernelAct:
@@ -129,16 +141,8 @@ def _resolve_act(act, params: dict) -> KernelAct:
         return activations.resolve(act, params)  # raises the argument's own error
 
 
-def _check_forward_args(x, x_new, eps) -> None:
-    _checks.tensor("x", x)
-    if x_new is not None:
-        _checks.tensor("x_new", x_new)
-        _checks.same_meta("x", x, x_new=x_new)
-    _checks.nonneg_real("eps", eps)
-
-
-def avg_act(x: torch.Tensor, act: str, x_new: Optional[torch.Tensor] = None, *, eps: float = EPS,
-            backend: Optional[str] = None, **params) -> torch.Tensor:
+@AVG_ACT.public
+def avg_act(x: torch.Tensor, act: str, x_new: Optional[torch.Tensor] = None, *, eps: float = EPS, **params):
     """f(x) for activation ``act``, differentiable with the averaged backward when ``x_new`` is given.
 
     Args:
@@ -152,13 +156,14 @@ def avg_act(x: torch.Tensor, act: str, x_new: Optional[torch.Tensor] = None, *, 
     Returns f(x), computed by the matching torch.nn.functional op (bitwise PyTorch's forward).
     Its gradient w.r.t. x is ``grad * s(x, x_new)`` (SPEC §1).
     """
-    k = activations.resolve(act, params)
-    _check_forward_args(x, x_new, eps)
-    return torch.ops.avg_kernels.avg_act(x, x_new, k.name, [k.p0, k.p1], float(eps), backend or "auto")
+    k = _resolve_act(act, params)
+    return (args.is_tensor("x", x), args.is_tensor("x_new", x_new, optional=True), k.name, [k.p0, k.p1],
+            args.nonneg_real("eps", eps))
 
 
-def avg_act_backward(grad_out: torch.Tensor, x: torch.Tensor, x_new: torch.Tensor, act: str, *,
-                     eps: float = EPS, backend: Optional[str] = None, **params) -> torch.Tensor:
+@AVG_ACT_BACKWARD.public
+def avg_act_backward(grad_out: torch.Tensor, x: torch.Tensor, x_new: torch.Tensor, act: str, *, eps: float = EPS,
+                     **params):
     """grad_in = grad_out * s(x, x_new), the averaged activation backward of SPEC §1.
 
     ``s = (f(x_new) - f(x)) / (x_new - x)`` where ``|x_new - x| > eps``, else ``f'(x)``, computed
@@ -173,8 +178,5 @@ def avg_act_backward(grad_out: torch.Tensor, x: torch.Tensor, x_new: torch.Tenso
     Returns a new contiguous tensor of x's shape and dtype.
     """
     k = _resolve_act(act, params)
-    for name, t in (("grad_out", grad_out), ("x", x), ("x_new", x_new)):
-        if not isinstance(t, torch.Tensor):  # the rest is validated inside the op
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    return torch.ops.avg_kernels.avg_act_backward(grad_out, x, x_new, k.name, [k.p0, k.p1], float(eps),
-                                                  backend or "auto")
+    return (args.is_tensor("grad_out", grad_out), args.is_tensor("x", x), args.is_tensor("x_new", x_new), k.name,
+            [k.p0, k.p1], args.nonneg_real("eps", eps))

@@ -8,22 +8,23 @@ of ``W.view(C_out, -1)``; summed over every sample and output position; float32 
 float16/bfloat16/float32 inputs (float32 output), float64 for float64.
 
 Backends: "reference" (avg_kernels/reference/gram.py), "cpu" (csrc/cpu/gram.cpp, kernels in
-csrc/cpu/kernels/gram.cpp), "triton"
-(avg_kernels/_triton/gram.py), "cuda" (csrc/cuda/gram.cu).
+csrc/cpu/kernels/gram.cpp), "triton" (avg_kernels/_triton/gram.py), "cuda" (csrc/cuda/gram.cu). Declared
+through the registry (ops/_registry.py).
 """
 from __future__ import annotations
 
 import math
 import operator
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
 from .. import reference
-from ..reference.gram import out_dtype
-from . import _backend, _checks, _library
-from ._alloc import new_output
+from .._contract import args
+from .._contract.dtypes import gram_dtype
+from .._contract.outputs import new_output
+from ._registry import Autograd, Op, OpSpec
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -49,6 +50,12 @@ def _index(op: str, name: str, v) -> int:
         raise TypeError(f"{op}: {name} must be an int or a tuple of ints, got {type(v).__name__} {v!r}") from None
 
 
+def _bool(op: str, name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(v).__name__}")
+    return v
+
+
 def _tuple(op: str, name: str, v, n: int) -> tuple[int, ...]:
     if isinstance(v, (list, tuple)):
         if len(v) != n:
@@ -61,7 +68,7 @@ def conv_geometry(x, kernel_size: IntOrTuple, stride: IntOrTuple = 1, padding: I
                   dilation: IntOrTuple = 1, groups: int = 1, bias: bool = False, *,
                   op: str = "im2col_gram") -> ConvGeometry:
     """Checks the arguments of ``im2col_gram`` (SPEC §6: ValueError/TypeError naming them)."""
-    _checks.tensor("x", x)
+    args.tensor("x", x)
     if x.dim() not in (3, 4):
         raise ValueError(f"{op}: x must be a Conv1d input (N, C, L) or a Conv2d input (N, C, H, W); "
                          f"got {x.dim()}-d shape {tuple(x.shape)}")
@@ -79,8 +86,7 @@ def conv_geometry(x, kernel_size: IntOrTuple, stride: IntOrTuple = 1, padding: I
     c = x.shape[1]
     if c % g != 0:
         raise ValueError(f"{op}: x has {c} channels, not divisible by groups={g}")
-    if not isinstance(bias, bool):
-        raise TypeError(f"{op}: bias must be a bool, got {type(bias).__name__}")
+    _bool(op, "bias", bias)
     size = tuple(x.shape[2:])
     out = tuple((size[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(n))
     if any(o < 1 for o in out):
@@ -91,92 +97,66 @@ def conv_geometry(x, kernel_size: IntOrTuple, stride: IntOrTuple = 1, padding: I
 
 
 def _check_linear(x, bias, op: str = "linear_gram") -> int:
-    _checks.tensor("x", x)
+    args.tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least 1 dim (…, in_features); got a 0-d tensor")
-    if not isinstance(bias, bool):
-        raise TypeError(f"{op}: bias must be a bool, got {type(bias).__name__}")
+    _bool(op, "bias", bias)
     return x.shape[-1] + int(bias)
 
 
 # ----------------------------------------------------------------------------------------------
-# Backends (each returns the (groups, D, D) result in out_dtype(x.dtype)).
+# Backends (each returns the (groups, D, D) result in gram_dtype(x.dtype)).
 
-def _reference_conv(x, geo: ConvGeometry):
-    return reference.im2col_gram(x, geo.kernel_size, geo.stride, geo.padding, geo.dilation, geo.groups, geo.bias)
-
-
-def _reference_linear(x, bias):
-    return reference.linear_gram(x, bias)
+class ConvCall(NamedTuple):
+    x: torch.Tensor
+    geo: ConvGeometry
 
 
-def _compiled_conv(x, geo: ConvGeometry):
+class LinearCall(NamedTuple):
+    x: torch.Tensor
+    bias: bool
+    dim: int
+
+
+def _compiled_conv(c: ConvCall):
     """The C++ kernels: csrc/cpu/gram.cpp on CPU tensors, csrc/cuda/gram.cu on CUDA tensors."""
-    out = new_output((geo.groups, geo.dim, geo.dim), x, out_dtype(x.dtype))
-    torch.ops.avg_kernels_C.im2col_gram_out(x, list(geo.kernel_size), list(geo.stride), list(geo.padding),
+    geo = c.geo
+    out = new_output((geo.groups, geo.dim, geo.dim), c.x, gram_dtype(c.x.dtype))
+    torch.ops.avg_kernels_C.im2col_gram_out(c.x, list(geo.kernel_size), list(geo.stride), list(geo.padding),
                                             list(geo.dilation), geo.groups, geo.bias, out)
     return out
 
 
-def _compiled_linear(x, bias):
-    dim = x.shape[-1] + int(bias)
-    out = new_output((1, dim, dim), x, out_dtype(x.dtype))
-    torch.ops.avg_kernels_C.linear_gram_out(x, bias, out)
+def _compiled_linear(c: LinearCall):
+    out = new_output((1, c.dim, c.dim), c.x, gram_dtype(c.x.dtype))
+    torch.ops.avg_kernels_C.linear_gram_out(c.x, c.bias, out)
     return out
 
 
-def _triton_conv(x, geo: ConvGeometry):
+def _triton_conv(c: ConvCall):
     from .._triton import gram as triton_gram
 
-    return triton_gram.im2col_gram(x, geo.kernel_size, geo.stride, geo.padding, geo.dilation, geo.groups, geo.bias)
+    g = c.geo
+    return triton_gram.im2col_gram(c.x, g.kernel_size, g.stride, g.padding, g.dilation, g.groups, g.bias)
 
 
-def _triton_linear(x, bias):
+def _triton_linear(c: LinearCall):
     from .._triton import gram as triton_gram
 
-    return triton_gram.linear_gram(x, bias)
+    return triton_gram.linear_gram(c.x, c.bias)
 
 
-_CONV_IMPLS = {"reference": _reference_conv, "cpu": _compiled_conv, "triton": _triton_conv, "cuda": _compiled_conv}
-_LINEAR_IMPLS = {"reference": _reference_linear, "cpu": _compiled_linear, "triton": _triton_linear,
-                 "cuda": _compiled_linear}
+def _reference_conv(c: ConvCall):
+    g = c.geo
+    return reference.im2col_gram(c.x, g.kernel_size, g.stride, g.padding, g.dilation, g.groups, g.bias)
 
 
-# ----------------------------------------------------------------------------------------------
-# The public ops.
-
-def im2col_gram_impl(x, kernel_size, stride, padding, dilation, groups, bias, backend="auto"):
-    """The op's implementation: validation, backend choice, kernel. Internal callers that need no autograd
-    (the C-optimizers' forward hooks) call it directly, skipping ~20 us of dispatcher and autograd-wrapper
-    Python per call."""
-    geo = conv_geometry(x, kernel_size, stride, padding, dilation, groups, bias)
-    name = _backend.resolve("im2col_gram", backend, x.device)
-    return _CONV_IMPLS[name](x, geo)
+def _check_conv(x, kernel_size, stride, padding, dilation, groups, bias, *, fake: bool) -> ConvCall:
+    return ConvCall(x, conv_geometry(x, kernel_size, stride, padding, dilation, groups, bias))
 
 
-def _im2col_gram_fake(x, kernel_size, stride, padding, dilation, groups, bias, backend="auto"):
-    geo = conv_geometry(x, kernel_size, stride, padding, dilation, groups, bias)
-    return x.new_empty((geo.groups, geo.dim, geo.dim), dtype=out_dtype(x.dtype))
-
-
-im2col_gram_op = _library.define(
-    "im2col_gram(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups, "
-    "bool bias, str backend='auto') -> Tensor", im2col_gram_impl, _im2col_gram_fake)
-
-
-def linear_gram_impl(x, bias, backend="auto"):
-    _check_linear(x, bias)
-    name = _backend.resolve("linear_gram", backend, x.device)
-    return _LINEAR_IMPLS[name](x, bias)
-
-
-def _linear_gram_fake(x, bias, backend="auto"):
-    dim = _check_linear(x, bias)
-    return x.new_empty((1, dim, dim), dtype=out_dtype(x.dtype))
-
-
-linear_gram_op = _library.define("linear_gram(Tensor x, bool bias, str backend='auto') -> Tensor",
-                                 linear_gram_impl, _linear_gram_fake)
+def _check_linear_call(x, bias, *, fake: bool) -> LinearCall:
+    return LinearCall(x, bias, _check_linear(x, bias))
 
 
 # Autograd: for L = Σ_g <Ḡ_g, A_g>, ∂L/∂U_g = S_g U_g with S_g = Ḡ_g + Ḡ_gᵀ and U_g = [X_g; 1]; the
@@ -209,7 +189,15 @@ def _conv_backward(ctx, grad):
     return dx.to(x.dtype), None, None, None, None, None, None, None
 
 
-torch.library.register_autograd("avg_kernels::im2col_gram", _conv_backward, setup_context=_conv_setup)
+IM2COL_GRAM = Op(OpSpec(
+    schema="im2col_gram(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups, "
+           "bool bias, str backend='auto') -> Tensor",
+    check=_check_conv,
+    fake=lambda c: c.x.new_empty((c.geo.groups, c.geo.dim, c.geo.dim), dtype=gram_dtype(c.x.dtype)),
+    device=lambda c: c.x.device,
+    backends={"reference": _reference_conv, "cpu": _compiled_conv, "cuda": _compiled_conv, "triton": _triton_conv},
+    autograd=Autograd(_conv_backward, _conv_setup),
+))
 
 
 def _linear_setup(ctx, inputs, output):
@@ -228,15 +216,23 @@ def _linear_backward(ctx, grad):
     return dx.to(x.dtype), None, None
 
 
-torch.library.register_autograd("avg_kernels::linear_gram", _linear_backward, setup_context=_linear_setup)
+LINEAR_GRAM = Op(OpSpec(
+    schema="linear_gram(Tensor x, bool bias, str backend='auto') -> Tensor",
+    check=_check_linear_call,
+    fake=lambda c: c.x.new_empty((1, c.dim, c.dim), dtype=gram_dtype(c.x.dtype)),
+    device=lambda c: c.x.device,
+    backends={"reference": lambda c: reference.linear_gram(c.x, c.bias), "cpu": _compiled_linear,
+              "cuda": _compiled_linear, "triton": _triton_linear},
+    autograd=Autograd(_linear_backward, _linear_setup),
+))
 
 
 # ----------------------------------------------------------------------------------------------
-# Python wrappers.
+# Python wrappers (the adapters of Op.public).
 
+@IM2COL_GRAM.public
 def im2col_gram(x: torch.Tensor, kernel_size: IntOrTuple, stride: IntOrTuple = 1, padding: IntOrTuple = 0,
-                dilation: IntOrTuple = 1, groups: int = 1, bias: bool = False, *,
-                backend: Optional[str] = None) -> torch.Tensor:
+                dilation: IntOrTuple = 1, groups: int = 1, bias: bool = False):
     """Input Gram ``A = X Xᵀ`` of a Conv1d/Conv2d layer without materialising the unfolded X (SPEC §3).
 
     Args:
@@ -252,16 +248,19 @@ def im2col_gram(x: torch.Tensor, kernel_size: IntOrTuple, stride: IntOrTuple = 1
     of ``weight.view(C_out, -1)``, summed (not averaged) over the N·∏out positions M; float32 (float32
     accumulation) for float16/bfloat16/float32 inputs, float64 for float64.
     """
-    geo = conv_geometry(x, kernel_size, stride, padding, dilation, groups, bias)
-    return torch.ops.avg_kernels.im2col_gram(x, list(geo.kernel_size), list(geo.stride), list(geo.padding),
-                                             list(geo.dilation), geo.groups, geo.bias, backend or "auto")
+    # ints or tuples -> one entry per spatial dim, as the schema takes them; the op validates the rest
+    n = x.dim() - 2 if isinstance(x, torch.Tensor) and x.dim() in (3, 4) else 1
+    op = "im2col_gram"
+    return (args.is_tensor("x", x), *(list(_tuple(op, name, v, n)) for name, v in (("kernel_size", kernel_size), ("stride", stride),
+                                                             ("padding", padding), ("dilation", dilation))),
+            _index(op, "groups", groups), _bool(op, "bias", bias))
 
 
-def linear_gram(x: torch.Tensor, bias: bool = False, *, backend: Optional[str] = None) -> torch.Tensor:
+@LINEAR_GRAM.public
+def linear_gram(x: torch.Tensor, bias: bool = False):
     """Input Gram ``A = Σ u uᵀ`` of a Linear layer over the rows u of ``x`` (…, in_features) (SPEC §3).
 
     With ``bias`` each row gets a trailing 1. Returns (1, D, D), D = in_features (+1), float32 (float64
     for float64 input); ``backend`` as for ``im2col_gram``.
     """
-    _check_linear(x, bias)
-    return torch.ops.avg_kernels.linear_gram(x, bias, backend or "auto")
+    return args.is_tensor("x", x), _bool("linear_gram", "bias", bias)

@@ -6,25 +6,31 @@ the pseudoinverse. Definition and error cases: avg_kernels/reference/ridge.py.
 
 Backends: "reference" (float64, avg_kernels/reference/ridge.py), "cpu" and "cuda" (C++ driver
 csrc/ridge_driver.cpp around ATen linalg, fused prologue/epilogue kernels in csrc/cpu/kernels/ridge.cpp
-and csrc/cuda/ridge.cu), "triton" (the same driver in Python with Triton kernels, avg_kernels/_triton/ridge.py).
+and csrc/cuda/ridge.cu), "triton" (the same driver in Python with Triton kernels,
+avg_kernels/_triton/ridge.py). Declared through the registry (ops/_registry.py).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple
 
 import torch
 
 from .. import reference
-from ..reference.ridge import compute_dtype
-from . import _backend, _checks, _library
+from .._contract import args
+from .._contract.dtypes import compute_dtype
+from ._registry import Autograd, Op, OpSpec
 
-_OP = "ridge_solve"
+
+class RidgeCall(NamedTuple):
+    G: torch.Tensor
+    A: torch.Tensor
+    lam: float
 
 
-def _check_args(G, A, lam) -> None:
-    _checks.tensor("G", G)
-    _checks.tensor("A", A)
+def _check(G, A, lam, *, fake: bool) -> RidgeCall:
+    args.tensor("G", G)
+    args.tensor("A", A)
     if G.dim() < 2:
         raise ValueError(f"ridge_solve: G must have shape (..., C, D), got {G.dim()}-d shape {tuple(G.shape)}")
     if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
@@ -37,45 +43,25 @@ def _check_args(G, A, lam) -> None:
                          f"A's batch shape {tuple(A.shape[:-2])} (A: {tuple(A.shape)})")
     if G.device != A.device:
         raise ValueError(f"ridge_solve: G is on {G.device} but A is on {A.device}")
+    return RidgeCall(G, A, _lam(lam))
+
+
+def _lam(lam) -> float:
     if isinstance(lam, bool) or not isinstance(lam, (int, float)):
         raise TypeError(f"ridge_solve: lam must be a real number, got {type(lam).__name__}")
     if not math.isfinite(lam) or lam < 0:
         raise ValueError(f"ridge_solve: lam={lam!r} must be finite and >= 0 (it is added to A's diagonal)")
+    return float(lam)
 
 
-def _run_reference(G, A, lam):
-    return reference.ridge_solve(G, A, lam)
+def _compiled(c: RidgeCall):
+    return torch.ops.avg_kernels_C.ridge_solve(c.G, c.A, c.lam)
 
 
-def _run_cpu_or_cuda(G, A, lam):
-    return torch.ops.avg_kernels_C.ridge_solve(G, A, lam)
-
-
-def _run_triton(G, A, lam):
+def _triton(c: RidgeCall):
     from .._triton.ridge import ridge_solve as triton_ridge_solve
 
-    return triton_ridge_solve(G, A, lam)
-
-
-_IMPLS = {"reference": _run_reference, "cpu": _run_cpu_or_cuda, "cuda": _run_cpu_or_cuda, "triton": _run_triton}
-
-
-def ridge_solve_impl(G, A, lam, backend="auto"):
-    """The op's implementation (validation, backend choice, kernel), for internal callers needing no autograd."""
-    _check_args(G, A, lam)
-    name = _backend.resolve(_OP, backend, G.device)
-    if G.numel() == 0 or A.numel() == 0:  # nothing to solve (C, D or a batch dim is 0)
-        return torch.zeros(G.shape, dtype=G.dtype, device=G.device)
-    return _IMPLS[name](G, A, float(lam))
-
-
-def _ridge_solve_fake(G, A, lam, backend="auto"):
-    _check_args(G, A, lam)
-    return G.new_empty(G.shape)
-
-
-ridge_solve_op = _library.define("ridge_solve(Tensor G, Tensor A, float lam, str backend='auto') -> Tensor",
-                                 ridge_solve_impl, _ridge_solve_fake)
+    return triton_ridge_solve(c.G, c.A, c.lam)
 
 
 # Autograd. With B = sym(A) + λI and P = G B⁻¹ (the Cholesky branch, λ > 0):
@@ -96,7 +82,7 @@ def _backward(ctx, grad):
     grad_g = grad_a = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
         ct = compute_dtype(grad.dtype, A.dtype)
-        grad_g = torch.ops.avg_kernels.ridge_solve(grad.to(ct), A, ctx.lam, ctx.backend)
+        grad_g = RIDGE_SOLVE(grad.to(ct), A, ctx.lam, ctx.backend)
         if ctx.needs_input_grad[1]:
             ga = -(P.to(ct).mT @ grad_g)
             grad_a = ((ga + ga.mT) / 2).to(a_dtype)
@@ -104,10 +90,21 @@ def _backward(ctx, grad):
     return grad_g, grad_a, None, None
 
 
-torch.library.register_autograd("avg_kernels::ridge_solve", _backward, setup_context=_setup_context)
+RIDGE_SOLVE = Op(OpSpec(
+    schema="ridge_solve(Tensor G, Tensor A, float lam, str backend='auto') -> Tensor",
+    check=_check,
+    fake=lambda c: c.G.new_empty(c.G.shape),
+    # nothing to solve (C, D or a batch dim is 0): zeros, whatever the backend
+    device=lambda c: c.G.device if c.G.numel() and c.A.numel() else None,
+    empty=lambda c: torch.zeros(c.G.shape, dtype=c.G.dtype, device=c.G.device),
+    backends={"reference": lambda c: reference.ridge_solve(c.G, c.A, c.lam), "cpu": _compiled, "cuda": _compiled,
+              "triton": _triton},
+    autograd=Autograd(_backward, _setup_context),
+))
 
 
-def ridge_solve(G: torch.Tensor, A: torch.Tensor, lam: float, *, backend: Optional[str] = None) -> torch.Tensor:
+@RIDGE_SOLVE.public
+def ridge_solve(G: torch.Tensor, A: torch.Tensor, lam: float):
     """``P = G (A + lam·I)⁻¹``, the consequentialism preconditioned gradient of SPEC §3, batched.
 
     Args:
@@ -125,5 +122,4 @@ def ridge_solve(G: torch.Tensor, A: torch.Tensor, lam: float, *, backend: Option
     and dtype. Raises ValueError naming the batch index when A is not finite or clearly not a Gram
     (an eigenvalue below -1e-3·‖A‖₂), ValueError for λ < 0 or mismatched shapes, TypeError for bad types.
     """
-    _check_args(G, A, lam)
-    return torch.ops.avg_kernels.ridge_solve(G, A, float(lam), backend or "auto")
+    return args.is_tensor("G", G), args.is_tensor("A", A), _lam(lam)

@@ -40,24 +40,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree
 
+from .._contract import args
 from ..activations import EPS
 from ..nn import _recording
 from ..nn._recording import GRAPH, PLAIN, BACKWARD, Recorder
-from ..ops import _checks
+from ..ops import AG1_UPDATE, AG2_RESCALE, check_backend
 
 MODES = ("ag1", "ag2", "ag3-1")
-
-
-def _op(name: str):
-    """The fused update op ``avg_kernels.<name>`` (SPEC §2), looked up at call time."""
-    import avg_kernels
-
-    fn = getattr(avg_kernels, name, None)
-    if fn is None:
-        raise NotImplementedError(
-            f"avg_kernels.{name} is not available in this build: the AG update ops (SPEC §2) are required "
-            "for AG steps")
-    return fn
 
 
 @dataclass
@@ -245,11 +234,9 @@ class AG(torch.optim.Optimizer):
             raise TypeError("base=LBFGS needs a closure in its own step(); AG steps its base without one")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {list(MODES)}")
-        _checks.nonneg_real("eps", eps)
+        args.nonneg_real("eps", eps)
         if backend is not None:
-            from ..ops._backend import _check_name
-
-            _check_name(backend)
+            check_backend(backend)
         model_params = {id(p): name for name, p in model.named_parameters()}
         params = [p for g in base.param_groups for p in g["params"]]
         for i, p in enumerate(params):
@@ -500,7 +487,7 @@ class AG(torch.optim.Optimizer):
                             self.base.step()  # θ'' from s_t and ḡ
                         finally:
                             _install(self.base, params, after)  # s_{t+1} persists
-                        _op("ag2_rescale_")([p.detach() for p in params], theta_data, spare, backend=self.backend)
+                        AG2_RESCALE.eager([p.detach() for p in params], theta_data, spare, self.backend or "auto")
                         ph.mark("update")
             except BaseException as exc:
                 with torch.no_grad():  # leave θ as it was before the step, not at θ'
@@ -576,12 +563,12 @@ def _ag1_by_device(params, params_new, avg_grads, backend) -> None:
     """``ag1_update_`` once per device (the op takes one device per call; AG-1 is elementwise)."""
     devices = {t.device for t in params}
     if len(devices) <= 1:
-        _op("ag1_update_")(params, params_new, avg_grads, backend=backend)
+        AG1_UPDATE.eager(params, params_new, avg_grads, backend or "auto")
         return
     for dev in devices:
         idx = [i for i, t in enumerate(params) if t.device == dev]
-        _op("ag1_update_")([params[i] for i in idx], [params_new[i] for i in idx], [avg_grads[i] for i in idx],
-                           backend=backend)
+        AG1_UPDATE.eager([params[i] for i in idx], [params_new[i] for i in idx], [avg_grads[i] for i in idx],
+                         backend or "auto")
 
 
 def _grad(loss, inputs, retain_graph=False):

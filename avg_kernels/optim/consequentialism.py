@@ -35,13 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops as _ops  # noqa: F401  (registers torch.ops.avg_kernels.*)
-from ..ops import _library, gram as _gram_ops, ridge as _ridge_ops
-
-# The Gram and solve ops without their autograd layer (nothing here is differentiated; see _library.internal).
-_linear_gram = _library.internal(_gram_ops.linear_gram_op, _gram_ops.linear_gram_impl)
-_im2col_gram = _library.internal(_gram_ops.im2col_gram_op, _gram_ops.im2col_gram_impl)
-_ridge_solve = _library.internal(_ridge_ops.ridge_solve_op, _ridge_ops.ridge_solve_impl)
+from ..ops import IM2COL_GRAM, LINEAR_GRAM, RIDGE_SOLVE, check_backend
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -111,9 +105,7 @@ class _Consequential:
             group.setdefault("refresh_every", refresh_every)
         self.defaults.update(lam=float(lam), refresh_every=refresh_every)
         if backend is not None:
-            from ..ops import _backend
-
-            _backend._check_name(backend)
+            check_backend(backend)
         self._backend = backend
         self._backend_name = backend or "auto"
         self._layers = self._find_layers(model, exclude)
@@ -215,11 +207,11 @@ class _Consequential:
     def _gram(self, layer: _Layer, x: torch.Tensor, bias: bool) -> torch.Tensor:
         """The layer input's Gram (arguments prepared once)."""
         if layer.conv_dims == 0:
-            return _linear_gram(x, bias, self._backend_name)
-        return _im2col_gram(x, *layer.gram_args, bias, self._backend_name)
+            return LINEAR_GRAM.eager(x, bias, self._backend_name)
+        return IM2COL_GRAM.eager(x, *layer.gram_args, bias, self._backend_name)
 
     def _solve(self, G: torch.Tensor, A: torch.Tensor, lam: float) -> torch.Tensor:
-        return _ridge_solve(G, A, lam, self._backend_name)
+        return RIDGE_SOLVE.eager(G, A, lam, self._backend_name)
 
     def _record(self, i: int, layer: _Layer, x: torch.Tensor, output: torch.Tensor) -> None:
         st = self._stats[i]
@@ -340,7 +332,7 @@ class _Consequential:
     def _column_gram(self, X: torch.Tensor) -> torch.Tensor:
         """K = XᵀX per group, (groups, M, M), through the Gram op (the rows of X[g] are D vectors of length M;
         one triangle computed, about 1.4x faster than X.mT @ X at M ~ D ~ 1000 on this CPU)."""
-        return torch.cat([_linear_gram(X[g], False, self._backend_name) for g in range(X.shape[0])])
+        return torch.cat([LINEAR_GRAM.eager(X[g], False, self._backend_name) for g in range(X.shape[0])])
 
     @staticmethod
     def _uniform_factors(checks: list) -> list:

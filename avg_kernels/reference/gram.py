@@ -14,12 +14,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._contract.dtypes import gram_dtype
+
 _CHUNK_ELEMENTS = 1 << 24  # unfolded elements per batch chunk (128 MB in float64)
 
 
-def out_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The Gram's dtype for an input dtype: float64 for float64, else float32 (SPEC §3)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _as_2d(x: torch.Tensor, kernel_size, stride, padding, dilation):
@@ -33,7 +32,7 @@ def im2col_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, groups:
     """(groups, D, D) Gram of the unfolded Conv1d (N, C, L) / Conv2d (N, C, H, W) input ``x``.
 
     ``kernel_size``, ``stride``, ``padding``, ``dilation``: sequences with one entry per spatial dim
-    (already validated). Computed in float64; returned in ``out_dtype(x.dtype)``.
+    (already validated). Computed in float64; returned in ``gram_dtype(x.dtype)``.
     """
     x4, k, s, p, d = _as_2d(x, kernel_size, stride, padding, dilation)
     n, c = x4.shape[:2]
@@ -56,7 +55,7 @@ def im2col_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, groups:
             acc += cols @ cols.transpose(1, 2)
     elif bias:
         acc[:, -1, -1] = n * h_out * w_out  # only the count: no input columns
-    return acc.to(out_dtype(x.dtype))
+    return acc.to(gram_dtype(x.dtype))
 
 
 def linear_gram(x: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -64,4 +63,4 @@ def linear_gram(x: torch.Tensor, bias: bool) -> torch.Tensor:
     rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).to(torch.float64)  # (-1 is ambiguous for 0 features)
     if bias:
         rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-    return (rows.T @ rows).unsqueeze(0).to(out_dtype(x.dtype))
+    return (rows.T @ rows).unsqueeze(0).to(gram_dtype(x.dtype))

@@ -1,7 +1,7 @@
-// CPU implementation of the multi-tensor AG-1 update and AG-2 rescale (SPEC §2): argument checks and
-// flat-buffer preparation (csrc/ag_lists.h), then the kernels of the active capability level
-// (csrc/cpu/kernels/ag_update.cpp). Also the argument-check ops the other backends use
-// (avg_kernels_C::ag1_check / ag2_check).
+// CPU implementation of the multi-tensor AG-1 update and AG-2 rescale (SPEC §2): flat-buffer preparation
+// (csrc/ag_lists.h), then the kernels of the active capability level (csrc/cpu/kernels/ag_update.cpp).
+// The public ops (avg_kernels/ops/ag_update.py) validate the lists first, through the argument-check ops
+// defined here too (avg_kernels_C::ag1_check / ag2_check, csrc/ag_lists.h's check_lists).
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/library.h>
@@ -39,7 +39,6 @@ void ag2_check(at::TensorList params, at::TensorList params_old, at::TensorList 
 void ag1_update_cpu(at::TensorList params, at::TensorList params_new,
                     const c10::List<std::optional<at::Tensor>>& avg_grads) {
   const auto lists = ag1_lists(params, params_new, avg_grads);
-  avg_kernels::ag::check_lists("ag1_update_", lists);
   const auto& k = kernels();
   at::NoGradGuard no_grad;
   auto prep = avg_kernels::ag::prepare<3>(lists);
@@ -50,7 +49,6 @@ void ag1_update_cpu(at::TensorList params, at::TensorList params_new,
 // Returns (‖θ' − θ‖₁, ‖θ'' − θ‖₁, scale) as a float64 tensor (for tests and benchmarks).
 at::Tensor ag2_rescale_cpu(at::TensorList params, at::TensorList params_old, at::TensorList params_step) {
   const auto lists = ag2_lists(params, params_old, params_step);
-  avg_kernels::ag::check_lists("ag2_rescale_", lists);
   const auto& k = kernels();
   at::NoGradGuard no_grad;
   auto prep = avg_kernels::ag::prepare<3>(lists);

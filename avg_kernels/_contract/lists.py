@@ -17,8 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_DTYPE_TEXT = "float16, bfloat16, float32 or float64"
+from .dtypes import FLOAT_DTYPES, FLOAT_DTYPES_TEXT as _DTYPE_TEXT
 
 
 def check_structure(op: str, names: Sequence[str], lists: Sequence, optional: Sequence[bool]) -> None:

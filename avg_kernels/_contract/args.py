@@ -6,12 +6,19 @@ import math
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .dtypes import FLOAT_DTYPES
+
+
+def is_tensor(name: str, t, optional: bool = False):
+    """``t`` is a tensor (or None when ``optional``): the public wrappers check this before the dispatcher sees
+    the argument (it would raise a RuntimeError of its own); the ops validate the rest."""
+    if not isinstance(t, torch.Tensor) and not (optional and t is None):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
 
 
 def tensor(name: str, t) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    is_tensor(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; expected one of float16, bfloat16, float32, float64")
     return t
