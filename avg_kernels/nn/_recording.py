@@ -7,7 +7,8 @@ activation call (a converted module or ``avg_kernels.nn.functional``) asks it wh
   runs ``_SlotAct``, an autograd Function that computes f(x) with PyTorch's own op and keeps the slot in
   its context. Its backward reads the slot when it runs: empty -> PyTorch's own f' backward formula
   (``activations.native_backward``: bitwise the gradient PyTorch computes); filled -> the averaged
-  backward ``grad * s(x, x')`` through the public op ``avg_act_backward`` (its eager fast path).
+  backward ``grad * s(x, x')``: the same rule as the public ``avg_act`` op's backward
+  (``ops.avg_act.averaged_backward``), through the op's eager fast path.
   (A post-hook on PyTorch's own autograd node would also work, but autograd cannot skip the node, so
   the averaged backward would pay for f' as well; measured ~2 % of a ResNet-18-shaped AG-3-1 step.)
 * ``REPLAY`` (the no-grad forward at θ' -- or at θ_{t-1} for AG-3-1): call k checks that its input
@@ -33,7 +34,7 @@ from typing import Optional, Union
 import torch
 
 from .. import activations
-from ..ops import AVG_ACT_BACKWARD
+from ..ops.avg_act import averaged_backward
 from ..activations import KernelAct
 
 GRAPH, REPLAY, BACKWARD, PLAIN = "graph", "replay", "backward", "plain"
@@ -207,12 +208,9 @@ class _SlotAct(torch.autograd.Function):
     def backward(ctx, grad):
         saved = ctx.saved_tensors
         slot = ctx.slot
-        k = slot.k
-        x_new = slot.x_new
-        if x_new is None:
-            return activations.native_backward(grad, saved[0], saved[1] if len(saved) > 1 else None, k), None
         rec = slot.recorder
-        return AVG_ACT_BACKWARD.eager(grad, saved[0], x_new, k.name, [k.p0, k.p1], rec.eps, rec.backend), None
+        return averaged_backward(grad, saved[0], saved[1] if len(saved) > 1 else None, slot.x_new, slot.k, rec.eps,
+                                 rec.backend, eager=True), None
 
 
 def _inside_checkpoint() -> bool:

@@ -97,6 +97,17 @@ def _check_forward(x, x_new, act, params, eps, *, fake: bool) -> ForwardCall:
     return ForwardCall(x, x_new, kernel_act(act, params), args.nonneg_real("eps", eps))
 
 
+def averaged_backward(grad, x, y, x_new, k: KernelAct, eps: float, backend: str, *, eager: bool = False):
+    """The backward of an averaged activation call, for both autograd paths (the ``avg_act`` op, and the AG
+    recorder's slots in avg_kernels/nn/_recording.py): PyTorch's own f' formula when ``x_new`` is None
+    (bitwise PyTorch's gradient; ``y`` = f(x), which some of those formulas read), else
+    ``grad * s(x, x_new)``. ``eager``: through the op's no-autograd fast path."""
+    if x_new is None:
+        return activations.native_backward(grad, x, y, k)
+    op = AVG_ACT_BACKWARD.eager if eager else AVG_ACT_BACKWARD
+    return op(grad, x, x_new, k.name, [k.p0, k.p1], eps, backend)
+
+
 def _setup_context(ctx, inputs, output):
     x, x_new, act, params, eps, backend = inputs
     ctx.save_for_backward(x, x_new, output)
@@ -106,12 +117,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x, x_new, y = ctx.saved_tensors
-    k = ctx.k
-    if x_new is None:
-        gx = activations.native_backward(grad, x, y, k)
-    else:
-        gx = AVG_ACT_BACKWARD(grad, x, x_new, k.name, [k.p0, k.p1], ctx.eps, ctx.backend)
-    return gx, None, None, None, None, None
+    return averaged_backward(grad, x, y, x_new, ctx.k, ctx.eps, ctx.backend), None, None, None, None, None
 
 
 AVG_ACT = Op(OpSpec(
