@@ -81,3 +81,19 @@ def test_setup_lists_every_source():
     on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in (".cpp", ".cu")}
     standalone = {p for p in on_disk if p.startswith("csrc/standalone/")}  # CMakeLists.txt builds those
     assert listed == on_disk - standalone, (sorted(on_disk - standalone - listed), sorted(listed - on_disk))
+
+
+def test_the_main_job_writes_outside_the_tracked_tree():
+    """`python -m avg_kernels bench` writes its tables to bench/out/ by default, which git ignores (the
+    committed tables in bench/results/ are only written with an explicit --out)."""
+    import shutil
+    import subprocess
+
+    from bench import runner
+
+    assert runner.DEFAULT_OUT == ROOT / "bench" / "out"
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    probe = runner.DEFAULT_OUT / "avg_act-cpu-quick.md"
+    proc = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=ROOT)
+    assert proc.returncode == 0, f"{probe} is not git-ignored"
