@@ -18,7 +18,8 @@ def is_tensor(name: str, t, optional: bool = False):
 
 
 def tensor(name: str, t) -> torch.Tensor:
-    is_tensor(name, t)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} has dtype {t.dtype}; expected one of float16, bfloat16, float32, float64")
     return t

@@ -107,8 +107,10 @@ def current_backend() -> str | None:
 
 def resolve(op: str, backend: str, device: torch.device) -> str:
     """The backend that runs ``op`` on ``device`` for the requested ``backend`` ("auto" or a name)."""
-    check_backend(backend)
-    return _resolve(op, backend if backend != "auto" else current_backend(), device.type)
+    if backend != "auto":
+        check_backend(backend)
+        return _resolve(op, backend, device.type)
+    return _resolve(op, current_backend(), device.type)
 
 
 @functools.lru_cache(maxsize=None)

@@ -97,7 +97,11 @@ class Op:
 
     def impl(self, *args, **kwargs):
         """The op's implementation: validation, backend choice, kernel (no autograd)."""
-        args, backend = self._split(args, kwargs)
+        if len(args) == self._n_args + 1 and not kwargs:  # the common call: every argument positional
+            backend = args[-1]
+            args = args[:-1]
+        else:
+            args, backend = self._split(args, kwargs)
         spec = self.spec
         call = spec.check(*args, fake=False)
         if spec.run is not None:

@@ -24,7 +24,16 @@ from ._registry import Autograd, Op, OpSpec
 
 def kernel_act(act, params) -> KernelAct:
     """The kernel-level activation of the ops' (act, params) arguments, validated (direct torch.ops calls
-    included): a name in KERNEL_ACTS, two finite numbers, softplus's beta > 0."""
+    included): a name in KERNEL_ACTS, two finite numbers, softplus's beta > 0. Memoised: every averaged
+    backward of an AG step calls it."""
+    try:
+        return _kernel_act(act, *params)
+    except TypeError:  # an unhashable or wrongly typed argument: the uncached check names it
+        return _kernel_act.__wrapped__(act, *params)
+
+
+@functools.lru_cache(maxsize=256)
+def _kernel_act(act, *params) -> KernelAct:
     if act not in KERNEL_ACTS:
         raise ValueError(f"act={act!r} is not a kernel activation; expected one of {list(KERNEL_ACTS)}")
     if len(params) != 2:
@@ -132,6 +141,12 @@ AVG_ACT = Op(OpSpec(
 # ----------------------------------------------------------------------------------------------
 # Public wrappers
 
+def _eps(eps) -> float:
+    """eps as the schema's float: a float passes (the op checks its value), anything else is checked here,
+    before the dispatcher would turn True into 1.0 or reject '0.5' with a RuntimeError."""
+    return eps if type(eps) is float else args.nonneg_real("eps", eps)
+
+
 @functools.lru_cache(maxsize=256)
 def _resolve_cached(act, params: tuple) -> KernelAct:
     return activations.resolve(act, dict(params))
@@ -163,8 +178,7 @@ def avg_act(x: torch.Tensor, act: str, x_new: Optional[torch.Tensor] = None, *, 
     Its gradient w.r.t. x is ``grad * s(x, x_new)`` (SPEC §1).
     """
     k = _resolve_act(act, params)
-    return (args.is_tensor("x", x), args.is_tensor("x_new", x_new, optional=True), k.name, [k.p0, k.p1],
-            args.nonneg_real("eps", eps))
+    return args.is_tensor("x", x), args.is_tensor("x_new", x_new, optional=True), k.name, [k.p0, k.p1], _eps(eps)
 
 
 @AVG_ACT_BACKWARD.public
@@ -184,5 +198,7 @@ def avg_act_backward(grad_out: torch.Tensor, x: torch.Tensor, x_new: torch.Tenso
     Returns a new contiguous tensor of x's shape and dtype.
     """
     k = _resolve_act(act, params)
-    return (args.is_tensor("grad_out", grad_out), args.is_tensor("x", x), args.is_tensor("x_new", x_new), k.name,
-            [k.p0, k.p1], args.nonneg_real("eps", eps))
+    if not (isinstance(grad_out, torch.Tensor) and isinstance(x, torch.Tensor) and isinstance(x_new, torch.Tensor)):
+        for name, t in (("grad_out", grad_out), ("x", x), ("x_new", x_new)):
+            args.is_tensor(name, t)
+    return grad_out, x, x_new, k.name, [k.p0, k.p1], _eps(eps)
