@@ -36,23 +36,24 @@ import torch
 import triton
 import triton.language as tl
 
-from ..activations import KERNEL_ACTS, KernelAct
+from ..activations import KERNEL_ACTS, KERNEL_IDS, KernelAct, is_bounded
 from ..ops._alloc import new_output
 from . import aot
 
 # ---------------------------------------------------------------------------------------------
-# enum class Act (activations.h); keep in sync with avg_kernels.activations.KERNEL_ACTS.
+# enum class Act (activations.h), ids from the activation table (avg_kernels.activations.KERNEL_IDS)
 # ---------------------------------------------------------------------------------------------
-TANH = tl.constexpr(0)
-SIGMOID = tl.constexpr(1)
-RELU = tl.constexpr(2)
-LEAKY_RELU = tl.constexpr(3)
-ELU = tl.constexpr(4)
-GELU = tl.constexpr(5)
-GELU_TANH = tl.constexpr(6)
-SILU = tl.constexpr(7)
-SOFTPLUS = tl.constexpr(8)
-assert KERNEL_ACTS == ("tanh", "sigmoid", "relu", "leaky_relu", "elu", "gelu", "gelu_tanh", "silu", "softplus")
+TANH = tl.constexpr(KERNEL_IDS["tanh"])
+SIGMOID = tl.constexpr(KERNEL_IDS["sigmoid"])
+RELU = tl.constexpr(KERNEL_IDS["relu"])
+LEAKY_RELU = tl.constexpr(KERNEL_IDS["leaky_relu"])
+ELU = tl.constexpr(KERNEL_IDS["elu"])
+GELU = tl.constexpr(KERNEL_IDS["gelu"])
+GELU_TANH = tl.constexpr(KERNEL_IDS["gelu_tanh"])
+SILU = tl.constexpr(KERNEL_IDS["silu"])
+SOFTPLUS = tl.constexpr(KERNEL_IDS["softplus"])
+
+_BOUNDED = tuple(is_bounded(KernelAct(n)) for n in KERNEL_ACTS)  # by kernel id: f bounded at both ends
 
 K_SMALL = tl.constexpr(0.5)  # detail::kSmall
 _INF = tl.constexpr(float("inf"))
@@ -94,6 +95,11 @@ else:
     @triton.jit
     def _log1p(x):
         return libdevice.log1p(x)
+
+
+@triton.constexpr_function
+def _is_bounded(act):  # the table's Activation.bounded
+    return _BOUNDED[act]
 
 
 @triton.jit
@@ -180,7 +186,7 @@ def _sigmoid_times_1pq(B, q):
 def _fix_nonfinite(a, b, s, p0, ACT: tl.constexpr, C: tl.constexpr):
     # detail::fix_nonfinite (its any() fast path is not a branch here: the selects below leave s
     # unchanged on lanes where a and b are finite).
-    if (ACT == TANH) or (ACT == SIGMOID):  # bounded
+    if _is_bounded(ACT):
         pos_slope = tl.full([], 0.0, C)
     else:
         pos_slope = tl.full([], 1.0, C)
@@ -192,7 +198,7 @@ def _fix_nonfinite(a, b, s, p0, ACT: tl.constexpr, C: tl.constexpr):
     b_inf = tl.abs(b) == _INF
     inf_val = tl.where(a_inf, a, b)
     s_one = tl.where(0.0 < inf_val, pos_slope, neg_slope)
-    if (ACT == TANH) or (ACT == SIGMOID):
+    if _is_bounded(ACT):
         s_both = tl.where(a == b, _NAN, 0.0)
     else:
         s_both = tl.full([], _NAN, C)
