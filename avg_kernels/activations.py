@@ -11,8 +11,11 @@ asymptotic slopes. Derived from it:
   swap/scan tables of ``avg_kernels.nn.convert``;
 * the Triton activation ids (``avg_kernels/_triton/avg_act.py``).
 
-The kernel ids mirror ``enum class Act`` in ``csrc/include/avg_kernels/activations.h``.
-SPEC §1 defines the math.
+The C++ side has the same table as an X-macro, ``AVG_KERNELS_ACTIVATIONS`` in
+``csrc/include/avg_kernels/activations.h`` (enum, dispatch switch, CUDA instantiations);
+``tests/test_activation_table.py`` checks that the two agree (names, ids, order, boundedness).
+Adding an activation: a record here, a row of the X-macro, and its math (the header's
+``avg_slope``/``act_value`` and the Triton mirror). SPEC §1 defines the math.
 """
 from __future__ import annotations
 
@@ -66,7 +69,7 @@ class Activation:
     #: validated parameters (defaults filled in) -> KernelAct; None: ``kernels[0]`` with the numeric
     #: parameters, in order, as p0 and p1
     to_kernel: Optional[Callable[[dict], KernelAct]] = None
-    #: f bounded at both ends (then its asymptotic slopes are 0)
+    #: f bounded at both ends (then its asymptotic slopes are 0); the header's X-macro says the same
     bounded: bool = False
     #: (lim f(x)/x at +inf, at -inf) for a KernelAct: the secant's limit when one end is infinite;
     #: None: (0, 0) when bounded, else (1, 0)
@@ -126,7 +129,7 @@ def _softplus_kernel(p: dict) -> KernelAct:
 
 
 # The table. Order matters: KERNEL_ACTS (and so the kernel ids) is the concatenation of ``kernels``
-# in this order, and must equal the header's ``enum class Act``.
+# in this order, and must equal the header's AVG_KERNELS_ACTIVATIONS.
 _RECORDS = (
     Activation("tanh", nn.Tanh, F.tanh, ("tanh",),
                forward=lambda x, k: torch.tanh(x),

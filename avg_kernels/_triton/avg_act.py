@@ -53,7 +53,7 @@ GELU_TANH = tl.constexpr(KERNEL_IDS["gelu_tanh"])
 SILU = tl.constexpr(KERNEL_IDS["silu"])
 SOFTPLUS = tl.constexpr(KERNEL_IDS["softplus"])
 
-_BOUNDED = tuple(is_bounded(KernelAct(n)) for n in KERNEL_ACTS)  # by kernel id: f bounded at both ends
+_BOUNDED = tuple(is_bounded(KernelAct(n)) for n in KERNEL_ACTS)  # act_is_bounded(Act), by kernel id
 
 K_SMALL = tl.constexpr(0.5)  # detail::kSmall
 _INF = tl.constexpr(float("inf"))
@@ -98,7 +98,7 @@ else:
 
 
 @triton.constexpr_function
-def _is_bounded(act):  # the table's Activation.bounded
+def _is_bounded(act):  # act_is_bounded: the table's `bounded` column
     return _BOUNDED[act]
 
 
