@@ -10,7 +10,7 @@
 #   3. prints a per-kernel register / stack / spill / local-memory table from ptxas' report and
 #      FAILS when any kernel spills, has a stack frame or uses local memory, or when a kernel is
 #      missing (the expected count is (8 x activations avg_act + 7 AG + 8 Gram + 10 ridge) kernels x
-#      2 architectures: 194 with the 9 kernel-level activations of the table).
+#      2 architectures, the activations counted in the table; the configure line prints it).
 #
 # Usage: .ci/cuda_compile_check.sh [BUILD_DIR]   (default build/cuda-compile-check; removed first)
 # Env:   CUDA_ARCHS (default "80-real;90-real"), EXPECT_ENTRIES (default from the activation table, see

@@ -162,6 +162,13 @@ _RECORDS = (
                forward=lambda x, k: F.softplus(x, k.p0, k.p1),
                backward=lambda g, x, y, k: aten.softplus_backward(g, x, k.p0, k.p1),
                params={"beta": 1.0, "threshold": 20.0}, to_kernel=_softplus_kernel),
+    Activation("hardswish", nn.Hardswish, F.hardswish, ("hardswish",),
+               forward=lambda x, k: F.hardswish(x),
+               backward=lambda g, x, y, k: aten.hardswish_backward(g, x)),
+    Activation("hardsigmoid", nn.Hardsigmoid, F.hardsigmoid, ("hardsigmoid",),
+               forward=lambda x, k: F.hardsigmoid(x),
+               backward=lambda g, x, y, k: aten.hardsigmoid_backward(g, x),
+               bounded=True),
 )
 
 #: Public name -> its record (read-only, in table order).

@@ -150,3 +150,12 @@ def test_asymptotic_slopes_and_boundedness(cfg):
     pos, neg = activations.asymptotic_slopes(k)
     torch.testing.assert_close(f / big, torch.tensor([pos, neg], dtype=torch.float64), rtol=0, atol=1e-6)
     assert activations.is_bounded(k) == bool((f.abs() < 10).all())
+
+
+def test_mobilenet_v3_block_converts_completely():
+    """The activations MobileNetV3 uses (Hardswish, and Hardsigmoid in squeeze-excite) are averaged."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Hardswish(inplace=True), nn.AdaptiveAvgPool2d(1),
+                          nn.Conv2d(8, 8, 1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 1), nn.Hardsigmoid(inplace=True))
+    _, rep = avg_kernels.nn.convert(model, example_inputs=torch.randn(2, 3, 6, 6), return_report=True)
+    assert rep.complete and rep.swapped == {"Hardswish": 1, "ReLU": 1, "Hardsigmoid": 1}
+    assert type(model[1]) is avg_kernels.nn.Hardswish and model[1].requested_inplace and not model[1].inplace

@@ -27,7 +27,8 @@ IDS = [f"{t.__name__}{args}" for t, _, args in KINDS]
 
 def _inputs(dtype, n=257):
     x = torch.randn(n, dtype=dtype) * 4
-    x[:8] = torch.tensor([0.0, -0.0, 1.5, 25.0, -25.0, 3.0, 1e-30, -1e-30], dtype=dtype)  # kinks, softplus threshold
+    # kinks (0, ±3), softplus threshold
+    x[:9] = torch.tensor([0.0, -0.0, 1.5, 25.0, -25.0, 3.0, -3.0, 1e-30, -1e-30], dtype=dtype)
     return x
 
 
@@ -210,7 +211,8 @@ def test_functional_is_bitwise_pytorch_outside_ag_steps():
     pairs = [(AF.tanh(x), torch.tanh(x)), (AF.sigmoid(x), torch.sigmoid(x)), (AF.relu(x), F.relu(x)),
              (AF.leaky_relu(x, 0.3), F.leaky_relu(x, 0.3)), (AF.elu(x, 0.5), F.elu(x, 0.5)),
              (AF.gelu(x, approximate="tanh"), F.gelu(x, approximate="tanh")), (AF.silu(x), F.silu(x)),
-             (AF.softplus(x, 2.0, 5.0), F.softplus(x, 2.0, 5.0)), (AF.softplus(x, threshold=5.0), F.softplus(x, 1.0, 5.0))]
+             (AF.softplus(x, 2.0, 5.0), F.softplus(x, 2.0, 5.0)), (AF.softplus(x, threshold=5.0), F.softplus(x, 1.0, 5.0)),
+             (AF.hardswish(x), F.hardswish(x)), (AF.hardsigmoid(x), F.hardsigmoid(x))]
     for a, b in pairs:
         assert torch.equal(a, b)
 

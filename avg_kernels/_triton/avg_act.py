@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -52,12 +53,15 @@ GELU = tl.constexpr(KERNEL_IDS["gelu"])
 GELU_TANH = tl.constexpr(KERNEL_IDS["gelu_tanh"])
 SILU = tl.constexpr(KERNEL_IDS["silu"])
 SOFTPLUS = tl.constexpr(KERNEL_IDS["softplus"])
+HARDSWISH = tl.constexpr(KERNEL_IDS["hardswish"])
+HARDSIGMOID = tl.constexpr(KERNEL_IDS["hardsigmoid"])
 
 _BOUNDED = tuple(is_bounded(KernelAct(n)) for n in KERNEL_ACTS)  # act_is_bounded(Act), by kernel id
 
 K_SMALL = tl.constexpr(0.5)  # detail::kSmall
 _INF = tl.constexpr(float("inf"))
 _NAN = tl.constexpr(float("nan"))
+_ONE_SIXTH_F32 = tl.constexpr(float(np.float32(1.0) / np.float32(6.0)))  # 1.0f / 6.0f: hardsigmoid's f' in PyTorch
 
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -65,7 +69,6 @@ _INTERPRET = bool(triton.knobs.runtime.interpret)
 # Ops<V>: exp, erfc, log1p (accurate), min/max with the header's select semantics, IEEE division.
 # ---------------------------------------------------------------------------------------------
 if _INTERPRET:
-    import numpy as np
     from triton.runtime.interpreter import TensorHandle
 
     def _host_unary(torch_fn):
@@ -318,6 +321,25 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         w = _div(_max(bb, 0.0) - _max(a, 0.0), tl.where(fb, 1.0, d), C)
         sec = tl.fma(ns, 1.0 - w, w)
         s = tl.where(fb, tl.where(0.0 < a, 1.0, ns), sec)  # PyTorch: f'(0) = slope_neg
+    elif (ACT == HARDSWISH) or (ACT == HARDSIGMOID):
+        # Regions (-inf, -3], [-3, 3], [3, inf): s = w_mid m_mid + w_hi with u, v = lo, hi clamped to
+        # [-3, 3], w_mid = (v - u) / |d|, w_hi = (max(hi, 3) - max(lo, 3)) / |d|; m_mid = 1/6
+        # (hardsigmoid) or ((u + 3) + v) / 6 (hardswish). Fallback: PyTorch's f' on (-3, 3).
+        three = tl.full([], 3.0, C)
+        lo = _min(a, bb)
+        hi = _max(a, bb)
+        u = _min(_max(lo, -3.0), 3.0)
+        v = _min(_max(hi, -3.0), 3.0)
+        w_mid = _div(v - u, den_fac, C)
+        inside = (-3.0 < a) & (a < 3.0)
+        if ACT == HARDSIGMOID:
+            fprime = tl.where(inside, tl.full([], _ONE_SIXTH_F32, C), 0.0)
+            s = tl.where(fb, fprime, w_mid * tl.full([], 1.0 / 6.0, C))
+        else:
+            m_mid = _div((u + 3.0) + v, tl.full([], 6.0, C), C)
+            w_hi = _div(_max(hi, 3.0) - _max(lo, 3.0), den_fac, C)
+            fprime = tl.where(inside, _div(a, three, C) + 0.5, tl.where(a < 3.0, 0.0, 1.0))
+            s = tl.where(fb, fprime, tl.fma(w_mid, m_mid, w_hi))
     else:
         tl.static_assert(ACT == SOFTPLUS, "unknown activation id")
         # softplus = log1p(e^{beta x}) / beta for y = beta x <= threshold, else x; in y units.

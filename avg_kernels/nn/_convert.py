@@ -39,8 +39,8 @@ log = logging.getLogger("avg_kernels.nn")
 #: Elementwise nonlinear torch.nn modules that have no averaged kernel (they keep f').
 UNSUPPORTED_KINDS = tuple(c for c in (
     getattr(nn, n, None) for n in (
-        "ReLU6", "Hardtanh", "SELU", "CELU", "Mish", "Hardswish", "Hardsigmoid", "LogSigmoid", "Softsign",
-        "Tanhshrink", "Softshrink", "Hardshrink", "Threshold", "PReLU", "RReLU", "GLU"))
+        "ReLU6", "Hardtanh", "SELU", "CELU", "Mish", "LogSigmoid", "Softsign", "Tanhshrink", "Softshrink",
+        "Hardshrink", "Threshold", "PReLU", "RReLU", "GLU"))
     if c is not None and c not in REPLACEMENTS)
 RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 

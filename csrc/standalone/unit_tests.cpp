@@ -52,7 +52,7 @@ const Cfg kConfigs[] = {
     {"leaky_relu", Act::LeakyRelu, 0.01, 0}, {"leaky_relu(0.2)", Act::LeakyRelu, 0.2, 0},
     {"elu", Act::Elu, 1.0, 0},          {"elu(0.5)", Act::Elu, 0.5, 0},       {"gelu", Act::Gelu, 0, 0},
     {"gelu_tanh", Act::GeluTanh, 0, 0}, {"silu", Act::Silu, 0, 0},            {"softplus", Act::Softplus, 1, 20},
-    {"softplus(2,10)", Act::Softplus, 2, 10},
+    {"softplus(2,10)", Act::Softplus, 2, 10}, {"hardswish", Act::Hardswish, 0, 0}, {"hardsigmoid", Act::Hardsigmoid, 0, 0},
 };
 
 LD f_ld(const Cfg& c, LD x) {
@@ -74,6 +74,8 @@ LD f_ld(const Cfg& c, LD x) {
       const LD y = LD(c.p0) * x;
       return y > LD(c.p1) ? x : log1pl(expl(y)) / LD(c.p0);
     }
+    case Act::Hardswish: return x * fminl(fmaxl(x + 3.0L, 0.0L), 6.0L) / 6.0L;
+    case Act::Hardsigmoid: return fminl(fmaxl(x + 3.0L, 0.0L), 6.0L) / 6.0L;
   }
   return 0;
 }

@@ -40,7 +40,9 @@ namespace avg_kernels {
   X(Gelu, 5, "gelu", false)              \
   X(GeluTanh, 6, "gelu_tanh", false)     \
   X(Silu, 7, "silu", false)              \
-  X(Softplus, 8, "softplus", false)
+  X(Softplus, 8, "softplus", false)      \
+  X(Hardswish, 9, "hardswish", false)    \
+  X(Hardsigmoid, 10, "hardsigmoid", true)
 
 enum class Act : int32_t {
 #define AK_ACT_ENUM(E, id, name, bounded) E = id,
@@ -409,6 +411,34 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
     V sec = O::select(lo_above, one, delta / O::select(fb, one, D));
     V fprime = O::select(O::lt(thr, ya), one, sig_lo);  // fallback lanes: lo == ya
     s = O::select(fb, fprime, sec);
+  } else if constexpr (A == Act::Hardswish || A == Act::Hardsigmoid) {
+    // PyTorch: hardsigmoid = clamp(x + 3, 0, 6) / 6, hardswish = x hardsigmoid(x): polynomial on
+    // each of (-inf, -3], [-3, 3], [3, inf), so the secant (the mean of f' over [lo, hi]) splits
+    // exactly by region. With u = clamp(lo, -3, 3), v = clamp(hi, -3, 3):
+    //   s = w_mid m_mid + w_hi,  w_mid = (v - u) / |d|,  w_hi = (max(hi, 3) - max(lo, 3)) / |d|,
+    // the fractions of the segment inside (-3, 3) and above 3 (exactly 1 or 0 when the segment
+    // lies in one region: v - u is then the same subtraction as d), and m_mid the mean of f' over
+    // [u, v]: 1/6 for hardsigmoid (whose f' is 0 above 3, so no w_hi term); (u + v + 3) / 6 for
+    // hardswish (f' = x/3 + 1/2), evaluated as ((u + 3) + v) / 6: u + 3 is exact for u in [-3, -1],
+    // the only place where the sum can cancel, so it rounds once.
+    // Fallback lanes take PyTorch's f' (hardsigmoid_backward / hardswish_backward): on the open
+    // interval (-3, 3) hardsigmoid 1.0f/6 (a float constant, also for double) and hardswish
+    // x/3 + 1/2; outside it 0, except hardswish 1 at x >= 3.
+    const V three(S(3)), m_three(S(-3));
+    V lo = O::min(a, bb), hi = O::max(a, bb);
+    V u = O::min(O::max(lo, m_three), three);
+    V v = O::min(O::max(hi, m_three), three);
+    V w_mid = (v - u) / den_fac;
+    auto inside = O::mand(O::lt(m_three, a), O::lt(a, three));
+    if constexpr (A == Act::Hardsigmoid) {
+      V fprime = O::select(inside, V(S(1.0f / 6.0f)), zero);
+      s = O::select(fb, fprime, w_mid * V(S(1.0 / 6.0)));
+    } else {
+      V m_mid = ((u + three) + v) / V(S(6));
+      V w_hi = (O::max(hi, three) - O::max(lo, three)) / den_fac;
+      V fprime = O::select(inside, a / three + V(S(0.5)), O::select(O::lt(a, three), zero, one));
+      s = O::select(fb, fprime, O::fma(w_mid, m_mid, w_hi));
+    }
   } else {
     static_assert(A != A, "avg_slope: an activation of AVG_KERNELS_ACTIVATIONS has no math here");
   }
@@ -456,6 +486,11 @@ AK_HD V act_value(V x, ActParams<typename Ops<V>::Scalar> prm) {
     V y = x * V(prm.p0);
     V sp = (O::max(y, zero) + O::log1p(O::exp(-O::abs(y)))) / V(prm.p0);
     return O::select(O::lt(V(prm.p1), y), x, sp);
+  } else if constexpr (A == Act::Hardswish || A == Act::Hardsigmoid) {
+    // PyTorch's CPU forward: min(max(x + 3, 0), 6) / 6, for hardswish x * min(...) / 6.
+    V r = O::min(O::max(x + V(S(3)), zero), V(S(6)));
+    if constexpr (A == Act::Hardswish) return x * r / V(S(6));
+    else return r / V(S(6));
   } else {
     static_assert(A != A, "act_value: an activation of AVG_KERNELS_ACTIVATIONS has no math here");
   }
