@@ -9,8 +9,12 @@ import argparse
 import re
 import subprocess
 import sys
+from pathlib import Path
 
-ACTS = ["tanh", "sigmoid", "relu", "leaky_relu", "elu", "gelu", "gelu_tanh", "silu", "softplus"]
+HEADER = Path(__file__).resolve().parents[1] / "csrc" / "include" / "avg_kernels" / "activations.h"
+# Kernel-level activation names by id: the rows X(Enumerator, id, "name", bounded) of the header's
+# AVG_KERNELS_ACTIVATIONS X-macro (ids are the row numbers).
+ACTS = re.findall(r'^\s*X\(\w+,\s*\d+,\s*"(\w+)"', HEADER.read_text(), re.M)
 DTYPES = {"F32": "float32", "F64": "float64", "F16": "float16", "BF16": "bfloat16"}
 ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+a?)'")
 PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")

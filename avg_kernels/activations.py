@@ -1,34 +1,36 @@
-"""The activation registry: names, parameters, PyTorch's own forward and backward for each.
+"""The activation table: one record per activation, from which every layer of the package derives.
 
-Mirrors ``csrc/include/avg_kernels/activations.h`` (kernel ids) and
-``avg_kernels/_triton/avg_act.py``. SPEC §1 defines the math.
+``TABLE`` holds one ``Activation`` per public name (``avg_act(act=...)``): its parameters with
+PyTorch's defaults, the ``torch.nn`` module and ``torch.nn.functional`` function it stands for,
+the kernel-level activations it resolves to, PyTorch's own forward and backward formulas, and its
+asymptotic slopes. Derived from it:
+
+* ``ACTIVATIONS``, ``KERNEL_ACTS``, ``KERNEL_IDS``, ``resolve``, ``forward``, ``native_backward``
+  (here) and the float64 reference (``avg_kernels/reference/avg_act.py``);
+* the modules of ``avg_kernels.nn`` (generated, one per record), ``avg_kernels.nn.functional`` and the
+  swap/scan tables of ``avg_kernels.nn.convert``;
+* the Triton activation ids (``avg_kernels/_triton/avg_act.py``).
+
+The C++ side has the same table as an X-macro, ``AVG_KERNELS_ACTIVATIONS`` in
+``csrc/include/avg_kernels/activations.h`` (enum, dispatch switch, CUDA instantiations);
+``tests/test_activation_table.py`` checks that the two agree (names, ids, order, boundedness).
+Adding an activation: a record here, a row of the X-macro, and its math (the header's
+``avg_slope``/``act_value`` and the Triton mirror). SPEC §1 defines the math.
 """
 from __future__ import annotations
 
+import inspect
 import math
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 #: float32 machine epsilon, the papers' epsilon: |x_new - x| <= EPS falls back to f'(x).
 EPS = 1.1920929e-07
-
-#: Public names and their parameters with PyTorch's defaults (read-only).
-ACTIVATIONS = MappingProxyType({
-    "tanh": MappingProxyType({}),
-    "sigmoid": MappingProxyType({}),
-    "relu": MappingProxyType({}),
-    "leaky_relu": MappingProxyType({"negative_slope": 0.01}),
-    "elu": MappingProxyType({"alpha": 1.0}),
-    "gelu": MappingProxyType({"approximate": "none"}),
-    "silu": MappingProxyType({}),
-    "softplus": MappingProxyType({"beta": 1.0, "threshold": 20.0}),
-})
-
-#: Kernel-level activations, in the order of ``enum class Act`` (gelu is split by ``approximate``).
-KERNEL_ACTS = ("tanh", "sigmoid", "relu", "leaky_relu", "elu", "gelu", "gelu_tanh", "silu", "softplus")
 
 
 class KernelAct(NamedTuple):
@@ -40,7 +42,154 @@ class KernelAct(NamedTuple):
 
     @property
     def kernel_id(self) -> int:
-        return KERNEL_ACTS.index(self.name)
+        return KERNEL_IDS[self.name]
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One row of the activation table (see the module docstring for what derives from it)."""
+
+    #: public name: ``avg_act(act=name)``, ``avg_kernels.nn.functional.<name>``
+    name: str
+    #: the torch.nn module it replaces; ``avg_kernels.nn.<module.__name__>`` subclasses it
+    module: type
+    #: the torch.nn.functional function (what the module and the functional form call outside AG steps)
+    functional: Callable
+    #: kernel-level names it resolves to, in the order of the header's X-macro (their ids follow the
+    #: table's order); usually just ``(name,)``
+    kernels: tuple[str, ...]
+    #: PyTorch's f for a resolved KernelAct: the torch.nn.functional call, so bitwise PyTorch's
+    forward: Callable[[torch.Tensor, KernelAct], torch.Tensor]
+    #: grad * f'(x) by the formula derivatives.yaml gives (bitwise PyTorch's gradient);
+    #: arguments (grad, x, y = f(x), k)
+    backward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, KernelAct], torch.Tensor]
+    #: parameters with PyTorch's defaults; the keys are also the module's attribute names and the
+    #: functional's keyword names
+    params: Mapping[str, Any] = field(default_factory=dict)
+    #: validated parameters (defaults filled in) -> KernelAct; None: ``kernels[0]`` with the numeric
+    #: parameters, in order, as p0 and p1
+    to_kernel: Optional[Callable[[dict], KernelAct]] = None
+    #: f bounded at both ends (then its asymptotic slopes are 0); the header's X-macro says the same
+    bounded: bool = False
+    #: (lim f(x)/x at +inf, at -inf) for a KernelAct: the secant's limit when one end is infinite;
+    #: None: (0, 0) when bounded, else (1, 0)
+    slopes: Optional[Callable[[KernelAct], tuple[float, float]]] = None
+    #: other torch functions computing f, as dotted paths under ``torch`` (``torch.sigmoid``,
+    #: ``torch.special.expit``); ``convert``'s report looks for direct calls of them too
+    torch_functions: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+    @property
+    def inplace(self) -> bool:
+        """Whether the torch.nn module takes ``inplace`` (the averaged one then runs out of place)."""
+        return "inplace" in inspect.signature(self.module).parameters
+
+    def resolve(self, params: Mapping[str, Any]) -> KernelAct:
+        """KernelAct of this activation for keyword ``params`` (validated; see ``resolve``)."""
+        unknown = sorted(set(params) - set(self.params))
+        if unknown:
+            raise TypeError(f"act={self.name!r} takes parameters {sorted(self.params) or 'none'}; got unexpected {unknown}")
+        full = {**self.params, **params}
+        for key, value in full.items():
+            if isinstance(self.params[key], str):
+                continue  # a choice among names: checked by to_kernel
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{key} must be a real number, got {type(value).__name__}")
+            if not math.isfinite(value):
+                raise ValueError(f"{key}={value!r} must be finite")
+        if self.to_kernel is not None:
+            return self.to_kernel(full)
+        return KernelAct(self.kernels[0], *(float(v) for v in full.values()))
+
+    def asymptotic_slopes(self, k: KernelAct) -> tuple[float, float]:
+        if self.slopes is not None:
+            return self.slopes(k)
+        return (0.0, 0.0) if self.bounded else (1.0, 0.0)
+
+
+aten = torch.ops.aten
+
+
+def _gelu_kernel(p: dict) -> KernelAct:
+    if p["approximate"] not in ("none", "tanh"):
+        raise ValueError(f"approximate={p['approximate']!r}: expected 'none' or 'tanh'")
+    return KernelAct("gelu_tanh" if p["approximate"] == "tanh" else "gelu")
+
+
+def _gelu_approximate(k: KernelAct) -> str:
+    return "tanh" if k.name == "gelu_tanh" else "none"
+
+
+def _softplus_kernel(p: dict) -> KernelAct:
+    if p["beta"] <= 0:
+        raise ValueError(f"beta={p['beta']!r}: softplus needs beta > 0")
+    return KernelAct("softplus", float(p["beta"]), float(p["threshold"]))
+
+
+# The table. Order matters: KERNEL_ACTS (and so the kernel ids) is the concatenation of ``kernels``
+# in this order, and must equal the header's AVG_KERNELS_ACTIVATIONS.
+_RECORDS = (
+    Activation("tanh", nn.Tanh, F.tanh, ("tanh",),
+               forward=lambda x, k: torch.tanh(x),
+               backward=lambda g, x, y, k: aten.tanh_backward(g, y),
+               bounded=True, torch_functions=("tanh",)),
+    Activation("sigmoid", nn.Sigmoid, F.sigmoid, ("sigmoid",),
+               forward=lambda x, k: torch.sigmoid(x),
+               backward=lambda g, x, y, k: aten.sigmoid_backward(g, y),
+               bounded=True, torch_functions=("sigmoid", "special.expit")),
+    Activation("relu", nn.ReLU, F.relu, ("relu",),
+               forward=lambda x, k: F.relu(x),
+               backward=lambda g, x, y, k: aten.threshold_backward(g, y, 0),
+               torch_functions=("relu",)),
+    Activation("leaky_relu", nn.LeakyReLU, F.leaky_relu, ("leaky_relu",),
+               forward=lambda x, k: F.leaky_relu(x, k.p0),
+               backward=lambda g, x, y, k: aten.leaky_relu_backward(g, x, k.p0, False),
+               params={"negative_slope": 0.01}, slopes=lambda k: (1.0, k.p0)),
+    Activation("elu", nn.ELU, F.elu, ("elu",),
+               forward=lambda x, k: F.elu(x, k.p0),
+               backward=lambda g, x, y, k: aten.elu_backward(g, k.p0, 1, 1, False, x),
+               params={"alpha": 1.0}),
+    Activation("gelu", nn.GELU, F.gelu, ("gelu", "gelu_tanh"),
+               forward=lambda x, k: F.gelu(x, approximate=_gelu_approximate(k)),
+               backward=lambda g, x, y, k: aten.gelu_backward(g, x, approximate=_gelu_approximate(k)),
+               params={"approximate": "none"}, to_kernel=_gelu_kernel),
+    Activation("silu", nn.SiLU, F.silu, ("silu",),
+               forward=lambda x, k: F.silu(x),
+               backward=lambda g, x, y, k: aten.silu_backward(g, x)),
+    Activation("softplus", nn.Softplus, F.softplus, ("softplus",),
+               forward=lambda x, k: F.softplus(x, k.p0, k.p1),
+               backward=lambda g, x, y, k: aten.softplus_backward(g, x, k.p0, k.p1),
+               params={"beta": 1.0, "threshold": 20.0}, to_kernel=_softplus_kernel),
+    Activation("hardswish", nn.Hardswish, F.hardswish, ("hardswish",),
+               forward=lambda x, k: F.hardswish(x),
+               backward=lambda g, x, y, k: aten.hardswish_backward(g, x)),
+    Activation("hardsigmoid", nn.Hardsigmoid, F.hardsigmoid, ("hardsigmoid",),
+               forward=lambda x, k: F.hardsigmoid(x),
+               backward=lambda g, x, y, k: aten.hardsigmoid_backward(g, x),
+               bounded=True),
+)
+
+#: Public name -> its record (read-only, in table order).
+TABLE: Mapping[str, Activation] = MappingProxyType({r.name: r for r in _RECORDS})
+
+#: Public names and their parameters with PyTorch's defaults (read-only).
+ACTIVATIONS = MappingProxyType({r.name: r.params for r in _RECORDS})
+
+#: Kernel-level activations, in the order of ``enum class Act`` (gelu is split by ``approximate``).
+KERNEL_ACTS: tuple[str, ...] = tuple(kn for r in _RECORDS for kn in r.kernels)
+
+#: Kernel-level name -> kernel id (the value of ``enum class Act``).
+KERNEL_IDS: Mapping[str, int] = MappingProxyType({kn: i for i, kn in enumerate(KERNEL_ACTS)})
+
+# Kernel-level name -> the record that owns it.
+_BY_KERNEL: dict[str, Activation] = {kn: r for r in _RECORDS for kn in r.kernels}
+
+
+def record_of(k: KernelAct) -> Activation:
+    """The table record a resolved activation belongs to."""
+    return _BY_KERNEL[k.name]
 
 
 def resolve(act: str, params: dict) -> KernelAct:
@@ -51,77 +200,26 @@ def resolve(act: str, params: dict) -> KernelAct:
     """
     if not isinstance(act, str):
         raise TypeError(f"act must be a str naming an activation, got {type(act).__name__}")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"act={act!r} is not a supported activation; expected one of {sorted(ACTIVATIONS)}")
-    allowed = ACTIVATIONS[act]
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise TypeError(f"act={act!r} takes parameters {sorted(allowed) or 'none'}; got unexpected {unknown}")
-    full = {**allowed, **params}
-    for key, value in full.items():
-        if key == "approximate":
-            if value not in ("none", "tanh"):
-                raise ValueError(f"approximate={value!r}: expected 'none' or 'tanh'")
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{key} must be a real number, got {type(value).__name__}")
-        if not math.isfinite(value):
-            raise ValueError(f"{key}={value!r} must be finite")
-    if act == "leaky_relu":
-        return KernelAct("leaky_relu", float(full["negative_slope"]))
-    if act == "elu":
-        return KernelAct("elu", float(full["alpha"]))
-    if act == "gelu":
-        return KernelAct("gelu_tanh" if full["approximate"] == "tanh" else "gelu")
-    if act == "softplus":
-        if full["beta"] <= 0:
-            raise ValueError(f"beta={full['beta']!r}: softplus needs beta > 0")
-        return KernelAct("softplus", float(full["beta"]), float(full["threshold"]))
-    return KernelAct(act)
+    rec = TABLE.get(act)
+    if rec is None:
+        raise ValueError(f"act={act!r} is not a supported activation; expected one of {sorted(TABLE)}")
+    return rec.resolve(params)
 
 
 def forward(x: torch.Tensor, k: KernelAct) -> torch.Tensor:
     """f(x) through the matching torch.nn.functional op (bitwise PyTorch's forward)."""
-    return _FORWARD[k.name](x, k)
+    return _BY_KERNEL[k.name].forward(x, k)
 
 
 def native_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, k: KernelAct) -> torch.Tensor:
     """grad * f'(x) exactly as PyTorch's autograd computes it (``y`` = f(x), used by tanh/sigmoid/relu)."""
-    return _BACKWARD[k.name](grad, x, y, k)
+    return _BY_KERNEL[k.name].backward(grad, x, y, k)
 
 
 def asymptotic_slopes(k: KernelAct) -> tuple[float, float]:
     """lim f(x)/x at +inf and -inf: the secant's limit when exactly one end is infinite."""
-    if k.name in ("tanh", "sigmoid"):
-        return 0.0, 0.0
-    return 1.0, (k.p0 if k.name == "leaky_relu" else 0.0)
+    return _BY_KERNEL[k.name].asymptotic_slopes(k)
 
 
 def is_bounded(k: KernelAct) -> bool:
-    return k.name in ("tanh", "sigmoid")
-
-
-aten = torch.ops.aten
-_FORWARD: dict[str, Callable] = {
-    "tanh": lambda x, k: torch.tanh(x),
-    "sigmoid": lambda x, k: torch.sigmoid(x),
-    "relu": lambda x, k: F.relu(x),
-    "leaky_relu": lambda x, k: F.leaky_relu(x, k.p0),
-    "elu": lambda x, k: F.elu(x, k.p0),
-    "gelu": lambda x, k: F.gelu(x),
-    "gelu_tanh": lambda x, k: F.gelu(x, approximate="tanh"),
-    "silu": lambda x, k: F.silu(x),
-    "softplus": lambda x, k: F.softplus(x, k.p0, k.p1),
-}
-# The formulas derivatives.yaml gives for each forward (so gradients are bitwise PyTorch's).
-_BACKWARD: dict[str, Callable] = {
-    "tanh": lambda g, x, y, k: aten.tanh_backward(g, y),
-    "sigmoid": lambda g, x, y, k: aten.sigmoid_backward(g, y),
-    "relu": lambda g, x, y, k: aten.threshold_backward(g, y, 0),
-    "leaky_relu": lambda g, x, y, k: aten.leaky_relu_backward(g, x, k.p0, False),
-    "elu": lambda g, x, y, k: aten.elu_backward(g, k.p0, 1, 1, False, x),
-    "gelu": lambda g, x, y, k: aten.gelu_backward(g, x),
-    "gelu_tanh": lambda g, x, y, k: aten.gelu_backward(g, x, approximate="tanh"),
-    "silu": lambda g, x, y, k: aten.silu_backward(g, x),
-    "softplus": lambda g, x, y, k: aten.softplus_backward(g, x, k.p0, k.p1),
-}
+    return _BY_KERNEL[k.name].bounded

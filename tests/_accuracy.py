@@ -8,7 +8,8 @@ import torch
 from avg_kernels import EPS, reference
 from avg_kernels.activations import KernelAct, forward, resolve
 
-# Every activation and parameter setting the tests sweep: (public name, params).
+# Every activation and parameter setting the tests sweep: (public name, params). It covers every
+# kernel-level activation of the table (tests/test_activation_table.py checks).
 CONFIGS = [
     ("tanh", {}),
     ("sigmoid", {}),
@@ -22,8 +23,12 @@ CONFIGS = [
     ("silu", {}),
     ("softplus", {}),
     ("softplus", {"beta": 2.0, "threshold": 10.0}),
+    ("hardswish", {}),
+    ("hardsigmoid", {}),
 ]
-SMOOTH = {"tanh", "sigmoid", "elu", "gelu", "silu", "softplus"}
+# Activations whose literal float32 secant misses SPEC §1's bar: f(x) is rounded, then f(b) - f(a) cancels
+# (relu and leaky_relu are exact: their f is x or a·x).
+CANCELLING = {"tanh", "sigmoid", "elu", "gelu", "silu", "softplus", "hardswish", "hardsigmoid"}
 
 
 def config_id(cfg) -> str:

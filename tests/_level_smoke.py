@@ -24,11 +24,12 @@ import avg_kernels as ak
 from avg_kernels import EPS, _build, reference
 from avg_kernels.activations import resolve
 
-from _accuracy import config_id, float64_violations, reduced_precision_violations, slope_errors, spec_inputs
+from _accuracy import (CONFIGS, config_id, float64_violations, kernel_act, reduced_precision_violations, slope_errors,
+                       spec_inputs)
 from test_ag_update import exact_ag1, same_bits
 
-ACTS = [("tanh", {}), ("sigmoid", {}), ("relu", {}), ("leaky_relu", {"negative_slope": 0.2}), ("elu", {}),
-        ("gelu", {}), ("gelu", {"approximate": "tanh"}), ("silu", {}), ("softplus", {"beta": 2.0})]
+# One configuration per kernel-level activation: the last of _accuracy.CONFIGS for it (non-default parameters).
+ACTS = list({kernel_act(c).name: c for c in CONFIGS}.values())
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 

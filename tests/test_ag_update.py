@@ -514,7 +514,7 @@ def test_requires_grad_with_grad_mode_is_an_error(backend, op):
 @pytest.mark.skipif("cpu" not in ak.available_backends(), reason="the C++ extension is not built")
 @pytest.mark.parametrize("op", [AG1, AG2])
 def test_cpp_and_python_checks_agree(op):
-    """csrc/ag_lists.h and ops/_lists.py raise the same exception types and messages."""
+    """csrc/ag_lists.h and _contract/lists.py raise the same exception types and messages."""
     names = ("params", "params_new", "avg_grads") if op == AG1 else ("params", "params_old", "params_step")
     cpp = getattr(torch.ops.avg_kernels_C, "ag1_check" if op == AG1 else "ag2_check")
     n = 0

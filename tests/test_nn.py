@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -12,20 +13,22 @@ from torch import nn
 import avg_kernels
 from avg_kernels import nn as ann
 from avg_kernels.nn import _recording
+from avg_kernels.activations import TABLE
 from avg_kernels.nn._recording import BACKWARD, GRAPH, CheckpointingError, Recorder
 
-# (torch.nn module, its averaged class, constructor args) covering every parameter
-KINDS = [
-    (nn.Tanh, ann.Tanh, ()), (nn.Sigmoid, ann.Sigmoid, ()), (nn.ReLU, ann.ReLU, ()),
-    (nn.LeakyReLU, ann.LeakyReLU, (0.2,)), (nn.ELU, ann.ELU, (0.7,)), (nn.GELU, ann.GELU, ()),
-    (nn.GELU, ann.GELU, ("tanh",)), (nn.SiLU, ann.SiLU, ()), (nn.Softplus, ann.Softplus, (2.0, 3.0)),
-]
+from _accuracy import CONFIGS
+
+# (torch.nn module, its averaged class, positional constructor args): one per configuration of
+# _accuracy.CONFIGS (every activation of the table; non-default configurations pass every parameter).
+KINDS = [(TABLE[act].module, getattr(ann, TABLE[act].module.__name__),
+          tuple({**TABLE[act].params, **params}.values()) if params else ()) for act, params in CONFIGS]
 IDS = [f"{t.__name__}{args}" for t, _, args in KINDS]
 
 
 def _inputs(dtype, n=257):
     x = torch.randn(n, dtype=dtype) * 4
-    x[:8] = torch.tensor([0.0, -0.0, 1.5, 25.0, -25.0, 3.0, 1e-30, -1e-30], dtype=dtype)  # kinks, softplus threshold
+    # kinks (0, ±3), softplus threshold
+    x[:9] = torch.tensor([0.0, -0.0, 1.5, 25.0, -25.0, 3.0, -3.0, 1e-30, -1e-30], dtype=dtype)
     return x
 
 
@@ -208,9 +211,23 @@ def test_functional_is_bitwise_pytorch_outside_ag_steps():
     pairs = [(AF.tanh(x), torch.tanh(x)), (AF.sigmoid(x), torch.sigmoid(x)), (AF.relu(x), F.relu(x)),
              (AF.leaky_relu(x, 0.3), F.leaky_relu(x, 0.3)), (AF.elu(x, 0.5), F.elu(x, 0.5)),
              (AF.gelu(x, approximate="tanh"), F.gelu(x, approximate="tanh")), (AF.silu(x), F.silu(x)),
-             (AF.softplus(x, 2.0, 5.0), F.softplus(x, 2.0, 5.0))]
+             (AF.softplus(x, 2.0, 5.0), F.softplus(x, 2.0, 5.0)), (AF.softplus(x, threshold=5.0), F.softplus(x, 1.0, 5.0)),
+             (AF.hardswish(x), F.hardswish(x)), (AF.hardsigmoid(x), F.hardsigmoid(x))]
     for a, b in pairs:
         assert torch.equal(a, b)
+
+
+def test_functional_signatures_and_argument_errors():
+    """The functional forms take the table's parameters (PyTorch's names and defaults) and nothing else."""
+    AF = ann.functional
+    assert str(inspect.signature(AF.softplus)) == "(input: torch.Tensor, beta=1.0, threshold=20.0) -> torch.Tensor"
+    x = torch.randn(4)
+    with pytest.raises(TypeError, match="takes 1 positional"):
+        AF.relu(x, True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'inplace'"):
+        AF.relu(x, inplace=True)
+    with pytest.raises(TypeError, match="multiple values for argument 'alpha'"):
+        AF.elu(x, 0.5, alpha=0.5)
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
@@ -257,12 +274,8 @@ def test_slot_backward_empty_is_pytorch_and_filled_is_the_averaged_op(tcls, acls
         rec.finish_replay()
         rec.phase = BACKWARD
         (g_avg,) = torch.autograd.grad(y, x, g)
-    k = m.kernel_act()
-    params = {"tanh": {}, "sigmoid": {}, "relu": {}, "silu": {}, "leaky_relu": {"negative_slope": k.p0},
-              "elu": {"alpha": k.p0}, "gelu": {"approximate": "none"}, "gelu_tanh": {"approximate": "tanh"},
-              "softplus": {"beta": k.p0, "threshold": k.p1}}[k.name]
-    act = "gelu" if k.name == "gelu_tanh" else k.name
-    expect = avg_kernels.avg_act_backward(g, x.detach(), x_new, act, backend="reference", **params)
+    params = {name: getattr(m, name) for name in m.spec.params}  # the module's attributes
+    expect = avg_kernels.avg_act_backward(g, x.detach(), x_new, m.act, backend="reference", **params)
     assert torch.equal(g_avg, expect)
     assert not torch.equal(g_avg, g_torch)
     assert _recording.ACTIVE is None

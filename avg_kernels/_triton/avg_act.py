@@ -32,31 +32,36 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from ..activations import KERNEL_ACTS, KernelAct
 from .._contract.outputs import new_output
+from ..activations import KERNEL_ACTS, KERNEL_IDS, KernelAct, is_bounded
 from . import aot
 
 # ---------------------------------------------------------------------------------------------
-# enum class Act (activations.h); keep in sync with avg_kernels.activations.KERNEL_ACTS.
+# enum class Act (activations.h), ids from the activation table (avg_kernels.activations.KERNEL_IDS)
 # ---------------------------------------------------------------------------------------------
-TANH = tl.constexpr(0)
-SIGMOID = tl.constexpr(1)
-RELU = tl.constexpr(2)
-LEAKY_RELU = tl.constexpr(3)
-ELU = tl.constexpr(4)
-GELU = tl.constexpr(5)
-GELU_TANH = tl.constexpr(6)
-SILU = tl.constexpr(7)
-SOFTPLUS = tl.constexpr(8)
-assert KERNEL_ACTS == ("tanh", "sigmoid", "relu", "leaky_relu", "elu", "gelu", "gelu_tanh", "silu", "softplus")
+TANH = tl.constexpr(KERNEL_IDS["tanh"])
+SIGMOID = tl.constexpr(KERNEL_IDS["sigmoid"])
+RELU = tl.constexpr(KERNEL_IDS["relu"])
+LEAKY_RELU = tl.constexpr(KERNEL_IDS["leaky_relu"])
+ELU = tl.constexpr(KERNEL_IDS["elu"])
+GELU = tl.constexpr(KERNEL_IDS["gelu"])
+GELU_TANH = tl.constexpr(KERNEL_IDS["gelu_tanh"])
+SILU = tl.constexpr(KERNEL_IDS["silu"])
+SOFTPLUS = tl.constexpr(KERNEL_IDS["softplus"])
+HARDSWISH = tl.constexpr(KERNEL_IDS["hardswish"])
+HARDSIGMOID = tl.constexpr(KERNEL_IDS["hardsigmoid"])
+
+_BOUNDED = tuple(is_bounded(KernelAct(n)) for n in KERNEL_ACTS)  # act_is_bounded(Act), by kernel id
 
 K_SMALL = tl.constexpr(0.5)  # detail::kSmall
 _INF = tl.constexpr(float("inf"))
 _NAN = tl.constexpr(float("nan"))
+_ONE_SIXTH_F32 = tl.constexpr(float(np.float32(1.0) / np.float32(6.0)))  # 1.0f / 6.0f: hardsigmoid's f' in PyTorch
 
 _INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -64,7 +69,6 @@ _INTERPRET = bool(triton.knobs.runtime.interpret)
 # Ops<V>: exp, erfc, log1p (accurate), min/max with the header's select semantics, IEEE division.
 # ---------------------------------------------------------------------------------------------
 if _INTERPRET:
-    import numpy as np
     from triton.runtime.interpreter import TensorHandle
 
     def _host_unary(torch_fn):
@@ -94,6 +98,11 @@ else:
     @triton.jit
     def _log1p(x):
         return libdevice.log1p(x)
+
+
+@triton.constexpr_function
+def _is_bounded(act):  # act_is_bounded: the table's `bounded` column
+    return _BOUNDED[act]
 
 
 @triton.jit
@@ -180,7 +189,7 @@ def _sigmoid_times_1pq(B, q):
 def _fix_nonfinite(a, b, s, p0, ACT: tl.constexpr, C: tl.constexpr):
     # detail::fix_nonfinite (its any() fast path is not a branch here: the selects below leave s
     # unchanged on lanes where a and b are finite).
-    if (ACT == TANH) or (ACT == SIGMOID):  # bounded
+    if _is_bounded(ACT):
         pos_slope = tl.full([], 0.0, C)
     else:
         pos_slope = tl.full([], 1.0, C)
@@ -192,7 +201,7 @@ def _fix_nonfinite(a, b, s, p0, ACT: tl.constexpr, C: tl.constexpr):
     b_inf = tl.abs(b) == _INF
     inf_val = tl.where(a_inf, a, b)
     s_one = tl.where(0.0 < inf_val, pos_slope, neg_slope)
-    if (ACT == TANH) or (ACT == SIGMOID):
+    if _is_bounded(ACT):
         s_both = tl.where(a == b, _NAN, 0.0)
     else:
         s_both = tl.full([], _NAN, C)
@@ -312,6 +321,25 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         w = _div(_max(bb, 0.0) - _max(a, 0.0), tl.where(fb, 1.0, d), C)
         sec = tl.fma(ns, 1.0 - w, w)
         s = tl.where(fb, tl.where(0.0 < a, 1.0, ns), sec)  # PyTorch: f'(0) = slope_neg
+    elif (ACT == HARDSWISH) or (ACT == HARDSIGMOID):
+        # Regions (-inf, -3], [-3, 3], [3, inf): s = w_mid m_mid + w_hi with u, v = lo, hi clamped to
+        # [-3, 3], w_mid = (v - u) / |d|, w_hi = (max(hi, 3) - max(lo, 3)) / |d|; m_mid = 1/6
+        # (hardsigmoid) or ((u + 3) + v) / 6 (hardswish). Fallback: PyTorch's f' on (-3, 3).
+        three = tl.full([], 3.0, C)
+        lo = _min(a, bb)
+        hi = _max(a, bb)
+        u = _min(_max(lo, -3.0), 3.0)
+        v = _min(_max(hi, -3.0), 3.0)
+        w_mid = _div(v - u, den_fac, C)
+        inside = (-3.0 < a) & (a < 3.0)
+        if ACT == HARDSIGMOID:
+            fprime = tl.where(inside, tl.full([], _ONE_SIXTH_F32, C), 0.0)
+            s = tl.where(fb, fprime, w_mid * tl.full([], 1.0 / 6.0, C))
+        else:
+            m_mid = _div((u + 3.0) + v, tl.full([], 6.0, C), C)
+            w_hi = _div(_max(hi, 3.0) - _max(lo, 3.0), den_fac, C)
+            fprime = tl.where(inside, _div(a, three, C) + 0.5, tl.where(a < 3.0, 0.0, 1.0))
+            s = tl.where(fb, fprime, tl.fma(w_mid, m_mid, w_hi))
     else:
         tl.static_assert(ACT == SOFTPLUS, "unknown activation id")
         # softplus = log1p(e^{beta x}) / beta for y = beta x <= threshold, else x; in y units.

@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..activations import TABLE
 from .modules import REPLACEMENTS, AveragedActivation
 
 log = logging.getLogger("avg_kernels.nn")
@@ -39,29 +39,50 @@ log = logging.getLogger("avg_kernels.nn")
 #: Elementwise nonlinear torch.nn modules that have no averaged kernel (they keep f').
 UNSUPPORTED_KINDS = tuple(c for c in (
     getattr(nn, n, None) for n in (
-        "ReLU6", "Hardtanh", "SELU", "CELU", "Mish", "Hardswish", "Hardsigmoid", "LogSigmoid", "Softsign",
-        "Tanhshrink", "Softshrink", "Hardshrink", "Threshold", "PReLU", "RReLU", "GLU"))
-    if c is not None)
+        "ReLU6", "Hardtanh", "SELU", "CELU", "Mish", "LogSigmoid", "Softsign", "Tanhshrink", "Softshrink",
+        "Hardshrink", "Threshold", "PReLU", "RReLU", "GLU"))
+    if c is not None and c not in REPLACEMENTS)
 RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 
-# Function names (as torch dispatches them) of the supported activations -> activation name.
-_FUNC_NAMES = {
-    "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "special_expit": "sigmoid",
-    "expit": "sigmoid", "relu": "relu", "relu_": "relu", "leaky_relu": "leaky_relu", "leaky_relu_": "leaky_relu",
-    "elu": "elu", "elu_": "elu", "gelu": "gelu", "silu": "silu", "softplus": "softplus",
-}
-_FN = r"(tanh_?|sigmoid_?|relu_?|leaky_relu_?|elu_?|gelu|silu|softplus)"
+
+def _torch_attr(path: str):
+    obj = torch
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _dispatch_names(spec) -> set[str]:
+    """Names under which a __torch_function__ mode sees the activation's functions (in-place: + "_")."""
+    names = {spec.functional.__name__}
+    for path in spec.torch_functions:
+        names |= {path.rsplit(".", 1)[-1], _torch_attr(path).__name__}
+    return names | {n + "_" for n in names}
+
+
+# The lists below derive from the activation table: for each record, F.<name>, the other torch
+# functions computing it (Activation.torch_functions) and the Tensor methods among them.
+# Function names as torch dispatches them -> activation name.
+_FUNC_NAMES = {n: spec.name for spec in TABLE.values() for n in _dispatch_names(spec)}
+
+
+def _alternatives(names) -> str:
+    """A regex group of names, each optionally followed by "_" (longest first, so none shadows another)."""
+    return "(" + "|".join(re.escape(n) + "_?" for n in sorted(names, key=len, reverse=True)) + ")"
+
+
+_METHODS = [n for spec in TABLE.values() for n in spec.torch_functions if "." not in n and hasattr(torch.Tensor, n)]
 _SOURCE_PATTERNS = (
-    re.compile(r"\b(?:F|functional|nn\.functional|torch\.nn\.functional)\." + _FN + r"\s*\("),
-    re.compile(r"\btorch\.(tanh_?|sigmoid_?|relu_?|special\.expit)\s*\("),
-    re.compile(r"[\w\)\]]+\.(tanh_?|sigmoid_?|relu_?)\(\)"),
+    re.compile(r"\b(?:F|functional|nn\.functional|torch\.nn\.functional)\." + _alternatives(TABLE) + r"\s*\("),
+    re.compile(r"\btorch\." + _alternatives([n for spec in TABLE.values() for n in spec.torch_functions]) + r"\s*\("),
+    re.compile(r"[\w\)\]]+\." + _alternatives(_METHODS) + r"\(\)"),
 )
+# Activation functions that a module may hold as an attribute (and call in forward) -> display name.
 _FUNCTION_ATTRS = {}
-for _f, _n in ((F.relu, "F.relu"), (F.gelu, "F.gelu"), (F.silu, "F.silu"), (F.elu, "F.elu"),
-               (F.leaky_relu, "F.leaky_relu"), (F.softplus, "F.softplus"), (F.tanh, "F.tanh"),
-               (F.sigmoid, "F.sigmoid"), (torch.tanh, "torch.tanh"), (torch.sigmoid, "torch.sigmoid"),
-               (torch.relu, "torch.relu")):
-    _FUNCTION_ATTRS[id(_f)] = _n
+for _spec in TABLE.values():
+    _FUNCTION_ATTRS[id(_spec.functional)] = f"F.{_spec.name}"
+    for _n in _spec.torch_functions:
+        _FUNCTION_ATTRS[id(_torch_attr(_n))] = f"torch.{_n}"
 
 _OWN_FILES = {os.path.normcase(os.path.abspath(p)) for p in (
     os.path.join(os.path.dirname(__file__), n) for n in ("modules.py", "functional.py", "_recording.py"))}
@@ -115,8 +136,9 @@ class ConvertReport:
 
 
 def convert(model: nn.Module, *, example_inputs: Any = None, warn: bool = True, return_report: bool = False):
-    """Swaps every ``torch.nn`` Tanh, Sigmoid, ReLU, LeakyReLU, ELU, GELU, SiLU, Softplus module of
-    ``model`` (recursively, ``model`` itself included) for its ``avg_kernels.nn`` counterpart, in place.
+    """Swaps every ``torch.nn`` module of the activation table (``nn.ReLU``, ``nn.GELU`` ...:
+    ``avg_kernels.activations.TABLE``) in ``model`` (recursively, ``model`` itself included) for its
+    ``avg_kernels.nn`` counterpart, in place.
 
     The swap changes the module's class in place (same object: hooks, attributes, sharing between
     parents and the training flag are kept); ``inplace=True`` becomes out-of-place. Exact types only:
@@ -148,7 +170,7 @@ def convert(model: nn.Module, *, example_inputs: Any = None, warn: bool = True, 
             m.inplace = False
             made_out_of_place.append(name or "<model>")
             m.requested_inplace = True
-        elif cls.torch_class in (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SiLU):
+        elif cls.spec.inplace:
             m.requested_inplace = False
         swapped[cls.torch_class.__name__] += 1
     rep = report(model, example_inputs=example_inputs)

@@ -2,22 +2,23 @@
 
 Use these where a model's ``forward`` calls ``F.gelu`` (or ``torch.tanh`` ...) directly, which
 ``convert`` cannot swap: ``from avg_kernels.nn import functional as AF`` and write ``AF.gelu(x)``.
+There is one per record of the activation table (``avg_kernels.activations.TABLE``), named as the
+record and taking its parameters (PyTorch's names and defaults, positional or keyword) after
+``input``, e.g. ``gelu(input, approximate="none")``, ``softplus(input, beta=1.0, threshold=20.0)``.
 Outside AG steps each is exactly the PyTorch call (bitwise, ``torch.compile``-friendly); inside an AG
 step it is recorded and averaged like the modules. There are no ``inplace`` variants: the averaged
 backward needs the input to survive.
 """
 from __future__ import annotations
 
+import inspect
 import sys
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from .. import activations
-from ..activations import KernelAct
+from ..activations import TABLE, Activation
 from . import _recording
-
-__all__ = ["tanh", "sigmoid", "relu", "leaky_relu", "elu", "gelu", "silu", "softplus"]
 
 
 class _Caller:
@@ -36,57 +37,35 @@ class _Caller:
 _caller = _Caller
 
 
-def tanh(input: torch.Tensor) -> torch.Tensor:
-    rec = _recording.ACTIVE
-    if rec is None:
-        return torch.tanh(input)
-    return rec.call(input, KernelAct("tanh"), _caller("tanh"))
+def _function(spec: Activation) -> Callable:
+    """The functional form of one table record."""
+    name, names, torch_fn = spec.name, tuple(spec.params), spec.functional
+    fixed = None if names else spec.resolve({})
+
+    def fn(input: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if len(args) > len(names):
+            raise TypeError(f"{name}() takes {1 + len(names)} positional arguments but {1 + len(args)} were given")
+        params = dict(zip(names, args))
+        for key, value in kwargs.items():
+            if key not in spec.params or key in params:
+                raise TypeError(f"{name}() got an unexpected keyword argument {key!r}" if key not in spec.params
+                                else f"{name}() got multiple values for argument {key!r}")
+            params[key] = value
+        rec = _recording.ACTIVE
+        if rec is None:
+            return torch_fn(input, **params)
+        return rec.call(input, fixed or spec.resolve(params), _caller(name))
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__module__ = __name__
+    fn.__doc__ = (f"``torch.nn.functional.{torch_fn.__name__}`` (no ``inplace``), averaged inside AG steps.")
+    fn.__signature__ = inspect.Signature(
+        [inspect.Parameter("input", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=torch.Tensor)]
+        + [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v) for k, v in spec.params.items()],
+        return_annotation=torch.Tensor)
+    return fn
 
 
-def sigmoid(input: torch.Tensor) -> torch.Tensor:
-    rec = _recording.ACTIVE
-    if rec is None:
-        return torch.sigmoid(input)
-    return rec.call(input, KernelAct("sigmoid"), _caller("sigmoid"))
+globals().update({spec.name: _function(spec) for spec in TABLE.values()})
 
-
-def relu(input: torch.Tensor) -> torch.Tensor:
-    rec = _recording.ACTIVE
-    if rec is None:
-        return F.relu(input)
-    return rec.call(input, KernelAct("relu"), _caller("relu"))
-
-
-def leaky_relu(input: torch.Tensor, negative_slope: float = 0.01) -> torch.Tensor:
-    rec = _recording.ACTIVE
-    if rec is None:
-        return F.leaky_relu(input, negative_slope)
-    return rec.call(input, activations.resolve("leaky_relu", {"negative_slope": negative_slope}), _caller("leaky_relu"))
-
-
-def elu(input: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    rec = _recording.ACTIVE
-    if rec is None:
-        return F.elu(input, alpha)
-    return rec.call(input, activations.resolve("elu", {"alpha": alpha}), _caller("elu"))
-
-
-def gelu(input: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    rec = _recording.ACTIVE
-    if rec is None:
-        return F.gelu(input, approximate=approximate)
-    return rec.call(input, activations.resolve("gelu", {"approximate": approximate}), _caller("gelu"))
-
-
-def silu(input: torch.Tensor) -> torch.Tensor:
-    rec = _recording.ACTIVE
-    if rec is None:
-        return F.silu(input)
-    return rec.call(input, KernelAct("silu"), _caller("silu"))
-
-
-def softplus(input: torch.Tensor, beta: float = 1.0, threshold: float = 20.0) -> torch.Tensor:
-    rec = _recording.ACTIVE
-    if rec is None:
-        return F.softplus(input, beta, threshold)
-    return rec.call(input, activations.resolve("softplus", {"beta": beta, "threshold": threshold}), _caller("softplus"))
+__all__ = list(TABLE)

@@ -10,20 +10,13 @@ namespace avg_kernels::cuda {
   template __global__ void avg_act_kernel<Act::A, E, kVecWidth<E>>(AvgActArgs<E>); \
   template __global__ void avg_act_kernel<Act::A, E, 1>(AvgActArgs<E>);
 
-#define AK_INSTANTIATE_ALL_DTYPES(A) \
-  AK_INSTANTIATE(A, ElemF32)         \
-  AK_INSTANTIATE(A, ElemF64)         \
-  AK_INSTANTIATE(A, ElemF16)         \
+// One row of AVG_KERNELS_ACTIVATIONS (activations.h): every dtype, both paths.
+#define AK_INSTANTIATE_ALL_DTYPES(A, id, name, bounded) \
+  AK_INSTANTIATE(A, ElemF32)                            \
+  AK_INSTANTIATE(A, ElemF64)                            \
+  AK_INSTANTIATE(A, ElemF16)                            \
   AK_INSTANTIATE(A, ElemBF16)
 
-AK_INSTANTIATE_ALL_DTYPES(Tanh)
-AK_INSTANTIATE_ALL_DTYPES(Sigmoid)
-AK_INSTANTIATE_ALL_DTYPES(Relu)
-AK_INSTANTIATE_ALL_DTYPES(LeakyRelu)
-AK_INSTANTIATE_ALL_DTYPES(Elu)
-AK_INSTANTIATE_ALL_DTYPES(Gelu)
-AK_INSTANTIATE_ALL_DTYPES(GeluTanh)
-AK_INSTANTIATE_ALL_DTYPES(Silu)
-AK_INSTANTIATE_ALL_DTYPES(Softplus)
+AVG_KERNELS_ACTIVATIONS(AK_INSTANTIATE_ALL_DTYPES)
 
 }  // namespace avg_kernels::cuda

@@ -10,6 +10,7 @@
 //      misaligned, with guard elements around the output.
 // Exit status 0 when every check passes; the first failures are printed.
 #include <avg_kernels/activations.h>
+#include <avg_kernels/dispatch.h>
 
 #include <cfloat>
 #include <cmath>
@@ -51,7 +52,7 @@ const Cfg kConfigs[] = {
     {"leaky_relu", Act::LeakyRelu, 0.01, 0}, {"leaky_relu(0.2)", Act::LeakyRelu, 0.2, 0},
     {"elu", Act::Elu, 1.0, 0},          {"elu(0.5)", Act::Elu, 0.5, 0},       {"gelu", Act::Gelu, 0, 0},
     {"gelu_tanh", Act::GeluTanh, 0, 0}, {"silu", Act::Silu, 0, 0},            {"softplus", Act::Softplus, 1, 20},
-    {"softplus(2,10)", Act::Softplus, 2, 10},
+    {"softplus(2,10)", Act::Softplus, 2, 10}, {"hardswish", Act::Hardswish, 0, 0}, {"hardsigmoid", Act::Hardsigmoid, 0, 0},
 };
 
 LD f_ld(const Cfg& c, LD x) {
@@ -73,6 +74,8 @@ LD f_ld(const Cfg& c, LD x) {
       const LD y = LD(c.p0) * x;
       return y > LD(c.p1) ? x : log1pl(expl(y)) / LD(c.p0);
     }
+    case Act::Hardswish: return x * fminl(fmaxl(x + 3.0L, 0.0L), 6.0L) / 6.0L;
+    case Act::Hardsigmoid: return fminl(fmaxl(x + 3.0L, 0.0L), 6.0L) / 6.0L;
   }
   return 0;
 }
@@ -80,18 +83,7 @@ LD f_ld(const Cfg& c, LD x) {
 template <class S>
 S slope(const Cfg& c, S a, S b, S eps) {
   const ActParams<S> prm{S(c.p0), S(c.p1)};
-  switch (c.act) {
-    case Act::Tanh: return avg_slope<Act::Tanh>(a, b, prm, eps);
-    case Act::Sigmoid: return avg_slope<Act::Sigmoid>(a, b, prm, eps);
-    case Act::Relu: return avg_slope<Act::Relu>(a, b, prm, eps);
-    case Act::LeakyRelu: return avg_slope<Act::LeakyRelu>(a, b, prm, eps);
-    case Act::Elu: return avg_slope<Act::Elu>(a, b, prm, eps);
-    case Act::Gelu: return avg_slope<Act::Gelu>(a, b, prm, eps);
-    case Act::GeluTanh: return avg_slope<Act::GeluTanh>(a, b, prm, eps);
-    case Act::Silu: return avg_slope<Act::Silu>(a, b, prm, eps);
-    case Act::Softplus: return avg_slope<Act::Softplus>(a, b, prm, eps);
-  }
-  return S(0);
+  return dispatch_act(int64_t(c.act), [&](auto tag) { return avg_slope<decltype(tag)::value>(a, b, prm, eps); });
 }
 
 // The literal secant in long double is accurate to about 2^-64 (|f(a)| + |f(b)|) / |d| (the rounding
@@ -100,6 +92,11 @@ S slope(const Cfg& c, S a, S b, S eps) {
 template <class S>
 void test_slopes(const char* type, double rel, double abs_tol) {
   const S eps = S(1.1920929e-07);
+  for (int id = 0; id < kNumActs; ++id) {  // every row of AVG_KERNELS_ACTIVATIONS has a case above
+    bool found = false;
+    for (const Cfg& c : kConfigs) found = found || int(c.act) == id;
+    check(found, std::string("kConfigs has no case for ") + act_name(Act(id)));
+  }
   for (const Cfg& c : kConfigs) {
     int bad = 0;
     double worst = 0;

@@ -22,19 +22,74 @@
 
 namespace avg_kernels {
 
-// Kernel-level activation ids. Keep in sync with avg_kernels/activations.py (KERNEL_IDS).
+// The activation table (kernel level): X(Enumerator, id, name, bounded), one row per activation.
+// It drives `enum class Act`, kNumActs, the dispatch switch (dispatch.h) and the CUDA
+// instantiations (csrc/standalone/avg_act_instantiate.cu). It must equal the Python table
+// (avg_kernels/activations.py: KERNEL_ACTS, KERNEL_IDS, Activation.bounded), which
+// tests/test_activation_table.py checks by reading this macro. `name` is the kernel-level name
+// (gelu is split by its `approximate` parameter: Gelu is x Phi(x), GeluTanh approximate="tanh");
+// `bounded`: f is bounded at both ends, so the secant tends to 0 when an end goes to infinity
+// (fix_nonfinite). Adding an activation: a row here, its math in avg_slope and act_value below
+// (and the Triton mirror), and its record in the Python table.
+#define AVG_KERNELS_ACTIVATIONS(X)       \
+  X(Tanh, 0, "tanh", true)               \
+  X(Sigmoid, 1, "sigmoid", true)         \
+  X(Relu, 2, "relu", false)              \
+  X(LeakyRelu, 3, "leaky_relu", false)   \
+  X(Elu, 4, "elu", false)                \
+  X(Gelu, 5, "gelu", false)              \
+  X(GeluTanh, 6, "gelu_tanh", false)     \
+  X(Silu, 7, "silu", false)              \
+  X(Softplus, 8, "softplus", false)      \
+  X(Hardswish, 9, "hardswish", false)    \
+  X(Hardsigmoid, 10, "hardsigmoid", true)
+
 enum class Act : int32_t {
-  Tanh = 0,
-  Sigmoid = 1,
-  Relu = 2,
-  LeakyRelu = 3,
-  Elu = 4,
-  Gelu = 5,      // exact, x * Phi(x)
-  GeluTanh = 6,  // approximate="tanh"
-  Silu = 7,
-  Softplus = 8,
+#define AK_ACT_ENUM(E, id, name, bounded) E = id,
+  AVG_KERNELS_ACTIVATIONS(AK_ACT_ENUM)
+#undef AK_ACT_ENUM
 };
-constexpr int kNumActs = 9;
+
+#define AK_ACT_COUNT(E, id, name, bounded) +1
+constexpr int kNumActs = 0 AVG_KERNELS_ACTIVATIONS(AK_ACT_COUNT);
+#undef AK_ACT_COUNT
+
+namespace detail {
+// Ids are the row numbers (the Python side numbers KERNEL_ACTS by position).
+AK_HD constexpr bool act_ids_are_row_numbers() {
+  int row = 0;
+#define AK_ACT_ROW(E, id, name, bounded) \
+  if (id != row++) return false;
+  AVG_KERNELS_ACTIVATIONS(AK_ACT_ROW)
+#undef AK_ACT_ROW
+  return true;
+}
+}  // namespace detail
+static_assert(detail::act_ids_are_row_numbers(), "AVG_KERNELS_ACTIVATIONS: ids must be 0, 1, 2, ... in row order");
+
+// The table's `bounded` column.
+AK_HD constexpr bool act_is_bounded(Act a) {
+  switch (a) {
+#define AK_ACT_BOUNDED(E, id, name, bounded) \
+  case Act::E:                               \
+    return bounded;
+    AVG_KERNELS_ACTIVATIONS(AK_ACT_BOUNDED)
+#undef AK_ACT_BOUNDED
+  }
+  return false;
+}
+
+// The table's kernel-level name (nullptr for an id outside the table).
+AK_HD constexpr const char* act_name(Act a) {
+  switch (a) {
+#define AK_ACT_NAME(E, id, name, bounded) \
+  case Act::E:                            \
+    return name;
+    AVG_KERNELS_ACTIVATIONS(AK_ACT_NAME)
+#undef AK_ACT_NAME
+  }
+  return nullptr;
+}
 
 // Numeric parameters: leaky_relu p0 = negative_slope; elu p0 = alpha;
 // softplus p0 = beta (> 0), p1 = threshold. Others ignore them.
@@ -167,7 +222,8 @@ AK_HD V sigmoid_times_1pq(V B, V q) {
 
 // Overwrites s where x or x_new is not finite (SPEC §1): NaN -> NaN; exactly one infinite ->
 // the secant's limit, the asymptotic slope at that infinity; both infinite -> NaN, except 0
-// for bounded f (tanh, sigmoid) with opposite signs (the literal secant is then 2/inf or 1/inf).
+// for bounded f (the table's `bounded` column) with opposite signs (the literal secant is then
+// 2/inf or 1/inf).
 template <Act A, class V>
 AK_HD V fix_nonfinite(V a, V b, V s, ActParams<typename Ops<V>::Scalar> prm) {
   using O = Ops<V>;
@@ -178,7 +234,7 @@ AK_HD V fix_nonfinite(V a, V b, V s, ActParams<typename Ops<V>::Scalar> prm) {
   auto b_fin = O::lt(O::abs(b), inf);
   auto all_fin = O::mand(a_fin, b_fin);
   if (!O::any(O::mnot(all_fin))) return s;  // fast path: every lane finite
-  constexpr bool bounded = (A == Act::Tanh || A == Act::Sigmoid);
+  constexpr bool bounded = act_is_bounded(A);
   const S pos_slope = bounded ? S(0) : S(1);
   const S neg_slope = (A == Act::LeakyRelu) ? prm.p0 : S(0);
   auto a_inf = O::eq(O::abs(a), inf);
@@ -355,6 +411,36 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
     V sec = O::select(lo_above, one, delta / O::select(fb, one, D));
     V fprime = O::select(O::lt(thr, ya), one, sig_lo);  // fallback lanes: lo == ya
     s = O::select(fb, fprime, sec);
+  } else if constexpr (A == Act::Hardswish || A == Act::Hardsigmoid) {
+    // PyTorch: hardsigmoid = clamp(x + 3, 0, 6) / 6, hardswish = x hardsigmoid(x): polynomial on
+    // each of (-inf, -3], [-3, 3], [3, inf), so the secant (the mean of f' over [lo, hi]) splits
+    // exactly by region. With u = clamp(lo, -3, 3), v = clamp(hi, -3, 3):
+    //   s = w_mid m_mid + w_hi,  w_mid = (v - u) / |d|,  w_hi = (max(hi, 3) - max(lo, 3)) / |d|,
+    // the fractions of the segment inside (-3, 3) and above 3 (exactly 1 or 0 when the segment
+    // lies in one region: v - u is then the same subtraction as d), and m_mid the mean of f' over
+    // [u, v]: 1/6 for hardsigmoid (whose f' is 0 above 3, so no w_hi term); (u + v + 3) / 6 for
+    // hardswish (f' = x/3 + 1/2), evaluated as ((u + 3) + v) / 6: u + 3 is exact for u in [-3, -1],
+    // the only place where the sum can cancel, so it rounds once.
+    // Fallback lanes take PyTorch's f' (hardsigmoid_backward / hardswish_backward): on the open
+    // interval (-3, 3) hardsigmoid 1.0f/6 (a float constant, also for double) and hardswish
+    // x/3 + 1/2; outside it 0, except hardswish 1 at x >= 3.
+    const V three(S(3)), m_three(S(-3));
+    V lo = O::min(a, bb), hi = O::max(a, bb);
+    V u = O::min(O::max(lo, m_three), three);
+    V v = O::min(O::max(hi, m_three), three);
+    V w_mid = (v - u) / den_fac;
+    auto inside = O::mand(O::lt(m_three, a), O::lt(a, three));
+    if constexpr (A == Act::Hardsigmoid) {
+      V fprime = O::select(inside, V(S(1.0f / 6.0f)), zero);
+      s = O::select(fb, fprime, w_mid * V(S(1.0 / 6.0)));
+    } else {
+      V m_mid = ((u + three) + v) / V(S(6));
+      V w_hi = (O::max(hi, three) - O::max(lo, three)) / den_fac;
+      V fprime = O::select(inside, a / three + V(S(0.5)), O::select(O::lt(a, three), zero, one));
+      s = O::select(fb, fprime, O::fma(w_mid, m_mid, w_hi));
+    }
+  } else {
+    static_assert(A != A, "avg_slope: an activation of AVG_KERNELS_ACTIVATIONS has no math here");
   }
   return detail::fix_nonfinite<A>(a, b, s, prm);
 }
@@ -396,10 +482,17 @@ AK_HD V act_value(V x, ActParams<typename Ops<V>::Scalar> prm) {
     V U = V(S(2 * 0.7978845608028654)) * xc * O::fma(V(S(0.044715)) * xc, xc, one);
     V q = O::exp(-O::abs(U));
     return x * detail::sigmoid_times_1pq(U, q) / (one + q);
-  } else {  // Softplus
+  } else if constexpr (A == Act::Softplus) {
     V y = x * V(prm.p0);
     V sp = (O::max(y, zero) + O::log1p(O::exp(-O::abs(y)))) / V(prm.p0);
     return O::select(O::lt(V(prm.p1), y), x, sp);
+  } else if constexpr (A == Act::Hardswish || A == Act::Hardsigmoid) {
+    // PyTorch's CPU forward: min(max(x + 3, 0), 6) / 6, for hardswish x * min(...) / 6.
+    V r = O::min(O::max(x + V(S(3)), zero), V(S(6)));
+    if constexpr (A == Act::Hardswish) return x * r / V(S(6));
+    else return r / V(S(6));
+  } else {
+    static_assert(A != A, "act_value: an activation of AVG_KERNELS_ACTIVATIONS has no math here");
   }
 }
 

@@ -12,19 +12,16 @@ namespace avg_kernels {
 template <Act A>
 using ActTag = std::integral_constant<Act, A>;
 
-// Calls f(ActTag<A>{}) for the runtime id `act`, so each activation gets its own specialised loop.
+// Calls f(ActTag<A>{}) for the runtime id `act`, so each activation gets its own specialised loop:
+// one case per row of AVG_KERNELS_ACTIVATIONS (activations.h).
 template <class F>
 decltype(auto) dispatch_act(int64_t act, F&& f) {
   switch (static_cast<Act>(act)) {
-    case Act::Tanh: return f(ActTag<Act::Tanh>{});
-    case Act::Sigmoid: return f(ActTag<Act::Sigmoid>{});
-    case Act::Relu: return f(ActTag<Act::Relu>{});
-    case Act::LeakyRelu: return f(ActTag<Act::LeakyRelu>{});
-    case Act::Elu: return f(ActTag<Act::Elu>{});
-    case Act::Gelu: return f(ActTag<Act::Gelu>{});
-    case Act::GeluTanh: return f(ActTag<Act::GeluTanh>{});
-    case Act::Silu: return f(ActTag<Act::Silu>{});
-    case Act::Softplus: return f(ActTag<Act::Softplus>{});
+#define AK_DISPATCH_CASE(E, id, name, bounded) \
+  case Act::E:                                 \
+    return f(ActTag<Act::E>{});
+    AVG_KERNELS_ACTIVATIONS(AK_DISPATCH_CASE)
+#undef AK_DISPATCH_CASE
   }
   throw std::invalid_argument("avg_kernels: unknown activation id " + std::to_string(act));
 }
