@@ -146,8 +146,8 @@ at::Tensor ridge_solve_driver(const at::Tensor& G, const at::Tensor& A, double l
     }
   } else if (lam > 0 && k.per_entry_lapack) {
     // One entry at a time through ONE reused D x D buffer, factorised in place by LAPACK: no nb x D x D
-    // temporaries (on CPU their first-touch page faults cost about as much as the factorisation itself:
-    // measured 76 ms to clone 64 x 576 x 576 floats here). The prologue writes S + lam I row-major; S is
+    // temporaries (on CPU their first-touch page faults cost about as much as the factorisation itself;
+    // docs/kernel_choices.md). The prologue writes S + lam I row-major; S is
     // symmetric, so the same bytes read column-major are the matrix LAPACK factorises.
     P = at::empty({nb, C, D}, copt);
     // status[b] = 0 ok, 1 non-finite, 2 Cholesky failed; maxdiag[b] = max |A_ii|. Entries run in

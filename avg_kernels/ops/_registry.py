@@ -6,15 +6,15 @@
   then the output's metadata) and, when the spec has one, the autograd formula;
 * ``Op.__call__``: the op through the dispatcher (autograd, ``torch.compile``);
 * ``Op.eager``: the fast path for internal callers that need no autograd (the AG recorder's backward, the
-  C-optimizers' Grams and solves): the implementation itself in eager mode, ~20 µs of dispatcher and
-  autograd-wrapper Python less per call, and the op while ``torch.compile`` traces;
+  C-optimizers' Grams and solves): the implementation itself in eager mode, without the dispatcher and
+  autograd-wrapper Python of a dispatched call, and the op while ``torch.compile`` traces;
 * ``Op.public``: the user-facing wrapper around an adapter that turns the user's arguments (activation
   keywords, ints or tuples, iterables) into the schema's, with a validated ``backend`` keyword.
 
 Validation happens once on every path (wrapper, ``torch.ops`` call, fast path), in ``spec.check``, before any
-kernel runs or any tensor is written. ``torch.library.custom_op`` would generate much of this too, at ~20 µs
-more Python per call (measured: 28 µs vs 8 µs for a 1024-element avg_act_backward), which AG steps pay once
-per activation; so the ops are defined on a ``torch.library.Library`` fragment directly.
+kernel runs or any tensor is written. ``torch.library.custom_op`` would generate much of this too, at
+several times the Python per call (docs/kernel_choices.md), which AG steps pay once per activation; so the
+ops are defined on a ``torch.library.Library`` fragment directly.
 
 Adding an op: its file declares the spec and ``Op(spec)``; ops/__init__.py lists it in ``OPS``.
 """

@@ -87,7 +87,7 @@ AG2_RESCALE = Op(_spec(AG2, "ag2_rescale_(Tensor(a!)[] params, Tensor[] params_o
 # Grad-mode guard, ahead of the op on the autograd keys (see the module docstring). These ops have
 # no outputs, so there is nothing to differentiate: the guard checks, bumps the version counter of
 # every written tensor (an ADInplaceOrView kernel's job, in one C++ call instead of a Python call
-# per tensor: ~2 ms for ResNet-152's 467 tensors), then runs the op past both keys with grad mode off.
+# per tensor: docs/kernel_choices.md), then runs the op past both keys with grad mode off.
 # ---------------------------------------------------------------------------------------------
 _guard_lib = torch.library.Library("avg_kernels", "IMPL")
 

@@ -16,7 +16,8 @@ namespace {
 using gram::ConvDim;
 
 // The explicit-im2col GEMM path runs for 1-3 channels per group and D <= 64: the correlation kernels pad
-// each group's channels to a whole vector, so there they do 5-16x the useful work (measured crossover).
+// each group's channels to a whole vector, so there they do several times the useful work (the measured
+// crossover is in docs/kernel_choices.md).
 constexpr int64_t kGemmMaxChannels = 3, kGemmMaxDim = 64;
 
 enum class GramPath : int64_t { kNever = -1, kAuto = 0, kAlways = 1 };
@@ -78,8 +79,8 @@ void im2col_gram_out(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntAr
 }
 
 // Linear inputs with D <= 64: the rows are already the unfolded matrix, so GEMMs (x_cᵀ x_c per chunk of
-// kGramGemmK rows, summed in double when there are several) beats the correlation kernel's setup: measured 3.4 us
-// vs 15.6 us at 64 x 10 and equal at 1024 x 64 (1-2 threads); above that the kernel is 1.3-1.9x faster.
+// kGramGemmK rows, summed in double when there are several) beats the correlation kernel's setup; above
+// that the kernel wins (crossover measured in docs/kernel_choices.md).
 constexpr int64_t kLinearGemmMaxDim = 64;
 
 template <typename T>
@@ -95,7 +96,7 @@ void linear_mm(const at::Tensor& rows, bool bias, at::Tensor& out) {
     return u;
   };
   at::Tensor a = out.select(0, 0);
-  if (m <= kGramGemmK) {  // one GEMM straight into A (few ATen calls: at these sizes each costs ~1-2 us)
+  if (m <= kGramGemmK) {  // one GEMM straight into A (few ATen calls: at these sizes each call's overhead counts)
     at::Tensor u = pack(rows);
     at::mm_out(a, u.t(), u);
     return;

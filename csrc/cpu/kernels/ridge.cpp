@@ -101,9 +101,8 @@ void scale_impl(at::Tensor& Y, const at::Tensor& w, C lam, C rtol) {
 // ------------------------------------------------------------------------------------------------
 // Fused small systems (D <= kRidgeSmallMaxD): per batch entry, in a per-task buffer: prologue, Cholesky of
 // S + lam I, the Gram certificate, forward and back substitution for every row of G, one task per entry.
-// Measured on this machine's CPU (MKL LAPACK, 1 thread, fused vs prologue + cholesky_ex + cholesky_solve):
-// D = 16: 10 vs 31 us (1 entry), 92 vs 302 us (64); D = 73: 78 vs 196 us (1), 5.0 vs 13.8 ms (64);
-// D = 256: about even for one entry, 59 vs 99 ms for 64; at D = 576 LAPACK's blocked factorisation wins.
+// Fused beats prologue + cholesky_ex + cholesky_solve up to kRidgeSmallMaxD; above it LAPACK's blocked
+// factorisation wins (measurements: docs/kernel_choices.md).
 
 
 // Right-looking Cholesky S = U^T U in place on the upper triangle of a row-major D x D array: every
