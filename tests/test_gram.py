@@ -283,6 +283,96 @@ def _random_configs(backend, dev, gen):
         assert rel_fro(out, ref) <= TOL, (shape, k, s, p, d, g, b)
 
 
+def _windows_reading_input(size, k, s, p, d):
+    """Brute force: output positions of one spatial dim whose window overlaps the input's index range."""
+    out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+    return [o for o in range(out) if size > 0 and o * s - p <= size - 1 and o * s - p + d * (k - 1) >= 0]
+
+
+def test_trim_dim_keeps_every_window_that_reads_the_input():
+    """ops/gram.py's _trim_dim against brute force on every small 1-D geometry: with padding beyond the
+    kernel's reach the kept positions are exactly the windows overlapping the input (otherwise all are
+    kept), and the sliced/padded input has exactly that many windows."""
+    trim = ak.ops.gram._trim_dim
+    checked = 0
+    for size in range(0, 6):
+        for k in range(1, 4):
+            for s in range(1, 6):
+                for p in range(0, 9):
+                    for d in range(1, 4):
+                        out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+                        if out < 1:
+                            continue
+                        plan = trim(size, k, s, p, d, out)
+                        want = _windows_reading_input(size, k, s, p, d)
+                        if plan is None:
+                            assert not want, (size, k, s, p, d)
+                            continue
+                        if p <= d * (k - 1):  # every window overlaps [-p, size + p): kept as it is
+                            assert plan.positions == out and (plan.start, plan.stop) == (0, size)
+                        else:
+                            assert plan.positions == len(want) >= 1, (size, k, s, p, d, plan)
+                        length = plan.stop - plan.start + plan.pad_lo + plan.pad_hi
+                        assert (length - d * (k - 1) - 1) // plan.stride + 1 == plan.positions
+                        assert 0 <= plan.start <= plan.stop <= size and 1 <= plan.stride <= s
+                        assert max(plan.pad_lo, plan.pad_hi) <= max(p, 0) and min(plan.pad_lo, plan.pad_hi) >= 0
+                        checked += 1
+    assert checked > 1500
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_im2col_gram_padding_beyond_the_kernel_and_large_strides(backend, seed):
+    """Geometries that ops/gram.py trims (padding wider than the kernel's reach, asymmetric needs, a stride
+    past the input): every backend against the untrimmed float64 definition (reference.im2col_gram called
+    directly: F.pad + F.unfold over every position), bias count included."""
+    gen = torch.Generator().manual_seed(2000 + seed)
+    dev = backend_device(backend)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=gen))
+    done = 0
+    while done < (6 if interpreted(backend) else 60):
+        nd = r(1, 2)
+        g = r(1, 2)
+        size = tuple(r(0, 5) for _ in range(nd))
+        k = tuple(r(1, 3) for _ in range(nd))
+        s = tuple(r(1, 9) for _ in range(nd))
+        d = tuple(r(1, 3) for _ in range(nd))
+        p = tuple(r(0, 12) for _ in range(nd))
+        b = bool(r(0, 1))
+        if any((size[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 < 1 for i in range(nd)):
+            continue
+        x = torch.randn((r(1, 2), 2 * g, *size), generator=gen, dtype=torch.float64)
+        want = reference.im2col_gram(x, k, s, p, d, g, b)
+        out = ak.im2col_gram(x.to(dev), k, s, p, d, g, b, backend=backend)
+        assert rel_fro(out, want) <= 1e-12, (x.shape, k, s, p, d, g, b)
+        done += 1
+
+
+@pytest.mark.parametrize("kw,count,tap", [
+    (dict(kernel_size=1, stride=2 ** 62), 1, 0),
+    (dict(kernel_size=1, padding=2 ** 62), (2 ** 63 + 1) ** 2, 0),
+    (dict(kernel_size=1, padding=2 ** 20), (2 ** 21 + 1) ** 2, 0),
+    (dict(kernel_size=3, stride=10 ** 12, padding=1), 1, 4),
+    (dict(kernel_size=(1, 2), padding=(0, 2 ** 40), stride=(1, 2 ** 39)), 4, 0),  # starts -2**40, -2**39, 0, 2**39
+])
+def test_im2col_gram_huge_geometry_costs_what_the_output_needs(backend, kw, count, tap):
+    """SPEC §6: stride/padding far beyond the input cost nothing extra (these asked for 35 TB, a vector of
+    2**62 entries, or failed with 'invalid'): only the windows that read the input are computed, the
+    all-padding positions reach the bias count exactly. The input is one pixel of 4 channels, read by
+    exactly one window at kernel offset ``tap``: A holds x xᵀ at that offset, x in the bias column."""
+    dev = backend_device(backend)
+    x = torch.arange(1.0, 5.0, dtype=torch.float64)
+    out = ak.im2col_gram(x.view(1, 4, 1, 1).to(dev), bias=True, backend=backend, **kw).cpu()
+    taps = (out.shape[-1] - 1) // 4
+    u = torch.zeros(4, taps, dtype=torch.float64)
+    u[:, tap] = x
+    u = u.flatten()
+    want = torch.zeros_like(out[0])
+    want[:-1, :-1] = torch.outer(u, u)
+    want[:-1, -1] = want[-1, :-1] = u
+    want[-1, -1] = float(count)
+    torch.testing.assert_close(out[0], want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("mode", [-1, 1], ids=["correlation", "gemm"])
 def test_im2col_gram_cpu_paths(mode, fresh_seed):
     """The CPU kernel has two paths (csrc/cpu/gram.cpp): shifted-channel correlations and GEMMs (conv with 1-3

@@ -13,6 +13,7 @@ through the registry (ops/_registry.py).
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import NamedTuple, Sequence, Union
@@ -108,8 +109,12 @@ def _check_linear(x, bias, op: str = "linear_gram") -> int:
 # Backends (each returns the (groups, D, D) result in gram_dtype(x.dtype)).
 
 class ConvCall(NamedTuple):
-    x: torch.Tensor
+    """What a backend computes: the Gram of ``x`` under ``geo`` (after ``_trim``), plus ``extra``
+    all-padding positions that only the bias count sees; ``x is None``: no position reads the input."""
+    x: torch.Tensor | None
     geo: ConvGeometry
+    extra: int
+    like: torch.Tensor  # the user's x (device, dtype of the result)
 
 
 class LinearCall(NamedTuple):
@@ -151,8 +156,85 @@ def _reference_conv(c: ConvCall):
     return reference.im2col_gram(c.x, g.kernel_size, g.stride, g.padding, g.dilation, g.groups, g.bias)
 
 
+# ----------------------------------------------------------------------------------------------
+# Geometry trimming (SPEC §6: no geometry asks for more time or memory than its output needs).
+#
+# An output position whose window lies wholly in the padding contributes a column [0, …, 0, 1]: nothing
+# but 1 to the bias count A[:, D-1, D-1]. With padding beyond the kernel's extent (p > dilation·(k-1))
+# such positions can outnumber the useful ones without bound (padding=2**20 on a 1×1 input: 2**42
+# positions). So every backend gets the smallest equivalent problem: per spatial dim, only the output
+# positions whose window overlaps the input ([o_lo, o_hi]), over the slice of x they read, with the
+# padding they need on each side; a stride larger than the one remaining window's span is irrelevant and
+# becomes that span. The dropped positions are added back to the count exactly (Python ints). Ordinary
+# layers (p <= dilation·(k-1), more than one position) pass through unchanged; only a geometry whose two
+# sides need different padding costs a padded copy of the slice (at most input + 2·extent per dim).
+
+class _DimPlan(NamedTuple):
+    start: int  # slice [start, stop) of the input
+    stop: int
+    pad_lo: int
+    pad_hi: int
+    stride: int
+    positions: int
+
+
+def _trim_dim(size: int, k: int, s: int, p: int, d: int, out: int) -> _DimPlan | None:
+    """The positions of one spatial dim that read the input; None when none does."""
+    ext = d * (k - 1)
+    if p <= ext:  # every window overlaps [-p, size + p): nothing to drop
+        return _DimPlan(0, size, p, p, s if out > 1 else max(1, size + 2 * p - ext), out)
+    o_lo = max(0, -((ext - p) // s))  # first window ending at or after index 0: ceil((p - ext) / s)
+    o_hi = min(out - 1, (size - 1 + p) // s)  # last window starting at or before size - 1
+    if size == 0 or o_hi < o_lo:
+        return None
+    a0, a1 = o_lo * s - p, o_hi * s - p  # first and last kept window's start, in input indices
+    start, stop = max(0, a0), min(size, a1 + ext + 1)
+    pad_lo, pad_hi = max(0, -a0), max(0, a1 + ext + 1 - size)
+    n = o_hi - o_lo + 1
+    return _DimPlan(start, stop, pad_lo, pad_hi, s if n > 1 else stop - start + pad_lo + pad_hi - ext, n)
+
+
+def _trim(x: torch.Tensor, geo: ConvGeometry) -> ConvCall:
+    size = x.shape[2:]
+    plans = [_trim_dim(size[i], geo.kernel_size[i], geo.stride[i], geo.padding[i], geo.dilation[i],
+                       geo.out_size[i]) for i in range(len(size))]
+    count = x.shape[0] * math.prod(geo.out_size)
+    if any(pl is None for pl in plans):  # no window reads the input: A holds only the count
+        return ConvCall(None, geo, count if geo.bias else 0, x)
+    if all(pl.start == 0 and pl.stop == sz and pl.stride == s and pl.positions == o
+           for pl, sz, s, o in zip(plans, size, geo.stride, geo.out_size)):
+        return ConvCall(x, geo, 0, x)  # the common case: unchanged
+    xk = x
+    for i, pl in enumerate(plans):
+        xk = xk.narrow(2 + i, pl.start, pl.stop - pl.start)
+    if all(pl.pad_lo == pl.pad_hi for pl in plans):
+        padding = tuple(pl.pad_lo for pl in plans)
+    else:  # F.pad's order: last dim first
+        xk = F.pad(xk, [v for pl in reversed(plans) for v in (pl.pad_lo, pl.pad_hi)])
+        padding = (0,) * len(plans)
+    positions = tuple(pl.positions for pl in plans)
+    kgeo = geo._replace(stride=tuple(pl.stride for pl in plans), padding=padding, out_size=positions)
+    extra = count - x.shape[0] * math.prod(positions) if geo.bias else 0
+    return ConvCall(xk, kgeo, extra, x)
+
+
+def _counted(kernel):
+    """A conv backend on the trimmed problem, with the dropped positions added back to the bias count."""
+    @functools.wraps(kernel)
+    def run(c: ConvCall) -> torch.Tensor:
+        if c.x is None:
+            out = new_output((c.geo.groups, c.geo.dim, c.geo.dim), c.like, gram_dtype(c.like.dtype)).zero_()
+        else:
+            out = kernel(c)
+        if c.extra:
+            out[:, -1, -1] += float(c.extra)  # exact while the count fits the result dtype
+        return out
+    return run
+
+
 def _check_conv(x, kernel_size, stride, padding, dilation, groups, bias, *, fake: bool) -> ConvCall:
-    return ConvCall(x, conv_geometry(x, kernel_size, stride, padding, dilation, groups, bias))
+    geo = conv_geometry(x, kernel_size, stride, padding, dilation, groups, bias)
+    return ConvCall(x, geo, 0, x) if fake else _trim(x, geo)
 
 
 def _check_linear_call(x, bias, *, fake: bool) -> LinearCall:
@@ -193,9 +275,10 @@ IM2COL_GRAM = Op(OpSpec(
     schema="im2col_gram(Tensor x, int[] kernel_size, int[] stride, int[] padding, int[] dilation, int groups, "
            "bool bias, str backend='auto') -> Tensor",
     check=_check_conv,
-    fake=lambda c: c.x.new_empty((c.geo.groups, c.geo.dim, c.geo.dim), dtype=gram_dtype(c.x.dtype)),
-    device=lambda c: c.x.device,
-    backends={"reference": _reference_conv, "cpu": _compiled_conv, "cuda": _compiled_conv, "triton": _triton_conv},
+    fake=lambda c: c.like.new_empty((c.geo.groups, c.geo.dim, c.geo.dim), dtype=gram_dtype(c.like.dtype)),
+    device=lambda c: c.like.device,
+    backends={"reference": _counted(_reference_conv), "cpu": _counted(_compiled_conv),
+              "cuda": _counted(_compiled_conv), "triton": _counted(_triton_conv)},
     autograd=Autograd(_conv_backward, _conv_setup),
 ))
 
