@@ -191,8 +191,19 @@ def test_strided_inputs_give_the_contiguous_result(backend, fresh_seed):
 def test_empty_inputs(backend):
     dev = backend_device(backend)
     for gshape, ashape in [((0, 3, 4), (0, 4, 4)), ((2, 0, 4), (2, 4, 4)), ((2, 3, 0), (2, 0, 0)), ((3, 0), (0, 0))]:
-        out = ak.ridge_solve(torch.randn(gshape, device=dev), torch.randn(ashape, device=dev), 1e-3, backend=backend)
-        assert out.shape == gshape
+        x = torch.randn(*ashape[:-1], 5, device=dev)
+        out = ak.ridge_solve(torch.randn(gshape, device=dev), x @ x.mT, 1e-3, backend=backend)
+        assert out.shape == gshape and not out.any()
+
+
+def test_no_rows_still_checks_A(backend):
+    """C = 0: nothing to solve, but A is checked as for C > 0 (a NaN A returned an empty result)."""
+    G = torch.zeros(2, 0, 3)
+    A = torch.eye(3).repeat(2, 1, 1)
+    A[1, 0, 0] = float("nan")
+    _errs(backend, G, A, 1e-3, r"A\[1\] \(batch index 1 of batch shape \(2,\)\) is not finite")
+    A[1] = -torch.eye(3)
+    _errs(backend, G, A, 1e-3, r"A\[1\] .* is not a Gram matrix")
 
 
 def _errs(backend, G, A, lam, match):

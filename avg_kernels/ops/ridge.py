@@ -90,13 +90,21 @@ def _backward(ctx, grad):
     return grad_g, grad_a, None, None
 
 
+def _nothing_to_solve(c: RidgeCall) -> torch.Tensor:
+    """C = 0 (or D or a batch dim is 0): the result is empty, but A is still checked as every backend
+    checks it (finite, a Gram: SPEC §3), so a bad A is reported whatever G's row count."""
+    if c.A.numel():
+        reference.ridge_solve(c.A.new_zeros((*c.A.shape[:-2], 1, c.A.shape[-1])), c.A, c.lam)
+    return torch.zeros(c.G.shape, dtype=c.G.dtype, device=c.G.device)
+
+
 RIDGE_SOLVE = Op(OpSpec(
     schema="ridge_solve(Tensor G, Tensor A, float lam, str backend='auto') -> Tensor",
     check=_check,
     fake=lambda c: c.G.new_empty(c.G.shape),
     # nothing to solve (C, D or a batch dim is 0): zeros, whatever the backend
     device=lambda c: c.G.device if c.G.numel() and c.A.numel() else None,
-    empty=lambda c: torch.zeros(c.G.shape, dtype=c.G.dtype, device=c.G.device),
+    empty=lambda c: _nothing_to_solve(c),
     backends={"reference": lambda c: reference.ridge_solve(c.G, c.A, c.lam), "cpu": _compiled, "cuda": _compiled,
               "triton": _triton},
     autograd=Autograd(_backward, _setup_context),
