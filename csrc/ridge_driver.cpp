@@ -150,11 +150,14 @@ at::Tensor ridge_solve_driver(const at::Tensor& G, const at::Tensor& A, double l
     // docs/kernel_choices.md). The prologue writes S + lam I row-major; S is
     // symmetric, so the same bytes read column-major are the matrix LAPACK factorises.
     P = at::empty({nb, C, D}, copt);
-    // status[b] = 0 ok, 1 non-finite, 2 Cholesky failed; maxdiag[b] = max |A_ii|. Entries run in
-    // parallel, each task with its own buffer (LAPACK then runs single-threaded per matrix).
+    // status[b] = 0 ok, 1 non-finite, 2 Cholesky failed; maxdiag[b] = max |A_ii|. The entries run one
+    // after the other on this thread, never spread over threads: the result must be bitwise the same at
+    // every thread count (SPEC §3), and LAPACK on a worker thread gave other bits than on this one
+    // (D = 576, 2 threads: 7e-7 apart). The CPU op runs these calls single-threaded (csrc/cpu/ridge.cpp).
     std::vector<int8_t> status(size_t(nb), 0);
     std::vector<double> maxdiag(size_t(nb), 0.0);
-    at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    {
+      const int64_t begin = 0, end = nb;
       at::Tensor buf = at::empty({1, D, D}, copt);
       at::Tensor Lc = buf.select(0, 0).mT();  // column-major (Fortran) view
       at::Tensor info = at::empty({}, A.options().dtype(at::kInt));
@@ -176,7 +179,7 @@ at::Tensor ridge_solve_driver(const at::Tensor& G, const at::Tensor& A, double l
         at::Tensor out_b = P.select(0, b).mT();  // (D, C) column-major: where cholesky_solve writes
         at::cholesky_solve_out(out_b, G3.select(0, b).mT(), Lc, /*upper=*/false);
       }
-    });
+    }
     std::vector<int64_t> nonfinite, cert;
     std::vector<double> cert_tau;
     for (int64_t b = 0; b < nb; ++b) {

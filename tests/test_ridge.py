@@ -517,3 +517,35 @@ def test_cpu_per_entry_lapack_path(fresh_seed):
     A[2, 5, 7] = float("nan")
     with pytest.raises(ValueError, match=r"A\[2\] .* is not finite"):
         ak.ridge_solve(G, A, 1e-2, backend="cpu")
+
+
+@pytest.mark.parametrize("d,nb,lam,kind", [
+    (16, 3, 1e-3, "wide"), (256, 2, 1e-3, "wide"), (257, 1, 1e-3, "wide"), (576, 1, 1e-3, "rank100"),
+    (576, 3, 1e-3, "wide"), (300, 2, 0.0, "wide"), (300, 2, 1e-6, "indefinite"),
+])
+def test_cpu_result_is_bitwise_independent_of_the_thread_count(d, nb, lam, kind):
+    """SPEC §3: the CPU solve gives the same bits at 1, 2 and 3 threads at every D: the fused path (D <= 256),
+    LAPACK per entry (D > 256; the issue's case: D = 576, M = 100, every element differed, relative 6e-2),
+    pinv (lam = 0) and the eigendecomposition fallback (a Cholesky that fails)."""
+    if not torch.ops.avg_kernels_C.ridge_lapack_is_sequential():
+        pytest.skip("this torch's LAPACK is not MKL: its thread count is not set per call (csrc/cpu/ridge.cpp)")
+    gen = torch.Generator().manual_seed(d * 10 + nb)
+    m = 100 if kind == "rank100" else 2 * d
+    X = torch.randn(nb, d, m, generator=gen)
+    A = X @ X.mT / m
+    if kind == "indefinite":  # one eigenvalue slightly below zero: Cholesky of S + lam I fails, eigh takes over
+        w, V = torch.linalg.eigh(A.double())
+        w[:, 0] = -1e-5 * w[:, -1]
+        A = (V * w[:, None, :] @ V.mT).float()
+    G = torch.randn(nb, 64, d, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(ak.ridge_solve(G, A, lam, backend="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.isfinite(outs[0]).all()
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
