@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 
 
-class BaseState(NamedTuple):
+@dataclass(eq=False)
+class BaseState:
     """A base optimizer's per-parameter state and its groups' hyperparameters."""
 
     per_param: dict  # parameter -> its state dict (only parameters that have state)
