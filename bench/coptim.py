@@ -99,15 +99,16 @@ def _capture(opt, model, x, y):
     """One real C-SGD step, recording the Gram and ridge_solve calls, the statistics and gradients that
     precondition_ consumed; returns replay functions for the breakdown."""
     grams, solves = [], []
-    gram, solve = opt._gram, opt._solve
-    opt._gram = lambda layer, xx, bias: grams.append((layer, xx, bias)) or gram(layer, xx, bias)
-    opt._solve = lambda G, A, lam: solves.append((G.clone(), A.clone(), lam)) or solve(G, A, lam)
+    collector, preconditioner = opt._collector, opt._preconditioner
+    gram, solve = collector.gram, preconditioner.solve
+    collector.gram = lambda layer, xx, bias: grams.append((layer, xx, bias)) or gram(layer, xx, bias)
+    preconditioner.solve = lambda G, A, lam: solves.append((G.clone(), A.clone(), lam)) or solve(G, A, lam)
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
-    stats = list(opt._stats)
+    stats = dict(collector.stats)
     grads = [(p, p.grad.clone()) for p in model.parameters() if p.grad is not None]
     opt.precondition_()
-    opt._gram, opt._solve = gram, solve
+    del collector.gram, preconditioner.solve  # the methods again
 
     def fwd_bwd():
         opt.zero_grad(set_to_none=True)
@@ -121,7 +122,7 @@ def _capture(opt, model, x, y):
     def precondition():
         for p, g in grads:
             p.grad.copy_(g)
-        opt._stats = list(stats)
+        collector.stats = dict(stats)
         opt.precondition_()
 
     def run_solves():

@@ -293,6 +293,44 @@ def test_state_dict_round_trip(mode):
         AG(model2, torch.optim.Adam(model2.parameters()), mode="ag1" if mode != "ag1" else "ag2").load_state_dict(saved_opt)
 
 
+@pytest.mark.parametrize("mode", ["ag1", "ag3-1"])
+def test_state_dict_of_the_nested_layout_loads(mode):
+    """Before the shared optimizer wrapper, AG.state_dict() was {"base": the base's state dict, "ag": {mode,
+    eps, steps, prev}}. Built here by hand, it loads and training continues exactly as from today's layout
+    (the base's state dict plus "ag")."""
+    torch.manual_seed(0)
+    model = avg_kernels.nn.convert(mlp(torch.float32))
+    opt = AG(model, torch.optim.Adam(model.parameters(), lr=1e-2), mode=mode)
+    data = [batch("mlp", torch.float32, seed=s) for s in range(4)]
+    for x, y in data[:2]:
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    saved_model = copy.deepcopy(model.state_dict())
+    new = copy.deepcopy(opt.state_dict())
+    assert set(new) == {"state", "param_groups", "ag"} and new["ag"]["steps"] == 2
+    prev = None if opt._prev is None else [t.detach().clone() for t in opt._prev]
+    old = {"base": copy.deepcopy(opt.base.state_dict()),
+           "ag": {"mode": mode, "eps": opt.eps, "steps": 2, "prev": prev}}
+    assert (prev is not None) == (mode == "ag3-1")
+    rng = torch.get_rng_state()
+    for x, y in data[2:]:
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    for layout in (old, new):
+        model2 = avg_kernels.nn.convert(mlp(torch.float32))
+        model2.load_state_dict(saved_model)
+        opt2 = AG(model2, torch.optim.Adam(model2.parameters(), lr=1e-2), mode=mode)
+        opt2.load_state_dict(layout)
+        assert opt2.steps == 2
+        assert opt2.param_groups is opt2.base.param_groups and opt2.state is opt2.base.state
+        torch.set_rng_state(rng)
+        for x, y in data[2:]:
+            opt2.step(lambda: F.cross_entropy(model2(x), y))
+            assert opt2.last.plain is False
+        for p, q in zip(model.parameters(), model2.parameters()):
+            assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="'ag'"):
+        opt2.load_state_dict(opt2.base.state_dict())
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 def _model():
@@ -453,6 +491,15 @@ def test_lr_scheduler_and_param_groups_are_shared_with_the_base():
     opt.step(lambda: model(torch.randn(3, 4)).square().mean())
     sched.step()
     assert base.param_groups[0]["lr"] == pytest.approx(0.05)
+    # the base's load_state_dict replaces its param_groups and state objects: still shared afterwards
+    opt.load_state_dict(opt.state_dict())
+    assert opt.param_groups is base.param_groups and opt.state is base.state
+    sched.step()
+    assert base.param_groups[0]["lr"] == pytest.approx(0.025)
+    extra = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="not a parameter of model"):
+        opt.add_param_group({"params": [extra]})
+    assert "AG(mode='ag1', eps=1.19209e-07, base=SGD" in repr(opt)
 
 
 def test_compiled_model_in_closure_runs_eagerly_inside_ag_steps():

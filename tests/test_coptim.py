@@ -1,7 +1,8 @@
 """C-SGD / C-Nesterov / C-Adam (SPEC §3): against a straightforward float64 implementation (F.unfold,
 torch.linalg.solve, hand-written SGD/Nesterov/Adam) on small CNNs with stride, padding, dilation,
 groups, bias, Conv1d, padding modes; the P003 §4.3 property; D × D and M × M forms; what is collected
-and when; refresh every k; state_dict; hooks; unsupported layers."""
+and when; refresh every k; state_dict (also the layout saved before the shared wrapper); hooks; unsupported
+layers; the generic ``Consequentialism(model, base)`` over other bases and parameter subsets."""
 from __future__ import annotations
 
 import copy
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import avg_kernels as ak
-from avg_kernels.optim import CAdam, CSGD, UnsupportedLayerError
+from avg_kernels.optim import AG, CAdam, CSGD, Consequentialism, UnsupportedLayerError
 
 from conftest import interpreted
 
@@ -101,13 +102,15 @@ def _dz(layer, z):
 
 
 class Reference:
-    """C-SGD/C-Nesterov/C-Adam written out in float64: per layer P = ΔZ Xᵀ (X Xᵀ + λI)⁻¹ (torch.linalg.solve),
-    then the textbook update with weight decay added to P. Forwards are given as a list of micro-batches."""
+    """C-SGD/C-Nesterov/C-Adam (and C-RMSprop) written out in float64: per layer P = ΔZ Xᵀ (X Xᵀ + λI)⁻¹
+    (torch.linalg.solve), then the textbook update with weight decay added to P. Forwards are given as a list
+    of micro-batches."""
 
     def __init__(self, model, kind, lr, lam, momentum=0.0, nesterov=False, weight_decay=0.0, betas=(0.9, 0.999),
-                 eps=1e-8, refresh_every=1):
+                 eps=1e-8, refresh_every=1, alpha=0.99):
         self.model, self.kind, self.lr, self.lam = model, kind, lr, lam
         self.momentum, self.nesterov, self.wd, self.betas, self.eps = momentum, nesterov, weight_decay, betas, eps
+        self.alpha = alpha  # RMSprop
         self.k, self.t, self.inv = refresh_every, 0, {}
         self.buf, self.m, self.v = {}, {}, {}
         self.layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
@@ -153,6 +156,9 @@ class Reference:
                         b = self.buf[p] = g.clone() if p not in self.buf else self.momentum * self.buf[p] + g
                         g = g + self.momentum * b if self.nesterov else b
                     p -= self.lr * g
+                elif self.kind == "rmsprop":
+                    self.v[p] = self.alpha * self.v.get(p, torch.zeros_like(p)) + (1 - self.alpha) * g * g
+                    p -= self.lr * g / (self.v[p].sqrt() + self.eps)
                 else:
                     b1, b2 = self.betas
                     self.m[p] = (1 - b1) * g + b1 * self.m.get(p, torch.zeros_like(p))
@@ -339,7 +345,7 @@ def test_step_consumes_and_clears():
     opt = CSGD(model, lr=0.1)
     x, y = _data(16)
     _run_ours(opt, model, [(x, y)])
-    assert all(st.gram is None and not st.xs and st.m == 0 for st in opt._stats)
+    assert opt._collector.stats == {}
     # a gradient without a recorded forward is an error, not a silent plain-SGD step
     model.eval()
     _ce_sum(model(x), y).backward()
@@ -392,8 +398,8 @@ def test_refresh_every_k_reuses_the_factorisation_and_skips_grams(monkeypatch):
     opt = CSGD(model, lr=0.05, lam=1e-2, momentum=0.9, refresh_every=3)
     ref = Reference(ref_model, "sgd", lr=0.05, lam=1e-2, momentum=0.9, refresh_every=3)
     calls = []
-    real = opt._gram
-    monkeypatch.setattr(opt, "_gram", lambda layer, *a: calls.append(layer.conv_dims) or real(layer, *a))
+    real = opt._collector.gram
+    monkeypatch.setattr(opt._collector, "gram", lambda layer, *a: calls.append(layer.conv_dims) or real(layer, *a))
     per_step = []
     for step in range(7):
         x, y = _data(16, seed=step)  # batch 16: every layer but fc (M = 16 < D = 41) in the D x D form
@@ -427,10 +433,28 @@ def test_state_dict_round_trip(cls, tmp_path):
     m2.load_state_dict(ckpt["model"])
     o2 = make(m2)
     o2.load_state_dict(ckpt["opt"])
+    _assert_same_state(o2.state_dict(), ckpt["opt"])  # the new layout round trips bitwise
     for step in range(2, 5):  # step 2 reuses the saved factorisations, 3 refreshes
         _run_ours(o1, m1, [_data(16, seed=step)])
         _run_ours(o2, m2, [_data(16, seed=step)])
     assert _max_rel(m1, m2) == 0
+    _assert_same_state(o2.state_dict(), o1.state_dict())
+
+
+def _assert_same_state(a, b, where="state_dict"):
+    """Equal nested dicts/lists with bitwise-equal tensors (same dtype and shape)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (u, v) in enumerate(zip(a, b)):
+            _assert_same_state(u, v, f"{where}[{i}]")
+    else:
+        assert a == b, where
 
 
 def test_remove_hooks():
@@ -503,7 +527,7 @@ def test_closure_and_import_surface():
 def test_wider_layers_and_merged_small_groups_match(monkeypatch):
     """conv2 with D = 72 (> MERGE_MAX_D: its own ridge_solve) next to merged small groups; and merging
     (padding small Grams block-diagonally into one call) changes nothing but rounding."""
-    from avg_kernels.optim import consequentialism as cmod
+    from avg_kernels.optim import _precondition as cmod
 
     torch.manual_seed(13)
     base = SmallCNN(c=16).double()
@@ -537,3 +561,134 @@ def test_unused_layer_with_zeroed_gradient_is_skipped():
     before = b.weight.detach().clone()
     opt.step()
     assert torch.equal(b.weight, before)
+
+
+# ----------------------------------------------------------------------------------------------
+# The generic wrapper: any base optimizer; CSGD / CAdam are constructors over it.
+
+def test_generic_wrapper_over_rmsprop_matches_float64_implementation():
+    torch.manual_seed(15)
+    model = SmallCNN().double()
+    ref_model = copy.deepcopy(model)
+    opt = Consequentialism(model, torch.optim.RMSprop(model.parameters(), lr=1e-2, weight_decay=1e-3), lam=1e-2)
+    ref = Reference(ref_model, "rmsprop", lr=1e-2, lam=1e-2, weight_decay=1e-3)
+    for step, batch in enumerate([2, 16, 16]):  # M × M and D × D forms
+        x, y = _data(batch, seed=step)
+        _run_ours(opt, model, [(x, y)])
+        ref.step([(x, y)], _ce_sum)
+    assert _max_rel(model, ref_model) < 1e-9
+
+
+@pytest.mark.parametrize("make_base", [
+    lambda ps: torch.optim.Adagrad(ps, lr=0.05, weight_decay=1e-3),
+    lambda ps: torch.optim.RMSprop(ps, lr=1e-2, momentum=0.5, centered=True),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+], ids=["Adagrad", "RMSprop", "AdamW"])
+def test_generic_wrapper_is_preconditioning_then_the_base_step(make_base):
+    """Over any base, step() equals precondition_() followed by that base's own step, bitwise."""
+    torch.manual_seed(19)
+    m1 = SmallCNN().double()
+    m2 = copy.deepcopy(m1)
+    o1 = Consequentialism(m1, make_base(m1.parameters()), lam=1e-2)
+    pre = Consequentialism(m2, torch.optim.SGD(m2.parameters(), lr=0.0), lam=1e-2)  # only its precondition_()
+    b2 = make_base(m2.parameters())
+    for step, batch in enumerate([2, 16, 16, 3]):  # M × M and D × D forms
+        x, y = _data(batch, seed=step)
+        _run_ours(o1, m1, [(x, y)])
+        pre.zero_grad()
+        _ce_sum(m2(x), y).backward()
+        pre.precondition_()
+        b2.step()
+    assert _max_rel(m1, m2) == 0
+    assert o1.steps == 4 and o1.state is o1.base.state and len(o1.state) == len(list(m1.parameters()))
+    assert repr(o1).startswith(f"Consequentialism(lam=0.01, refresh_every=1, base={type(b2).__name__}")
+    o1.zero_grad()
+    assert all(p.grad is None for p in m1.parameters())
+
+
+def test_csgd_is_the_wrapper_over_sgd_and_shares_its_groups():
+    torch.manual_seed(16)
+    base_model = SmallCNN().double()
+    m1, m2 = copy.deepcopy(base_model), copy.deepcopy(base_model)
+    o1 = CSGD(m1, lr=0.1, lam=1e-2, momentum=0.9, refresh_every=2)
+    o2 = Consequentialism(m2, torch.optim.SGD(m2.parameters(), lr=0.1, momentum=0.9), lam=1e-2, refresh_every=2)
+    assert isinstance(o1, Consequentialism) and isinstance(o1, torch.optim.Optimizer)
+    assert type(o1.base) is torch.optim.SGD and o1.param_groups is o1.base.param_groups
+    assert o1.state is o1.base.state and o1.defaults is o1.base.defaults and o1.defaults["lam"] == 1e-2
+    assert repr(o1).startswith("CSGD(lam=0.01, refresh_every=2, base=SGD")
+    s1 = torch.optim.lr_scheduler.StepLR(o1, step_size=1, gamma=0.5)
+    s2 = torch.optim.lr_scheduler.StepLR(o2.base, step_size=1, gamma=0.5)  # on the base: the same
+    for step in range(3):
+        for m, o, s in ((m1, o1, s1), (m2, o2, s2)):
+            _run_ours(o, m, [_data(16, seed=step)])
+            s.step()
+    assert o1.base.param_groups[0]["lr"] == o2.param_groups[0]["lr"] == pytest.approx(0.0125)
+    assert _max_rel(m1, m2) == 0
+    assert type(CAdam(SmallCNN()).base) is torch.optim.Adam
+
+
+def test_state_dict_of_the_previous_layout_loads():
+    """Before the shared wrapper, CSGD/CAdam were torch.optim.SGD/Adam subclasses: their state_dict() was
+    SGD's/Adam's own ("state", "param_groups" with lam and refresh_every) plus "consequentialism" (step count,
+    the kept factorisations by layer name). Built here by hand, it loads and training continues exactly."""
+    torch.manual_seed(17)
+    m1 = SmallCNN().double()
+    o1 = CSGD(m1, lr=0.05, lam=1e-2, momentum=0.9, refresh_every=3)
+    for step in range(2):
+        _run_ours(o1, m1, [_data(16, seed=step)])
+    base = copy.deepcopy(o1.base.state_dict())
+    assert {"lr", "momentum", "lam", "refresh_every"} <= set(base["param_groups"][0])
+    inverses = {layer.name: inv.clone() for layer, inv in o1._preconditioner.inverses.items()}
+    assert set(inverses) == {"conv1", "conv2", "conv3"}
+    legacy = {"state": base["state"], "param_groups": base["param_groups"],
+              "consequentialism": {"steps": 2, "inverses": inverses}}
+    m2 = SmallCNN().double()
+    m2.load_state_dict(m1.state_dict())
+    o2 = CSGD(m2, lr=0.5, lam=1.0, momentum=0.9, refresh_every=3)  # lr and λ come from the saved groups
+    o2.load_state_dict(legacy)
+    assert o2.steps == 2 and o2.param_groups is o2.base.param_groups and o2.param_groups[0]["lam"] == 1e-2
+    for step in range(2, 5):  # step 2 reuses the loaded factorisations, 3 refreshes
+        _run_ours(o1, m1, [_data(16, seed=step)])
+        _run_ours(o2, m2, [_data(16, seed=step)])
+    assert _max_rel(m1, m2) == 0
+    bad = copy.deepcopy(legacy)
+    bad["consequentialism"]["inverses"]["nope"] = bad["consequentialism"]["inverses"]["conv1"]
+    lr_before = o2.param_groups[0]["lr"]
+    with pytest.raises(ValueError, match="'nope'"):
+        o2.load_state_dict(bad)
+    assert o2.param_groups[0]["lr"] == lr_before  # nothing loaded
+
+
+def test_base_over_part_of_the_model():
+    """Layers whose parameters the base does not hold are someone else's: not hooked, gradients untouched;
+    adding their parameters later raises; a layer the base holds only partly raises."""
+    torch.manual_seed(18)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    other = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    opt = Consequentialism(model, torch.optim.SGD(model[2].parameters(), lr=0.1), lam=1e-2)
+    assert [layer.name for layer in opt._layers] == ["2"]
+    model(torch.randn(32, 4, dtype=torch.float64)).pow(2).sum().backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.precondition_()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, before[n]) == n.startswith("0."), n
+    with pytest.raises(ValueError, match="layer '0'"):
+        opt.add_param_group({"params": model[0].weight})
+    opt2 = Consequentialism(model, torch.optim.SGD(model[2].parameters(), lr=0.1), exclude=["0"])
+    opt2.add_param_group({"params": list(model[0].parameters()), "lr": 0.01})  # excluded: the plain update
+    assert len(opt2.param_groups) == 2 and opt2.param_groups is opt2.base.param_groups
+    assert opt2.param_groups[1]["lam"] == 1e-3 and opt2.param_groups[1]["refresh_every"] == 1  # defaults
+    with pytest.raises(UnsupportedLayerError, match="only some"):
+        Consequentialism(model, torch.optim.SGD([model[2].weight], lr=0.1))
+    del other
+
+
+def test_wrapper_rejects_bases_whose_step_needs_a_closure():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+    for base, match in [(torch.optim.LBFGS(model.parameters()), "LBFGS"),
+                        (AG(model, torch.optim.SGD(model.parameters(), lr=0.1)), "AG"),
+                        (CSGD(model, lr=0.1), "already a Consequentialism")]:
+        with pytest.raises(TypeError, match=match):
+            Consequentialism(model, base)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        Consequentialism(model, "sgd")

@@ -1,11 +1,13 @@
-"""Optimizers of avg_kernels.
+"""Optimizers of avg_kernels: each wraps a base ``torch.optim.Optimizer`` (``.base``, sharing its
+``param_groups``, ``state`` and ``defaults``; ``_wrapper.py``).
 
 * ``AG`` (``ag.py``): AG-1 / AG-2 / AG-3-1 average-gradient steps over any torch.optim base (SPEC §4).
-* ``CSGD`` (C-SGD; ``nesterov=True``: C-Nesterov) and ``CAdam`` (C-Adam) (``consequentialism.py``): the
-  consequentialism optimizers of paper 003 (SPEC §3), torch.optim optimizers over a model's parameters whose
-  Linear/Conv1d/Conv2d weight gradients are replaced by ``G (X Xᵀ + λI)⁻¹`` before the base update.
+* ``Consequentialism`` (``consequentialism.py``): the consequentialism preconditioning of paper 003 (SPEC §3)
+  over any torch.optim base: each Linear/Conv1d/Conv2d weight gradient is replaced by ``G (X Xᵀ + λI)⁻¹``
+  before the base's step. ``CSGD`` (C-SGD; ``nesterov=True``: C-Nesterov) and ``CAdam`` (C-Adam) build it
+  over torch.optim.SGD / Adam.
 """
 from .ag import AG, MODES, AGStepInfo
-from .consequentialism import CAdam, CSGD, UnsupportedLayerError
+from .consequentialism import CAdam, CSGD, Consequentialism, UnsupportedLayerError
 
-__all__ = ["AG", "AGStepInfo", "CAdam", "CSGD", "MODES", "UnsupportedLayerError"]
+__all__ = ["AG", "AGStepInfo", "CAdam", "CSGD", "Consequentialism", "MODES", "UnsupportedLayerError"]

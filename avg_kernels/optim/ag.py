@@ -25,11 +25,17 @@ base optimizer's step with ḡ. The first step (no θ_{t-1} yet) is a plain base
 
 After ``step``: ``p.grad`` holds the gradient the update used (ḡ; g on a plain step), ``opt.last`` an
 ``AGStepInfo`` (ℓ(θ), ℓ(θ') or ℓ(θ_{t-1}), optionally ℓ(θ_{t+1}), timings when ``profile=True``).
+
+This file holds the modes and the step orchestration; ``_wrapper`` the shared optimizer wrapper (the base
+held as ``.base``), ``_passes`` what running the closure several times needs (parameter/buffer swap, RNG
+replay, eager stance, the direct-use detector, the phase timer), ``_base_state`` the base's state set
+aside for AG-2.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -37,14 +43,15 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils import _pytree
 
 from .._contract import args
 from ..activations import EPS
-from ..nn import _recording
 from ..nn._recording import GRAPH, PLAIN, BACKWARD, Recorder
 from ..ops import AG1_UPDATE, AG2_RESCALE, check_backend
+from . import _base_state
+from ._base_state import BaseState
+from ._passes import DirectUse, ParamSites, Phases, RNGReplay, eager
+from ._wrapper import OptimizerWrapper
 
 MODES = ("ag1", "ag2", "ag3-1")
 
@@ -86,112 +93,18 @@ class AGStepInfo:
                 "plain": self.plain, "times": dict(self.times)}
 
 
-class _Phases:
-    """Time per phase, synchronising the device between phases (only when profiling)."""
+@dataclass
+class _Segment:
+    """The averaging segment [θ, θ'] of an AG-1/AG-2 step once ḡ is known (steps 1-4 done)."""
 
-    def __init__(self, profile, cuda: bool):
-        self.enabled, self.cuda = bool(profile), cuda
-        self.clock = profile if callable(profile) else time.perf_counter
-        self.times: dict[str, float] = {}
-        self._t = self._now() if self.enabled else 0.0
-
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return self.clock()
-
-    def mark(self, phase: str) -> None:
-        if self.enabled:
-            t = self._now()
-            self.times[phase] = self.times.get(phase, 0.0) + (t - self._t)
-            self._t = t
-
-    def now(self) -> float:
-        """The clock, synchronised (used for the untimed ℓ(θ_{t+1}) pass even when not profiling)."""
-        return self._now()
-
-    def restart(self) -> None:
-        if self.enabled:
-            self._t = self._now()
+    params: list  # the parameters; they hold θ' (the base optimizer's step with g)
+    live: list  # p.detach() of each: what the update writes θ_{t+1} into
+    theta: list  # detached copies holding θ (the graph of step 1 was built on them)
+    gbar: tuple  # ḡ per parameter (None where the loss does not depend on it)
+    pre_step: Optional[BaseState]  # AG-2: the base optimizer's state s_t before its step with g
 
 
-class _Sites:
-    """Where every parameter and buffer of a model is registered, for swapping them during a pass."""
-
-    def __init__(self, model: nn.Module):
-        self.sites: list[tuple[dict, str, torch.Tensor]] = []
-        for m in model.modules():
-            for d in (m._parameters, m._buffers):
-                for k, v in d.items():
-                    if v is not None:
-                        self.sites.append((d, k, v))
-
-    @contextlib.contextmanager
-    def swapped(self, repl: dict[int, torch.Tensor]):
-        done = []
-        try:
-            for d, k, v in self.sites:
-                r = repl.get(id(v))
-                if r is not None:
-                    d[k] = r
-                    done.append((d, k, v))
-            yield
-        finally:
-            for d, k, v in done:
-                d[k] = v
-
-
-class _RNG:
-    """The CPU and CUDA generator states before the graph pass, replayed for the other passes."""
-
-    def __init__(self, cuda_devices: list[int]):
-        self.devices = cuda_devices
-        self.cpu = torch.get_rng_state()
-        self.cuda = [torch.cuda.get_rng_state(i) for i in cuda_devices]
-
-    @contextlib.contextmanager
-    def replay(self):
-        with torch.random.fork_rng(devices=self.devices):
-            torch.set_rng_state(self.cpu)
-            for i, s in zip(self.devices, self.cuda):
-                torch.cuda.set_rng_state(s, i)
-            yield
-
-
-class _DirectUse(TorchFunctionMode):
-    """First-step check: does any torch function receive one of the REAL parameters while they are
-    swapped out for other tensors? Such a parameter is read through a reference AG cannot swap (a list,
-    a closure ...): its value in that pass would be wrong and, in the graph pass, its gradient lost."""
-
-    def __init__(self, names: dict[int, str]):
-        super().__init__()
-        self.names = names
-        self.found: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if not self.found:
-            for a in _pytree.tree_leaves((args, kwargs or {})):
-                if isinstance(a, torch.Tensor) and id(a) in self.names:
-                    self.found.append(f"parameter {self.names[id(a)]!r} passed to {getattr(func, '__name__', func)}")
-                    break
-        return func(*args, **(kwargs or {}))
-
-    def check(self, label: str) -> None:
-        if self.found:
-            raise RuntimeError(
-                f"AG step: {self.found[0]} during the pass at {label} although the step had swapped that parameter "
-                "for another tensor: the model reads it through a reference AG cannot swap (e.g. kept in a list or "
-                "a closure instead of Module._parameters). Its value in that pass would be wrong and its gradient "
-                "lost. Read parameters through their module.")
-
-
-def _eager():
-    """AG steps run eagerly: compiled submodules called by the closure fall back to eager for the step."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
-
-
-class AG(torch.optim.Optimizer):
+class AG(OptimizerWrapper):
     """Average-gradient training over a base optimizer: AG-1, AG-2 or AG-3-1 (SPEC §4).
 
     Args:
@@ -219,55 +132,40 @@ class AG(torch.optim.Optimizer):
     The closure runs the forward on one fixed batch and returns the loss; it must not call
     ``backward()`` (the step raises if gradients appear) and is called two (three with
     ``track_loss_after``) times per step, so it must not draw a new batch or have other side effects.
+
+    ``state_dict()``: the base's state dict plus ``"ag"``: mode, eps, step count and θ_{t-1} (AG-3-1).
+    ``load_state_dict`` also takes the older layout ``{"base": ..., "ag": ...}``.
     """
+
+    state_key = "ag"
+    step_needs_closure = True
 
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, mode: str = "ag1", eps: float = EPS, *,
                  backend: Optional[str] = None, track_loss_after: bool = False, profile: bool = False,
                  require_activations: bool = True, check_unaveraged: bool = True):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(base, torch.optim.Optimizer):
-            raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
         if isinstance(base, AG):
             raise TypeError("base is already an AG optimizer; AG wraps a plain base optimizer")
-        if isinstance(base, torch.optim.LBFGS):
-            raise TypeError("base=LBFGS needs a closure in its own step(); AG steps its base without one")
+        super().__init__(model, base, who="the model the closure runs")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {list(MODES)}")
         args.nonneg_real("eps", eps)
         if backend is not None:
             check_backend(backend)
-        model_params = {id(p): name for name, p in model.named_parameters()}
-        params = [p for g in base.param_groups for p in g["params"]]
-        for i, p in enumerate(params):
-            if id(p) not in model_params:
-                raise ValueError(
-                    f"base optimizer parameter {i} (shape {tuple(p.shape)}) is not a parameter of model: AG needs "
-                    "θ' from a forward of the model, so the base optimizer must optimize the model's parameters")
-            if isinstance(p, nn.parameter.UninitializedParameter):
-                raise ValueError(f"parameter {model_params[id(p)]!r} is uninitialized (lazy module): run one "
-                                 "forward before creating the optimizer")
+        params = self._params()
         if mode == "ag2" and len({p.device for p in params}) > 1:
             raise ValueError(f"mode='ag2' rescales the step by a global L1 norm over all parameters, which must then "
                              f"be on one device; the base optimizer's parameters are on {sorted(map(str, {p.device for p in params}))}")
         devs = {p.device.type for p in params} | {b.device.type for b in model.buffers()}
         if devs - {"cpu", "cuda"}:
             raise ValueError(f"AG steps replay dropout masks on CPU and CUDA only; model has tensors on {sorted(devs)}")
-        self.model, self.base, self.mode = model, base, mode
+        self.mode = mode
         self.eps, self.backend = float(eps), backend
         self.track_loss_after = bool(track_loss_after)
         if not (isinstance(profile, bool) or callable(profile)):
             raise TypeError(f"profile must be a bool or a clock function, got {type(profile).__name__}")
         self.profile = profile
         self.require_activations, self.check_unaveraged = bool(require_activations), bool(check_unaveraged)
-        self._ready = False
-        super().__init__(params, {})
-        self.param_groups = base.param_groups  # shared: LR schedulers on either object act on the base
-        self.defaults = base.defaults
-        self.state = base.state  # what torch.optim users inspect (AG's own state: see state_dict())
-        self._ready = True
         self.last: Optional[AGStepInfo] = None
-        self.steps = 0
         self._theta: list[torch.Tensor] = []  # AG-1/2: leaf copies of θ the graph is built on
         self._theta_for: list[int] = []
         self._spare: list[torch.Tensor] = []  # AG-2: θ' while θ'' is computed
@@ -275,66 +173,66 @@ class AG(torch.optim.Optimizer):
         self._prev_for: list[int] = []
         self._checked = False
 
-    # -- torch.optim.Optimizer surface -------------------------------------------------------------
-    def add_param_group(self, param_group: dict) -> None:
-        if not getattr(self, "_ready", False):  # Optimizer.__init__ registering the initial groups
-            return super().add_param_group(param_group)
-        model_params = {id(p) for p in self.model.parameters()}
-        ps = param_group["params"]
-        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
-        if any(id(p) not in model_params for p in ps):
-            raise ValueError("add_param_group: every parameter must be a parameter of the AG optimizer's model")
-        self.base.add_param_group(param_group)
+    # -- the wrapper's hooks -----------------------------------------------------------------------
+    def _check_params(self, params, what: str) -> None:
+        """θ' comes from a forward of the model: every parameter must be one of its (initialised) parameters."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        for i, p in enumerate(params):
+            if id(p) not in names:
+                raise ValueError(
+                    f"{what} {i} (shape {tuple(p.shape)}) is not a parameter of model: AG needs θ' from a forward of "
+                    "the model, so the base optimizer must optimize the model's parameters")
+            if isinstance(p, nn.parameter.UninitializedParameter):
+                raise ValueError(f"parameter {names[id(p)]!r} is uninitialized (lazy module): run one forward before "
+                                 "creating the optimizer")
 
-    def __repr__(self) -> str:
-        return f"AG(mode={self.mode!r}, eps={self.eps:g}, base={self.base!r})"
+    def _repr_fields(self) -> list[str]:
+        return [f"mode={self.mode!r}", f"eps={self.eps:g}"]
 
-    def state_dict(self) -> dict:
-        """The base optimizer's state dict plus AG's own state (mode, eps, step count, θ_{t-1} for ag3-1)."""
+    def _own_state(self) -> dict:
         params = self._params()
         prev = None
         if self._prev is not None:
             by_id = dict(zip(self._prev_for, self._prev))
             prev = [by_id.get(id(p)) for p in params]
             prev = [None if t is None else t.detach().clone() for t in prev]
-        return {"base": self.base.state_dict(),
-                "ag": {"mode": self.mode, "eps": self.eps, "steps": self.steps, "prev": prev}}
+        return {"mode": self.mode, "eps": self.eps, "steps": self.steps, "prev": prev}
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        if not isinstance(state_dict, dict) or "base" not in state_dict or "ag" not in state_dict:
-            raise ValueError("state_dict: expected a dict from AG.state_dict() with keys 'base' and 'ag'")
-        ag = state_dict["ag"]
-        if ag.get("mode") != self.mode:
-            raise ValueError(f"state_dict was saved by an AG optimizer with mode={ag.get('mode')!r}, this one has "
+    def _split_state(self, state_dict: dict):
+        if isinstance(state_dict, dict) and "base" in state_dict and "ag" in state_dict:
+            return state_dict["base"], state_dict["ag"]  # the layout before the shared wrapper
+        base, own = super()._split_state(state_dict)
+        if own is None:
+            raise ValueError("state_dict: expected a dict from AG.state_dict() (the base optimizer's state dict "
+                             "plus the key 'ag'); this one has no 'ag' entry")
+        return base, own
+
+    def _check_own_state(self, own: dict) -> None:
+        if own.get("mode") != self.mode:
+            raise ValueError(f"state_dict was saved by an AG optimizer with mode={own.get('mode')!r}, this one has "
                              f"mode={self.mode!r}")
         params = self._params()
-        prev = ag.get("prev")
-        if prev is not None and len(prev) != len(params):
+        prev = own.get("prev")
+        if prev is None:
+            return
+        if len(prev) != len(params):
             raise ValueError(f"state_dict holds θ_(t-1) for {len(prev)} parameters, this optimizer has {len(params)}")
-        if prev is not None:
-            for i, (p, t) in enumerate(zip(params, prev)):
-                if t is not None and tuple(t.shape) != tuple(p.shape):
-                    raise ValueError(f"state_dict θ_(t-1) of parameter {i} has shape {tuple(t.shape)}, the "
-                                     f"parameter has shape {tuple(p.shape)}")
-        self.base.load_state_dict(state_dict["base"])
-        self.steps = int(ag.get("steps", 0))
+        for i, (p, t) in enumerate(zip(params, prev)):
+            if t is not None and tuple(t.shape) != tuple(p.shape):
+                raise ValueError(f"state_dict θ_(t-1) of parameter {i} has shape {tuple(t.shape)}, the "
+                                 f"parameter has shape {tuple(p.shape)}")
+
+    def _load_own_state(self, own: dict) -> None:
+        self.steps = int(own.get("steps", 0))
+        prev = own.get("prev")
         if prev is None:
             self._prev, self._prev_for = None, []
         else:
-            kept = [(p, t) for p, t in zip(params, prev) if t is not None]
+            kept = [(p, t) for p, t in zip(self._params(), prev) if t is not None]
             self._prev = [t.detach().to(device=p.device, dtype=p.dtype).clone() for p, t in kept]
             self._prev_for = [id(p) for p, _ in kept]
 
     # -- the step ----------------------------------------------------------------------------------
-    def _params(self) -> list[torch.Tensor]:
-        return [p for g in self.base.param_groups for p in g["params"]]
-
-    @torch.no_grad()
-    def _no_grad_pass(self, closure, sites: _Sites, repl: dict, rng: _RNG) -> torch.Tensor:
-        with sites.swapped(repl), rng.replay(), _eager():
-            loss = closure()
-        return _loss_value(loss)
-
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         """One AG step on the batch the closure evaluates; returns ℓ(θ_t) (detached)."""
         if closure is None or not callable(closure):
@@ -343,15 +241,155 @@ class AG(torch.optim.Optimizer):
         params = [p for p in self._params() if p.requires_grad]
         cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"}
                       | {b.device.index or 0 for b in self.model.buffers() if b.device.type == "cuda"})
-        ph = _Phases(self.profile, bool(cuda))
+        ph = Phases(self.profile, bool(cuda))
         self.steps += 1
-        if self.mode == "ag3-1":
-            info = self._step_ag3(closure, params, cuda, ph)
-        else:
-            info = self._step_forward(closure, params, cuda, ph)
+        run = {"ag1": self._step_ag1, "ag2": self._step_ag2, "ag3-1": self._step_ag3}[self.mode]
+        info = run(closure, params, cuda, ph)
         info.times = ph.times
         self.last = info
         return info.loss
+
+    def _step_ag1(self, closure, params, cuda, ph: Phases) -> AGStepInfo:
+        """AG-1 (paper 000 Alg. 2): θ_{t+1} = θ − |θ' − θ| ⊙ sign(ḡ)."""
+        return self._segment_step(closure, params, cuda, ph, self._update_ag1, keep_pre_step_state=False)
+
+    def _update_ag1(self, seg: _Segment, ph: Phases) -> None:
+        with torch.no_grad():
+            _ag1_by_device(seg.theta, seg.live, list(seg.gbar), self.backend)  # θ_{t+1}, into the copies of θ
+            ph.mark("update")
+            torch._foreach_copy_(seg.live, seg.theta)
+            ph.mark("copies")
+
+    def _step_ag2(self, closure, params, cuda, ph: Phases) -> AGStepInfo:
+        """AG-2 (paper 002 Alg. 2 lines 25-27): θ'' = the base step of θ with ḡ from the pre-step state
+        s_t, then θ_{t+1} = θ + (θ'' − θ) · ‖θ' − θ‖₁ / ‖θ'' − θ‖₁."""
+        return self._segment_step(closure, params, cuda, ph, self._update_ag2, keep_pre_step_state=True)
+
+    def _update_ag2(self, seg: _Segment, ph: Phases) -> None:
+        with torch.no_grad():
+            if len(self._spare) != len(seg.params):
+                self._spare = [torch.empty_like(p, memory_format=torch.preserve_format) for p in seg.params]
+            spare = self._spare
+            torch._foreach_copy_(spare, seg.live)  # θ'
+            torch._foreach_copy_(seg.live, seg.theta)  # back to θ
+            ph.mark("copies")
+            for p, gi in zip(seg.params, seg.gbar):
+                p.grad = gi
+            with _base_state.installed(self.base, seg.params, seg.pre_step):  # s_t in, s_{t+1} back after
+                self.base.step()  # θ'' from s_t and ḡ
+            AG2_RESCALE.eager(seg.live, seg.theta, spare, self.backend or "auto")
+            ph.mark("update")
+
+    def _segment_step(self, closure, params, cuda, ph: Phases, update: Callable[[_Segment, Phases], None],
+                      keep_pre_step_state: bool) -> AGStepInfo:
+        """Steps 1-4 of AG-1/AG-2 (module docstring), then ``update`` (step 5) writes θ_{t+1} into the
+        parameters. If steps 3-5 fail the parameters are restored to θ (the base state has advanced)."""
+        theta = self._theta_copies(params)
+        theta_data = [t.detach() for t in theta]
+        sites = ParamSites(self.model)
+        with torch.no_grad():
+            torch._foreach_copy_(theta_data, [p.detach() for p in params]) if params else None
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        rng = RNGReplay(cuda)
+        ph.mark("copies")
+        with Recorder(self.eps, self.backend) as rec:
+            # 1. forward at θ on the copies (graph kept), backward -> g
+            loss = self._graph_pass(closure, params, rec, sites.swapped({id(p): t for p, t in zip(params, theta)}),
+                                    swapped_params=True)
+            ph.mark("forward_graph")
+            rec.phase = BACKWARD
+            g = _grad(loss, theta, retain_graph=True)
+            for p, gi in zip(params, g):
+                p.grad = gi
+            ph.mark("backward_grad")
+            # 2. the base step with g -> θ' (s_t -> s_{t+1})
+            pre_step = _base_state.snapshot(self.base, params) if keep_pre_step_state else None
+            ph.mark("copies")
+            self.base.step()
+            ph.mark("base_step")
+            try:
+                # 3. no-grad forward at θ' fills the slots; 4. second backward over the same graph -> ḡ
+                loss_new = self._replay(closure, sites, self._buffer_stand_ins(buffers), rng, rec, "θ'", params,
+                                        swapped_params=False)
+                ph.mark("forward_replay")
+                rec.check_unmodified()
+                rec.phase = BACKWARD
+                gbar = _grad(loss, theta)
+                ph.mark("backward_avg")
+                # 5. the update
+                update(_Segment(params, [p.detach() for p in params], theta_data, gbar, pre_step), ph)
+            except BaseException as exc:
+                with torch.no_grad():  # leave θ as it was before the step, not at θ'
+                    torch._foreach_copy_([p.detach() for p in params], theta_data)
+                for p in params:
+                    p.grad = None
+                if hasattr(exc, "add_note"):
+                    exc.add_note("avg_kernels AG step: the parameters were restored to their values before the "
+                                 "step; the base optimizer's state has advanced by one step (its step with g ran).")
+                raise
+            for p, gi in zip(params, gbar):
+                p.grad = gi
+            n_calls = len(rec.slots)
+            rec.clear()
+            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_new=loss_new, activation_calls=n_calls)
+            if self.track_loss_after:
+                info.loss_after = self._loss_after(closure, sites, buffers, rng, rec, ph)
+        return info
+
+    def _step_ag3(self, closure, params, cuda, ph: Phases) -> AGStepInfo:
+        """AG-3-1 (paper 002 Alg. 1, d = 1): segment [θ_{t-1}, θ_t], one backward, base step with ḡ. The
+        first step (no θ_{t-1} yet, or other parameters than last time) is a plain base step."""
+        ids = [id(p) for p in params]
+        plain = self._prev is None or ids != self._prev_for
+        sites = ParamSites(self.model)
+        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        rng = RNGReplay(cuda)
+        ph.mark("copies")
+        with Recorder(self.eps, self.backend) as rec:
+            if plain:
+                loss, g = self._plain_gradient(closure, params, rec, ph)
+                loss_prev, n_calls = None, 0
+            else:
+                loss = self._graph_pass(closure, params, rec, contextlib.nullcontext(), swapped_params=False)
+                ph.mark("forward_graph")
+                repl = {id(p): t for p, t in zip(params, self._prev)}
+                repl.update(self._buffer_stand_ins(buffers))
+                loss_prev = self._replay(closure, sites, repl, rng, rec, "θ_(t-1)", params, swapped_params=True)
+                ph.mark("forward_replay")
+                rec.check_unmodified()
+                rec.phase = BACKWARD
+                g = _grad(loss, params)
+                ph.mark("backward_avg")
+                n_calls = len(rec.slots)
+            rec.clear()
+            with torch.no_grad():  # θ_t is the next step's θ_{t-1}
+                if plain:
+                    self._prev = [p.detach().clone() for p in params]
+                    self._prev_for = ids
+                else:
+                    torch._foreach_copy_(self._prev, [p.detach() for p in params])
+            ph.mark("copies")
+            for p, gi in zip(params, g):
+                p.grad = gi
+            self.base.step()
+            ph.mark("base_step")
+            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_prev=loss_prev, activation_calls=n_calls,
+                              plain=plain)
+            if self.track_loss_after:
+                info.loss_after = self._loss_after(closure, sites, buffers, rng, rec, ph)
+        return info
+
+    # -- the passes --------------------------------------------------------------------------------
+    def _theta_copies(self, params) -> list[torch.Tensor]:
+        """The leaf copies the graph at θ is built on (reused while the parameter list is the same)."""
+        ids = [id(p) for p in params]
+        if ids != self._theta_for:
+            self._theta = [torch.empty_like(p, memory_format=torch.preserve_format).requires_grad_() for p in params]
+            self._theta_for = ids
+            self._spare = []
+        for t in self._theta:
+            t.grad = None
+        return self._theta
 
     def _buffer_stand_ins(self, buffers) -> dict:
         """Buffer id -> its pre-step snapshot, for a replay pass (a copy when the loss-after pass reuses it)."""
@@ -362,16 +400,31 @@ class AG(torch.optim.Optimizer):
         if self._checked:
             return contextlib.nullcontext()
         names = {id(p): n for n, p in self.model.named_parameters() if any(p is q for q in params)}
-        return _DirectUse(names)
+        return DirectUse(names)
+
+    def _plain_gradient(self, closure, params, rec: Recorder, ph: Phases):
+        """An ordinary forward and backward (nothing recorded): (ℓ(θ), g)."""
+        rec.phase = PLAIN
+        for p in params:
+            p.grad = None
+        with eager():
+            loss = closure()
+        _check_plain_loss(loss, params)
+        ph.mark("forward_graph")
+        rec.phase = BACKWARD
+        g = _grad(loss, params)
+        ph.mark("backward_avg")
+        return loss, g
 
     def _graph_pass(self, closure, params, rec: Recorder, swap, swapped_params: bool) -> torch.Tensor:
+        """The forward at θ that builds the graph (one slot per averaged-activation call); checks the loss."""
         for p in params:
             p.grad = None
         rec.phase = GRAPH
         detector = self._direct_use_check(params) if swapped_params else contextlib.nullcontext()
-        with swap, _eager(), detector:
+        with swap, eager(), detector:
             loss = closure()
-        if isinstance(detector, _DirectUse):
+        if isinstance(detector, DirectUse):
             detector.check("θ (graph on copies of the parameters)")
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"the closure must return the loss as a tensor, got {type(loss).__name__}")
@@ -390,7 +443,15 @@ class AG(torch.optim.Optimizer):
                 "require_activations=False to allow this")
         return loss
 
+    @torch.no_grad()
+    def _no_grad_pass(self, closure, sites: ParamSites, repl: dict, rng: RNGReplay) -> torch.Tensor:
+        with sites.swapped(repl), rng.replay(), eager():
+            loss = closure()
+        return _loss_value(loss)
+
     def _replay(self, closure, sites, repl, rng, rec: Recorder, label: str, params, swapped_params: bool):
+        """The no-grad forward at the segment's other end (``label``): call k's input fills slot k. On the
+        first step it also looks for unaveraged activation calls and parameters used while swapped out."""
         rec.start_replay(label)
         first = not self._checked
         counter = None
@@ -405,7 +466,7 @@ class AG(torch.optim.Optimizer):
         finally:
             if counter is not None:
                 counter.detach()
-        if isinstance(detector, _DirectUse):
+        if isinstance(detector, DirectUse):
             detector.check(label)
         rec.finish_replay()
         self._checked = True
@@ -413,15 +474,14 @@ class AG(torch.optim.Optimizer):
             found = counter.findings()
             if found:
                 warnings.warn("AG step: these activation calls bypass avg_kernels.nn and are NOT averaged:\n  "
-                              + "\n  ".join(str(f) for f in found), UserWarning, stacklevel=4)
+                              + "\n  ".join(str(f) for f in found), UserWarning, stacklevel=_user_stacklevel())
         return loss
 
-    def _loss_after(self, closure, sites, buffers, rng, ph) -> torch.Tensor:
+    def _loss_after(self, closure, sites, buffers, rng, rec: Recorder, ph: Phases) -> torch.Tensor:
         """ℓ(θ_{t+1}) on the batch; its time is always recorded in ``times["loss_after"]`` (not part of
         the step's cost: callers that time steps subtract it)."""
         t0, c0 = ph.now(), time.process_time()
         repl = {id(b): s.clone() for b, s in buffers}
-        rec = _recording.ACTIVE
         rec.phase = PLAIN
         loss = self._no_grad_pass(closure, sites, repl, rng)
         ph.times["loss_after"] = ph.now() - t0
@@ -429,134 +489,17 @@ class AG(torch.optim.Optimizer):
         ph.restart()
         return loss
 
-    def _step_forward(self, closure, params, cuda, ph: _Phases) -> AGStepInfo:
-        """AG-1 / AG-2."""
-        ids = [id(p) for p in params]
-        if ids != self._theta_for:
-            self._theta = [torch.empty_like(p, memory_format=torch.preserve_format).requires_grad_() for p in params]
-            self._theta_for = ids
-            self._spare = []
-        theta = self._theta
-        theta_data = [t.detach() for t in theta]
-        for t in theta:
-            t.grad = None
-        sites = _Sites(self.model)
-        with torch.no_grad():
-            torch._foreach_copy_(theta_data, [p.detach() for p in params]) if params else None
-        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        rng = _RNG(cuda)
-        ph.mark("copies")
-        with Recorder(self.eps, self.backend) as rec:
-            loss = self._graph_pass(closure, params, rec, sites.swapped({id(p): t for p, t in zip(params, theta)}),
-                                    swapped_params=True)
-            ph.mark("forward_graph")
-            rec.phase = BACKWARD
-            g = _grad(loss, theta, retain_graph=True)
-            for p, gi in zip(params, g):
-                p.grad = gi
-            ph.mark("backward_grad")
-            snap = _snapshot(self.base, params) if self.mode == "ag2" else None
-            ph.mark("copies")
-            self.base.step()
-            ph.mark("base_step")
-            try:
-                repl = self._buffer_stand_ins(buffers)
-                loss_new = self._replay(closure, sites, repl, rng, rec, "θ'", params, swapped_params=False)
-                ph.mark("forward_replay")
-                rec.check_unmodified()
-                rec.phase = BACKWARD
-                gbar = _grad(loss, theta)
-                ph.mark("backward_avg")
-                with torch.no_grad():
-                    if self.mode == "ag1":
-                        _ag1_by_device(theta_data, [p.detach() for p in params], list(gbar), self.backend)
-                        ph.mark("update")
-                        torch._foreach_copy_([p.detach() for p in params], theta_data)
-                        ph.mark("copies")
-                    else:
-                        if len(self._spare) != len(params):
-                            self._spare = [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]
-                        spare = self._spare
-                        torch._foreach_copy_(spare, [p.detach() for p in params])  # θ'
-                        torch._foreach_copy_([p.detach() for p in params], theta_data)  # back to θ
-                        ph.mark("copies")
-                        for p, gi in zip(params, gbar):
-                            p.grad = gi
-                        after = _install(self.base, params, snap)  # s_t in, s_{t+1} aside
-                        try:
-                            self.base.step()  # θ'' from s_t and ḡ
-                        finally:
-                            _install(self.base, params, after)  # s_{t+1} persists
-                        AG2_RESCALE.eager([p.detach() for p in params], theta_data, spare, self.backend or "auto")
-                        ph.mark("update")
-            except BaseException as exc:
-                with torch.no_grad():  # leave θ as it was before the step, not at θ'
-                    torch._foreach_copy_([p.detach() for p in params], theta_data)
-                for p in params:
-                    p.grad = None
-                if hasattr(exc, "add_note"):
-                    exc.add_note("avg_kernels AG step: the parameters were restored to their values before the "
-                                 "step; the base optimizer's state has advanced by one step (its step with g ran).")
-                raise
-            for p, gi in zip(params, gbar):
-                p.grad = gi
-            n_calls = len(rec.slots)
-            rec.clear()
-            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_new=loss_new, activation_calls=n_calls)
-            if self.track_loss_after:
-                info.loss_after = self._loss_after(closure, sites, buffers, rng, ph)
-        return info
 
-    def _step_ag3(self, closure, params, cuda, ph: _Phases) -> AGStepInfo:
-        """AG-3-1: segment [θ_{t-1}, θ_t], one backward, base step with ḡ."""
-        ids = [id(p) for p in params]
-        plain = self._prev is None or ids != self._prev_for
-        sites = _Sites(self.model)
-        buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
-        rng = _RNG(cuda)
-        ph.mark("copies")
-        with Recorder(self.eps, self.backend) as rec:
-            if plain:
-                rec.phase = PLAIN  # a plain base step: nothing recorded
-                for p in params:
-                    p.grad = None
-                with _eager():
-                    loss = closure()
-                _check_plain_loss(loss, params)
-                loss_prev, n_calls = None, 0
-                ph.mark("forward_graph")
-                rec.phase = BACKWARD
-                g = _grad(loss, params)
-                ph.mark("backward_avg")
-            else:
-                loss = self._graph_pass(closure, params, rec, contextlib.nullcontext(), swapped_params=False)
-                ph.mark("forward_graph")
-                repl = {id(p): t for p, t in zip(params, self._prev)}
-                repl.update(self._buffer_stand_ins(buffers))
-                loss_prev = self._replay(closure, sites, repl, rng, rec, "θ_(t-1)", params, swapped_params=True)
-                ph.mark("forward_replay")
-                rec.check_unmodified()
-                rec.phase = BACKWARD
-                g = _grad(loss, params)
-                ph.mark("backward_avg")
-                n_calls = len(rec.slots)
-            rec.clear()
-            with torch.no_grad():
-                if plain:
-                    self._prev = [p.detach().clone() for p in params]
-                    self._prev_for = ids
-                else:
-                    torch._foreach_copy_(self._prev, [p.detach() for p in params])
-            ph.mark("copies")
-            for p, gi in zip(params, g):
-                p.grad = gi
-            self.base.step()
-            ph.mark("base_step")
-            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_prev=loss_prev, activation_calls=n_calls,
-                              plain=plain)
-            if self.track_loss_after:
-                info.loss_after = self._loss_after(closure, sites, buffers, rng, ph)
-        return info
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.optim.__file__)))
+
+
+def _user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, from its caller, of the first frame outside avg_kernels.optim and
+    torch.optim (the user's ``step`` call)."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _ag1_by_device(params, params_new, avg_grads, backend) -> None:
@@ -598,29 +541,3 @@ def _check_plain_loss(loss, params) -> None:
     if any(p.grad is not None for p in params):
         raise RuntimeError("the closure called backward(): an AG step owns the backward passes; return the loss "
                            "without calling backward()")
-
-
-def _snapshot(base: torch.optim.Optimizer, params) -> tuple[dict, list]:
-    """A deep copy of the base optimizer's per-parameter state and group hyperparameters (s_t)."""
-    state = {}
-    for p in params:
-        st = base.state.get(p)
-        if st:
-            state[p] = {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in st.items()}
-    groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in base.param_groups]
-    return state, groups
-
-
-def _install(base: torch.optim.Optimizer, params, snap: tuple[dict, list]) -> tuple[dict, list]:
-    """Puts ``snap`` in place as the base optimizer's state; returns the state it replaced (by reference)."""
-    state, groups = snap
-    cur_state = {p: base.state[p] for p in params if p in base.state}
-    cur_groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
-    for p in params:
-        if p in state:
-            base.state[p] = state[p]
-        else:
-            base.state.pop(p, None)
-    for g, sg in zip(base.param_groups, groups):
-        g.update(sg)
-    return cur_state, cur_groups

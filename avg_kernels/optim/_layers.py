@@ -1,0 +1,235 @@
+"""What the C-optimizers precondition (SPEC §3): a ``Layer`` is one weight used as a linear map z = W u of
+im2col columns u, with its geometry; ``find_layers`` finds them in a model.
+
+A ``Layer`` knows how its tensors map onto the matrices of SPEC §3 (per group g of ``groups``):
+
+* ``grad_matrix``: G, (groups, C_out/groups, D), the weight gradient with the bias gradient as last column;
+* ``unfold``: X, (groups, D, M), the kept inputs as columns (a trailing row of ones with a bias);
+* ``output_grads``: ΔZ, (groups, C_out/groups, M), columns in X's order;
+* ``write_grad``: P (the same shape as G) back into ``.grad``.
+
+Found today by module class (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``); the statistics are fed per use
+of a layer (``_collect``), so another way of finding uses can feed the same ``Layer`` records.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer the C-optimizers cannot precondition correctly (see the message; ``exclude=`` skips it)."""
+
+
+@dataclass(frozen=True)
+class ManualPad:
+    """Padding the Gram op cannot express (asymmetric, or not zeros), applied to the input first."""
+
+    pad: tuple  # F.pad argument, last dimension first
+    mode: str  # F.pad mode: "constant", "reflect", "replicate", "circular"
+
+
+@dataclass(eq=False)  # compared and hashed by identity: a Layer keys per-layer dicts
+class Layer:
+    """One preconditioned layer: its weight (and bias) and, for convolutions, the im2col geometry."""
+
+    name: str
+    module: nn.Module
+    weight: nn.Parameter
+    bias: Optional[nn.Parameter]
+    conv_dims: int  # 0 for Linear, 1 or 2 for ConvNd
+    groups: int = 1
+    kernel_size: tuple = ()
+    stride: tuple = ()
+    dilation: tuple = ()
+    padding: tuple = ()  # symmetric zero padding handed to the Gram/unfold (zeros when manual_pad is set)
+    manual_pad: Optional[ManualPad] = None
+    d_in: int = field(init=False)  # C_in/groups · ∏kernel (Linear: in_features)
+    c_out: int = field(init=False)
+    gram_args: list = field(init=False)  # im2col_gram's (kernel_size, stride, padding, dilation, groups)
+
+    def __post_init__(self):
+        self.c_out = self.weight.shape[0]
+        self.d_in = self.weight.numel() // max(1, self.c_out)
+        self.gram_args = [list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
+                          self.groups]
+
+    def has_bias(self) -> bool:
+        """Whether the bias is trained (then it is the trailing column of G and P)."""
+        return self.bias is not None and self.bias.requires_grad
+
+    def dim(self) -> int:
+        """D: the length of a column u (with the trailing 1 of a trained bias)."""
+        return self.d_in + int(self.has_bias())
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the Gram op and ``unfold`` take it (manual padding applied)."""
+        return x if self.manual_pad is None else F.pad(x, self.manual_pad.pad, mode=self.manual_pad.mode)
+
+    def positions(self, x: torch.Tensor) -> int:
+        """M: the number of columns u of a prepared input (Linear: rows; ConvNd: N · output positions)."""
+        if self.conv_dims == 0:
+            return x.numel() // max(1, x.shape[-1])
+        out = 1
+        for j in range(self.conv_dims):
+            size = x.shape[2 + j] + 2 * self.padding[j]
+            out *= (size - self.dilation[j] * (self.kernel_size[j] - 1) - 1) // self.stride[j] + 1
+        return x.shape[0] * out
+
+    def grad_matrix(self, bias: bool) -> torch.Tensor:
+        """G: (groups, C_out/groups, D), ``W.grad.view(C_out, -1)`` with the bias gradient as last column."""
+        c_out = self.c_out
+        g = self.weight.grad.reshape(c_out, -1)
+        if bias:
+            gb = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
+            g = torch.cat([g, gb.reshape(c_out, 1).to(g.dtype)], dim=1)
+        return g.reshape(self.groups, c_out // self.groups, -1)
+
+    def write_grad(self, P: torch.Tensor, bias: bool) -> None:
+        """Writes P (G's shape, any float dtype) into the weight's (and bias's) ``.grad``."""
+        w, d_in = self.weight, self.d_in
+        P = P.reshape(self.c_out, -1)
+        if w.grad.is_contiguous():
+            w.grad.view(self.c_out, d_in).copy_(P[:, :d_in] if bias else P)
+        else:
+            w.grad.copy_(P[:, :d_in].reshape(w.shape))
+        if bias:
+            if self.bias.grad is None:
+                self.bias.grad = P[:, d_in].to(self.bias.dtype).clone()
+            else:
+                self.bias.grad.copy_(P[:, d_in])
+
+    def unfold(self, xs: list, bias: bool, ct: torch.dtype) -> torch.Tensor:
+        """X of prepared inputs ``xs``: (groups, D, M) in the compute dtype ``ct``, columns in ΔZ's order."""
+        cols = []
+        for x in xs:
+            x = x.to(ct)
+            if self.conv_dims == 0:
+                c = x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # (1, D_in, M_i)
+            else:
+                x4, k, s, p, d = x, self.kernel_size, self.stride, self.padding, self.dilation
+                if self.conv_dims == 1:
+                    x4, k, s, p, d = x.unsqueeze(2), (1, *k), (1, *s), (0, *p), (1, *d)
+                u = F.unfold(x4, k, dilation=d, padding=p, stride=s)  # (N, C·K, L)
+                n, _, L = u.shape
+                c = u.view(n, self.groups, -1, L).permute(1, 2, 0, 3).reshape(self.groups, -1, n * L)
+            cols.append(c)
+        X = torch.cat(cols, dim=2)
+        if bias:
+            X = torch.cat([X, X.new_ones(X.shape[0], 1, X.shape[2])], dim=1)
+        return X
+
+    def output_grads(self, xs: list, dzs: list, ct: torch.dtype) -> torch.Tensor:
+        """ΔZ of the uses with prepared inputs ``xs`` and output gradients ``dzs``: (groups, C_out/groups, M)
+        in ``ct``, zeros for a use whose output gradient never arrived (None)."""
+        c_out, g = self.weight.shape[0], self.groups
+        parts = []
+        for x, dz in zip(xs, dzs):
+            m = self.positions(x)
+            if dz is None:
+                parts.append(torch.zeros(g, c_out // g, m, dtype=ct, device=self.weight.device))
+            elif self.conv_dims == 0:
+                parts.append(dz.reshape(-1, c_out).T.to(ct).unsqueeze(0))
+            else:
+                n = dz.shape[0]
+                parts.append(dz.reshape(n, g, c_out // g, -1).permute(1, 2, 0, 3).reshape(g, c_out // g, -1).to(ct))
+        return torch.cat(parts, dim=2)
+
+
+def _as_tuple(v, n):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+
+
+def _excluded_modules(model: nn.Module, exclude) -> set:
+    excluded = set()
+    names = dict((m, n) for n, m in model.named_modules())
+    for e in exclude:
+        if isinstance(e, str):
+            mods = dict(model.named_modules())
+            if e not in mods:
+                raise ValueError(f"exclude: the model has no module named {e!r}")
+            excluded.add(mods[e])
+        elif isinstance(e, nn.Module):
+            if e not in names:
+                raise ValueError(f"exclude: {type(e).__name__} is not a module of the model")
+            excluded.add(e)
+        else:
+            raise TypeError(f"exclude entries must be modules or module names, got {type(e).__name__}")
+    return excluded
+
+
+@dataclass(eq=False)
+class Found:
+    """What ``find_layers`` found."""
+
+    layers: list  # the Layers to precondition, in ``model.named_modules()`` order
+    left_out: dict  # id of each parameter of a layer-kind module left out because the base does not
+    #                 optimise it -> that module's name (add_param_group must not add it silently)
+
+
+def find_layers(model: nn.Module, exclude, owned: set) -> Found:
+    """The ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers of ``model`` to precondition.
+
+    Args:
+        model: the module searched (``named_modules()``).
+        exclude: modules, or their names in ``model.named_modules()``, left to the plain base update.
+        owned: ids of the parameters the base optimizer holds; a layer none of whose parameters it holds is
+            someone else's and left out; one it holds only partly is an error.
+
+    Raises ``UnsupportedLayerError`` for a layer-kind module (Linear, ConvNd) that is owned and not
+    excluded but cannot be preconditioned correctly (ConvNd other than 1-d/2-d, transposed, lazy and not
+    initialised, a computed weight, complex, shared parameters, only partly owned).
+    """
+    excluded = _excluded_modules(model, exclude)
+    layers, left_out, owner = [], {}, {}
+    for name, mod in model.named_modules():
+        if mod in excluded or not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
+            continue
+        where = f"layer {name or '(the model)'} ({type(mod).__name__})"
+        hint = "; pass exclude=[...] to leave it to the base optimizer"
+        params = list(mod.parameters())  # with a parametrization's originals
+        mine = [id(p) in owned for p in params]
+        if params and not any(mine):
+            left_out.update((id(p), name) for p in params)
+            continue
+        if not all(m or not p.requires_grad for p, m in zip(params, mine)):
+            raise UnsupportedLayerError(f"{where}: the base optimizer holds only some of its trained parameters; "
+                                        f"it must hold all or none{hint}")
+        if not isinstance(mod, _SUPPORTED) or isinstance(mod, nn.modules.conv._ConvTransposeNd):
+            raise UnsupportedLayerError(f"{where}: the C-optimizers precondition nn.Linear, nn.Conv1d and "
+                                        f"nn.Conv2d layers only{hint}")
+        if isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params():
+            raise UnsupportedLayerError(f"{where} is not initialised yet: run one forward before building "
+                                        f"the optimizer")
+        if torch.nn.utils.parametrize.is_parametrized(mod) or not isinstance(mod.weight, nn.Parameter):
+            raise UnsupportedLayerError(f"{where}: its weight is computed (parametrization or weight norm), "
+                                        f"so its gradient is not ΔZ·Xᵀ of a plain weight{hint}")
+        if mod.weight.is_complex():
+            raise UnsupportedLayerError(f"{where}: complex weights are not supported{hint}")
+        for pname, p in (("weight", mod.weight), ("bias", mod.bias)):
+            if p is None:
+                continue
+            if id(p) in owner:
+                raise UnsupportedLayerError(f"{where}: its {pname} is shared with layer {owner[id(p)]}; shared "
+                                            f"parameters are not supported{hint}")
+            owner[id(p)] = name
+        if isinstance(mod, nn.Linear):
+            layers.append(Layer(name, mod, mod.weight, mod.bias, 0))
+            continue
+        n = 1 if isinstance(mod, nn.Conv1d) else 2
+        k, s, d = (_as_tuple(v, n) for v in (mod.kernel_size, mod.stride, mod.dilation))
+        rp = tuple(mod._reversed_padding_repeated_twice)  # F.pad argument, last dim first
+        lows, highs = [rp[2 * (n - 1 - i)] for i in range(n)], [rp[2 * (n - 1 - i) + 1] for i in range(n)]
+        if mod.padding_mode == "zeros" and lows == highs:
+            layers.append(Layer(name, mod, mod.weight, mod.bias, n, mod.groups, k, s, d, tuple(lows)))
+        else:  # 'same' with an even kernel, or reflect/replicate/circular: pad as the module does
+            mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
+            layers.append(Layer(name, mod, mod.weight, mod.bias, n, mod.groups, k, s, d, (0,) * n,
+                                ManualPad(rp, mode)))
+    return Found(layers, left_out)

@@ -1,0 +1,236 @@
+"""The preconditioned gradients P of SPEC §3, from the collected statistics, written into ``.grad``.
+
+Per layer, one of three cases:
+
+* D × D with this step's Gram A: ``P = G (A + λI)⁻¹``; layers of equal D share one batched
+  ``ridge_solve`` (those of D <= ``MERGE_MAX_D`` share one per dtype/device, padded to the largest D);
+  with ``refresh_every = k > 1`` the solve is against I and ``(A + λI)⁻¹`` is kept;
+* D × D between refreshes: ``P = G · (A + λI)⁻¹`` with the kept inverse;
+* M × M (the layer saw fewer positions M than D): ``P = ΔZ (XᵀX + λI)⁻¹ Xᵀ``, layers of equal M batched.
+  The base optimizer sees ``.grad`` while this form uses ΔZ, so a probe first checks ``.grad = c·ΔZ Xᵀ``
+  for one uniform factor c (gradient clipping, AMP unscaling) and applies c.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import LINEAR_GRAM, RIDGE_SOLVE
+from ._collect import LayerStats
+from ._layers import Layer
+
+#: D × D groups of D <= this (same dtypes and device) share one ridge_solve call, padded to the largest D
+#: (see stack_square): for small layers one call's overhead costs more than the padded arithmetic.
+MERGE_MAX_D = 64
+
+
+@dataclass(eq=False, slots=True)
+class FreshDxD:
+    """A layer in the D × D form with this step's Gram."""
+
+    layer: Layer
+    grad: torch.Tensor  # G, (groups, C/groups, D)
+    gram: torch.Tensor  # A, (groups, D, D)
+    bias: bool
+
+
+@dataclass(eq=False, slots=True)
+class ReusedDxD:
+    """A layer in the D × D form between refreshes."""
+
+    layer: Layer
+    grad: torch.Tensor  # G, (groups, C/groups, D)
+    inverse: torch.Tensor  # (A + λI)⁻¹ of the last refresh, (groups, D, D)
+    bias: bool
+
+
+@dataclass(eq=False, slots=True)
+class MxMCase:
+    """A layer in the M × M form before the uniform-factor probe."""
+
+    layer: Layer
+    grad: torch.Tensor  # G from .grad, (groups, C/groups, D)
+    dz: torch.Tensor  # ΔZ, (groups, C/groups, M), compute dtype
+    X: torch.Tensor  # (groups, D, M), compute dtype
+    bias: bool
+
+
+@dataclass(eq=False, slots=True)
+class MxMSystem:
+    """A layer in the M × M form, ready to solve."""
+
+    layer: Layer
+    dz: torch.Tensor  # ΔZ, (groups, C/groups, M)
+    K: torch.Tensor  # XᵀX, (groups, M, M)
+    X: torch.Tensor  # (groups, D, M)
+    factor: float  # the uniform factor c between .grad and ΔZ Xᵀ
+    bias: bool
+
+
+class Preconditioner:
+    """Computes and writes P for the layers; keeps the factorisations ``(A + λI)⁻¹`` reused between
+    refreshes (``inverses``, per layer).
+
+    Args:
+        backend: backend of the Gram and ridge_solve ops ("auto" or a name).
+    """
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.inverses: dict[Layer, torch.Tensor] = {}
+
+    def solve(self, G: torch.Tensor, A: torch.Tensor, lam: float) -> torch.Tensor:
+        """``ridge_solve``: G (A + λI)⁻¹, batched, G's dtype."""
+        return RIDGE_SOLVE.eager(G, A, lam, self.backend)
+
+    def column_gram(self, X: torch.Tensor) -> torch.Tensor:
+        """K = XᵀX per group, (groups, M, M), through the Gram op (the rows of X[g] are D vectors of length M;
+        one triangle computed, faster than X.mT @ X)."""
+        return torch.cat([LINEAR_GRAM.eager(X[g], False, self.backend) for g in range(X.shape[0])])
+
+    @torch.no_grad()
+    def apply(self, layers: list[Layer], stats: dict[Layer, LayerStats], lam: float, k: int) -> None:
+        """Replaces the weight (and bias) gradients of ``layers`` by P.
+
+        Args:
+            layers: the preconditioned layers, in a fixed order (it fixes the batching).
+            stats: what ``Collector.take()`` returned for this step.
+            lam: λ >= 0.
+            k: refresh_every; k > 1 keeps the D × D factorisations.
+        """
+        fresh: dict = {}  # (D, dtype, device) -> [FreshDxD]
+        reuse: dict = {}  # (D, dtype, device) -> [ReusedDxD]
+        pending: list[MxMCase] = []
+        empty = LayerStats()
+        for layer in layers:
+            if layer.weight.grad is None:
+                continue
+            st = stats.get(layer, empty)
+            bias = st.bias if st.m else layer.has_bias()
+            G = layer.grad_matrix(bias)
+            ct = torch.float64 if G.dtype == torch.float64 else torch.float32
+            if st.xs:
+                self.inverses.pop(layer, None)  # recomputed every step while the layer is in the M × M form
+                pending.append(MxMCase(layer, G, layer.output_grads(st.xs, st.dzs, ct), layer.unfold(st.xs, bias, ct),
+                                       bias))
+            elif st.gram is not None:
+                fresh.setdefault((G.shape[-1], G.dtype, G.device), []).append(FreshDxD(layer, G, st.gram, bias))
+            elif layer in self.inverses and self.inverses[layer].shape[-1] == G.shape[-1]:
+                reuse.setdefault((G.shape[-1], G.dtype, G.device), []).append(
+                    ReusedDxD(layer, G, self.inverses[layer], bias))
+            elif not G.any():  # zero_grad(set_to_none=False) and the layer sat out this step: P = 0 = G
+                continue
+            else:
+                raise RuntimeError(
+                    f"layer {layer.name} ({type(layer.module).__name__}) has a gradient but no training-mode forward "
+                    f"with grad enabled was recorded for it since the last step (eval mode, no_grad, paused(), a "
+                    f"forward that bypasses the module, or the optimizer was built after the forward)")
+        mxm: dict = {}  # (M, device, compute dtype) -> [MxMSystem]
+        for case, c in zip(pending, uniform_factors(pending)):
+            mxm.setdefault((case.X.shape[-1], case.X.device, case.X.dtype), []).append(
+                MxMSystem(case.layer, case.dz, self.column_gram(case.X), case.X, c, case.bias))
+        for entries in merge_small_groups(list(fresh.values()), lam):
+            self._solve_fresh(entries, lam, k)
+        for entries in reuse.values():
+            inv = torch.cat([e.inverse for e in entries])
+            G = stack_padded([e.grad for e in entries], inv.shape[-1])
+            self._scatter(entries, G.to(inv.dtype) @ inv)
+        for entries in mxm.values():
+            self._solve_mxm(entries, lam)
+
+    def _solve_fresh(self, entries: list[FreshDxD], lam: float, k: int) -> None:
+        d = max(e.gram.shape[-1] for e in entries)
+        A = stack_square([e.gram for e in entries], d)
+        G = stack_padded([e.grad for e in entries], d)
+        if k > 1:  # keep (A + λI)⁻¹ for the steps until the next refresh
+            eye = torch.eye(d, dtype=A.dtype, device=A.device).expand(A.shape[0], -1, -1)
+            inv = self.solve(eye, A, lam)
+            self._scatter(entries, G.to(inv.dtype) @ inv, store=inv)
+        else:
+            self._scatter(entries, self.solve(G, A, lam))
+
+    def _solve_mxm(self, entries: list[MxMSystem], lam: float) -> None:
+        K = torch.cat([e.K for e in entries])
+        dZ = stack_padded([e.dz for e in entries], K.shape[-1])
+        S = self.solve(dZ, K, lam)
+        start = 0
+        for e in entries:
+            g = e.X.shape[0]
+            P = S[start:start + g, :e.dz.shape[1]] @ e.X.mT
+            e.layer.write_grad(P * e.factor if e.factor != 1.0 else P, e.bias)
+            start += g
+
+    def _scatter(self, entries: list, P: torch.Tensor, store: Optional[torch.Tensor] = None) -> None:
+        """Writes the stacked P of D × D ``entries`` (FreshDxD or ReusedDxD) back, cropping the padding;
+        ``store``: the stacked inverses to keep."""
+        start = 0
+        for e in entries:
+            n, c, d = e.grad.shape
+            e.layer.write_grad(P[start:start + n, :c, :d], e.bias)
+            if store is not None:
+                self.inverses[e.layer] = store[start:start + n, :d, :d].clone()
+            start += n
+
+
+def uniform_factors(cases: list[MxMCase]) -> list[float]:
+    """The M × M form uses ΔZ while the base optimizer sees .grad: they must agree (G = ΔZ Xᵀ) up to one
+    uniform factor c per layer (gradient clipping, AMP unscaling), returned; anything else raises.
+    One random ±1 probe vector v per layer (O((C + M) D) work) and one device-to-host copy for all."""
+    if not cases:
+        return []
+    rows = []
+    for case in cases:
+        X = case.X
+        v = (torch.randint(0, 2, (X.shape[1], 1), device=X.device) * 2 - 1).to(X.dtype)
+        lhs = (case.grad.to(X.dtype) @ v).flatten()
+        rhs = (case.dz @ (X.mT @ v)).flatten()
+        rr = rhs.dot(rhs)
+        c = torch.where(rr > 0, lhs.dot(rhs) / torch.where(rr > 0, rr, 1), 1)
+        rows.append(torch.stack([c, (lhs - c * rhs).norm(), lhs.norm()]).to(torch.float64))
+    host = torch.stack(rows).cpu().tolist()
+    out = []
+    for case, (c, res, norm) in zip(cases, host):
+        tol = 1e-3 if case.grad.dtype in (torch.float32, torch.float64) else 3e-2
+        if not res <= tol * norm:
+            raise RuntimeError(
+                f"layer {case.layer.name}: its gradient is not ΔZ·Xᵀ of the forwards recorded since the last step "
+                f"(the M × M form, used because M = {case.X.shape[2]} < D = {case.X.shape[1]}, needs them to agree "
+                f"up to a uniform factor). Was .grad changed between backward and step by something other than a "
+                f"uniform rescale (clipping), or not zeroed since the previous step?")
+        out.append(1.0 if abs(c - 1.0) <= tol else c)
+    return out
+
+
+def merge_small_groups(groups: list[list[FreshDxD]], lam: float) -> list[list[FreshDxD]]:
+    """Groups of equal D, with those of D <= MERGE_MAX_D merged per (G dtype, A dtype, device) (λ > 0 only:
+    the pseudoinverse's cutoff depends on D)."""
+    if lam <= 0:
+        return groups
+    out, small = [], {}
+    for entries in groups:
+        g, a = entries[0].grad, entries[0].gram
+        if a.shape[-1] <= MERGE_MAX_D:
+            small.setdefault((g.dtype, a.dtype, a.device), []).extend(entries)
+        else:
+            out.append(entries)
+    return out + list(small.values())
+
+
+def stack_square(mats: list, d: int) -> torch.Tensor:
+    """Concatenates (n_i, d_i, d_i) Grams along dim 0 as (n, d, d), a smaller one extended by a zero block.
+    With G padded by zero columns the solve is unchanged for λ > 0: (A ⊕ 0 + λI)⁻¹ is block diagonal, and
+    the zero block leaves ‖A‖₂, max|A_ii| and hence ridge_solve's Gram checks as they were for A alone."""
+    if all(m.shape[-1] == d for m in mats):
+        return torch.cat(mats) if len(mats) > 1 else mats[0]
+    return torch.cat([F.pad(m, (0, d - m.shape[-1], 0, d - m.shape[-1])) for m in mats])
+
+
+def stack_padded(mats: list, d: int) -> torch.Tensor:
+    """Concatenates (n_i, C_i, d_i) along dim 0 as (n, max C_i, d), padding with zeros."""
+    c = max(m.shape[1] for m in mats)
+    if all(m.shape[1] == c and m.shape[2] == d for m in mats):
+        return torch.cat(mats) if len(mats) > 1 else mats[0]
+    return torch.cat([F.pad(m, (0, d - m.shape[2], 0, c - m.shape[1])) for m in mats])
