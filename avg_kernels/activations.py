@@ -77,6 +77,10 @@ class Activation:
     #: other torch functions computing f, as dotted paths under ``torch`` (``torch.sigmoid``,
     #: ``torch.special.expit``); ``convert``'s report looks for direct calls of them too
     torch_functions: tuple[str, ...] = ()
+    #: ``backward`` as a differentiable composite, used when the gradient is itself differentiated
+    #: (grad mode on during the backward: ``create_graph=True``), where ``backward``'s aten op has no
+    #: derivative; the same switch derivatives.yaml makes for silu. None: ``backward`` is differentiable.
+    graph_backward: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, KernelAct], torch.Tensor]] = None
 
     def __post_init__(self):
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
@@ -128,6 +132,26 @@ def _softplus_kernel(p: dict) -> KernelAct:
     return KernelAct("softplus", float(p["beta"]), float(p["threshold"]))
 
 
+def _silu_graph_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """PyTorch's infinitely_differentiable_silu_backward, op for op (what autograd runs under create_graph)."""
+    s = torch.sigmoid(x)
+    return grad * s * (1.0 + x * (1.0 - s))
+
+
+class _HardsigmoidBackward(torch.autograd.Function):
+    """aten.hardsigmoid_backward with its derivative (linear in grad; zero in x, as for relu's)."""
+
+    @staticmethod
+    def forward(ctx, grad, x):
+        ctx.save_for_backward(x)
+        return aten.hardsigmoid_backward(grad, x)
+
+    @staticmethod
+    def backward(ctx, gg):
+        (x,) = ctx.saved_tensors
+        return aten.hardsigmoid_backward(gg, x), torch.zeros_like(x)
+
+
 # The table. Order matters: KERNEL_ACTS (and so the kernel ids) is the concatenation of ``kernels``
 # in this order, and must equal the header's AVG_KERNELS_ACTIVATIONS.
 _RECORDS = (
@@ -157,7 +181,8 @@ _RECORDS = (
                params={"approximate": "none"}, to_kernel=_gelu_kernel),
     Activation("silu", nn.SiLU, F.silu, ("silu",),
                forward=lambda x, k: F.silu(x),
-               backward=lambda g, x, y, k: aten.silu_backward(g, x)),
+               backward=lambda g, x, y, k: aten.silu_backward(g, x),
+               graph_backward=lambda g, x, y, k: _silu_graph_backward(g, x)),
     Activation("softplus", nn.Softplus, F.softplus, ("softplus",),
                forward=lambda x, k: F.softplus(x, k.p0, k.p1),
                backward=lambda g, x, y, k: aten.softplus_backward(g, x, k.p0, k.p1),
@@ -168,6 +193,7 @@ _RECORDS = (
     Activation("hardsigmoid", nn.Hardsigmoid, F.hardsigmoid, ("hardsigmoid",),
                forward=lambda x, k: F.hardsigmoid(x),
                backward=lambda g, x, y, k: aten.hardsigmoid_backward(g, x),
+               graph_backward=lambda g, x, y, k: _HardsigmoidBackward.apply(g, x),
                bounded=True),
 )
 
@@ -212,8 +238,12 @@ def forward(x: torch.Tensor, k: KernelAct) -> torch.Tensor:
 
 
 def native_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, k: KernelAct) -> torch.Tensor:
-    """grad * f'(x) exactly as PyTorch's autograd computes it (``y`` = f(x), used by tanh/sigmoid/relu)."""
-    return _BY_KERNEL[k.name].backward(grad, x, y, k)
+    """grad * f'(x) exactly as PyTorch's autograd computes it (``y`` = f(x), used by tanh/sigmoid/relu);
+    differentiable again when grad mode is on (double backward)."""
+    rec = _BY_KERNEL[k.name]
+    if rec.graph_backward is not None and torch.is_grad_enabled():
+        return rec.graph_backward(grad, x, y, k)
+    return rec.backward(grad, x, y, k)
 
 
 def asymptotic_slopes(k: KernelAct) -> tuple[float, float]:

@@ -338,3 +338,27 @@ def test_header_f_and_fprime_match_pytorch(fresh_seed):
             exact = forward(xd.double(), k)
             tol = 4 * torch.finfo(dtype).eps * (exact.abs() + 1e-30) + (1e-7 if dtype == torch.float32 else 1e-15)
             assert ((val.double() - exact).abs() <= tol).all(), config_id(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(ak.ACTIVATIONS))
+def test_avg_act_double_backward_is_pytorchs(name, fresh_seed):
+    """Outside an AG pass avg_act's gradient is PyTorch's, and so is its derivative (create_graph=True):
+    silu's aten backward has none, so under grad mode it runs PyTorch's own differentiable composite
+    (derivatives.yaml's switch); hardsigmoid's gets a zero derivative in x (PyTorch 2.13 raises there).
+    The first gradient stays bitwise PyTorch's in both modes; gradgradcheck passes."""
+    fn = getattr(torch.nn.functional, name)
+    x = (torch.randn(64, dtype=torch.float64) * 4).requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    g, = torch.autograd.grad(ak.avg_act(x, name).sum(), x, create_graph=True)
+    g_torch, = torch.autograd.grad(fn(x2).sum(), x2, create_graph=True)
+    assert torch.equal(g, g_torch)
+    plain, = torch.autograd.grad(ak.avg_act(x, name).sum(), x)
+    plain_torch, = torch.autograd.grad(fn(x2).sum(), x2)
+    assert torch.equal(plain, plain_torch)
+    gg, = torch.autograd.grad((g * torch.linspace(-1, 1, 64, dtype=torch.float64)).sum(), x)
+    if name == "hardsigmoid":
+        assert not gg.any()
+    else:
+        gg_torch, = torch.autograd.grad((g_torch * torch.linspace(-1, 1, 64, dtype=torch.float64)).sum(), x2)
+        assert torch.equal(gg, gg_torch)
+    assert torch.autograd.gradgradcheck(lambda v: ak.avg_act(v, name), (x.detach()[:6].clone().requires_grad_(True),))
