@@ -55,8 +55,10 @@ inline bool is_float(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
 }
 
-// at::has_internal_overlap(t) == MemOverlap::Yes: a dimension of size > 1 with stride 0.
+// A dimension of size > 1 with stride 0 in a tensor with elements (at::has_internal_overlap, except
+// that an empty tensor overlaps nothing: torch gives empty channels_last tensors stride-0 dims).
 inline bool has_internal_overlap(const at::Tensor& t) {
+  if (t.numel() == 0) return false;
   for (int64_t d = 0; d < t.dim(); ++d)
     if (t.size(d) > 1 && t.stride(d) == 0) return true;
   return false;

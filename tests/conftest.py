@@ -24,6 +24,16 @@ os.environ.setdefault("AVG_KERNELS_POISON_OUTPUTS", "1")
 import avg_kernels  # noqa: E402
 from avg_kernels import _build  # noqa: E402
 
+try:  # property-based tests (tests/test_properties.py): a bounded budget by default, --hypothesis-profile=long for more
+    from hypothesis import HealthCheck, settings
+
+    _checks = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    settings.register_profile("ci", deadline=None, max_examples=40, suppress_health_check=_checks)
+    settings.register_profile("long", deadline=None, max_examples=800, suppress_health_check=_checks)
+    settings.load_profile("ci")
+except ImportError:  # test_properties.py then fails to import, naming hypothesis
+    pass
+
 
 def hook_ops():
     """``torch.ops.avg_kernels_testing``: the test hooks of avg_kernels._C_testing (host emulations of the

@@ -719,3 +719,17 @@ def test_cuda_graph_capture():
     ak.ag1_update_(expected, qs, gs, backend="cuda")
     ak.ag2_rescale_(expected, start, qs, backend="cuda")
     assert all(same_bits(a, b) for a, b in zip(ps, expected))
+
+
+@pytest.mark.parametrize("shape,fmt", [((2, 0, 1, 1), torch.channels_last), ((0, 3, 2, 2), torch.channels_last),
+                                       ((2, 0, 1), torch.contiguous_format)])
+def test_empty_parameters_with_stride_0_dims_are_accepted(backend, shape, fmt):
+    """torch gives empty tensors stride-0 dims (channels_last (2, 0, 1, 1): strides (0, 1, 0, 0)); with no
+    elements nothing overlaps, so both ops accept them (they were refused as 'internally overlapping')."""
+    dev = backend_device(backend)
+    p = torch.empty(shape, device=dev).to(memory_format=fmt) if len(shape) == 4 else torch.empty(shape, device=dev)
+    q, g = torch.empty_like(p), torch.empty_like(p)
+    with torch.no_grad():
+        ak.ag1_update_([p], [q], [g], backend=backend)
+        ak.ag2_rescale_([p], [q], [g], backend=backend)
+    assert p.shape == shape

@@ -48,8 +48,8 @@ def is_dense(t: torch.Tensor) -> bool:
 
 
 def has_internal_overlap(t: torch.Tensor) -> bool:
-    """at::has_internal_overlap(t) == MemOverlap::Yes: a dimension of size > 1 with stride 0."""
-    return any(s > 1 and st == 0 for s, st in zip(t.shape, t.stride()))
+    """A dimension of size > 1 with stride 0 in a tensor with elements (csrc/ag_lists.h says the same)."""
+    return t.numel() > 0 and any(s > 1 and st == 0 for s, st in zip(t.shape, t.stride()))
 
 
 def check_lists(op: str, names: Sequence[str], lists: Sequence[Sequence[Optional[torch.Tensor]]],
