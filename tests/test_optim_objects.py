@@ -280,3 +280,15 @@ def test_c_skip_nonfinite_skips_and_counts():
     assert opt.steps == 2 and opt.skipped_steps == 1
     with pytest.raises(TypeError, match="skip_nonfinite"):
         CSGD(model, lr=0.1, skip_nonfinite=1)
+
+
+def test_nonfinite_finds_nan_and_inf_not_overflowing_norms():
+    """The fast path's L2 norm overflows for finite huge values: those are looked at element by element."""
+    from avg_kernels.optim._wrapper import nonfinite
+
+    huge = torch.full((100,), 3e38)
+    assert nonfinite([("huge", huge), ("half", torch.full((100,), 6e4, dtype=torch.float16))]) is None
+    inf = torch.tensor([-float("inf")])
+    assert nonfinite([("huge", huge), ("nan", torch.tensor([1.0, NAN]).half()), ("inf", inf)]) == "nan"
+    assert nonfinite([("ok", torch.ones(3)), ("inf", inf.double()), ("none", None)]) == "inf"
+    assert nonfinite([("empty", torch.empty(0)), ("none", None)]) is None

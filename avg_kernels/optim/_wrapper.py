@@ -10,9 +10,10 @@ wrapper's state, so tools that read ``"state"`` / ``"param_groups"`` see the bas
 
 Copying: ``copy.deepcopy`` and pickle copy the whole wrapper, its model and base included (a deep copy of
 the optimizer alone is a new optimizer over a new copy of the model; copy them together, e.g.
-``copy.deepcopy((model, opt))``, to keep the pair). Non-finite values: ``nonfinite`` finds them in one
-device-to-host copy; both families raise ``NonFiniteError`` (a ``FloatingPointError``) before anything
-changes, or skip the step with ``skip_nonfinite=True`` (counted in ``skipped_steps``).
+``copy.deepcopy((model, opt))``, to keep the pair). Non-finite values: ``nonfinite`` finds them with one
+norm per tensor and one device-to-host copy; both families raise ``NonFiniteError`` (a
+``FloatingPointError``) before anything changes, or skip the step with ``skip_nonfinite=True`` (counted in
+``skipped_steps``).
 """
 from __future__ import annotations
 
@@ -30,20 +31,29 @@ class NonFiniteError(FloatingPointError):
 def nonfinite(named: list) -> Optional[str]:
     """The name (whatever object the caller gave, e.g. a parameter to look up) of the first ``(name, tensor)``
     entry with a NaN or an infinity, first by device; None where all are finite (None and empty tensors are
-    skipped). One max-|x| reduction per tensor (``_foreach_norm(ord=inf)``: NaN or inf exactly where the
-    tensor has one) and one device-to-host copy per device."""
+    skipped).
+
+    Fast path: one ``_foreach_norm`` (L2; NaN or inf wherever the tensor has one) per device and one
+    device-to-host copy; only a tensor whose norm is not finite is then checked element by element (its
+    norm may have overflowed with finite elements). The max-|x| norm would need no second look but costs
+    17x more on CPU (_foreach_norm(ord=inf) has no fast kernel there: 470 vs 27 us for a 3-layer MLP's
+    gradients)."""
     by_device: dict = {}
     for name, t in named:
         if t is None or t.numel() == 0:
             continue
         if t.is_sparse:
             t = t.coalesce().values()
-        by_device.setdefault(t.device, []).append((name, t))
+        by_device.setdefault(t.device, []).append((name, t.detach()))
     for entries in by_device.values():
-        norms = torch._foreach_norm([t.detach() for _, t in entries], ord=float("inf"))
-        ok = torch.stack([n.isfinite() for n in norms]).cpu()
-        if not bool(ok.all()):
-            return entries[int((~ok).nonzero()[0])][0]
+        norms = torch._foreach_norm([t for _, t in entries])
+        same = len({n.dtype for n in norms}) == 1
+        ok = torch.stack(norms if same else [n.double() for n in norms]).isfinite().cpu()
+        if bool(ok.all()):
+            continue
+        for i in (~ok).nonzero().flatten().tolist():
+            if not bool(entries[i][1].isfinite().all()):
+                return entries[i][0]
     return None
 
 
