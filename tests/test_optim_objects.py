@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avg_kernels.optim import CAdam, CSGD, Consequentialism, NonFiniteError
+import avg_kernels as ak
+from avg_kernels.optim import AG, CAdam, CSGD, Consequentialism, NonFiniteError
 from avg_kernels.optim._collect import InertHook, LayerHook
 
 NAN = float("nan")
@@ -34,6 +35,17 @@ def c_batch(n=8, seed=0):
     return torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
+def ag_model(seed=0):
+    torch.manual_seed(seed)
+    return ak.nn.convert(nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.2),
+                                       nn.Linear(8, 3)))
+
+
+def ag_batch(seed=0, n=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
 C_MAKERS = {
     "csgd": lambda m, **kw: CSGD(m, lr=0.1, lam=1e-2, momentum=0.9, **kw),
     "cadam": lambda m, **kw: CAdam(m, lr=1e-2, lam=1e-2, refresh_every=2, **kw),
@@ -47,6 +59,13 @@ def c_train(model, opt, seeds, n=8):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step()
+
+
+def ag_train(model, opt, seeds):
+    for s in seeds:
+        x, y = ag_batch(s)
+        torch.manual_seed(100 + s)  # the dropout masks
+        opt.step(lambda: F.cross_entropy(model(x), y))
 
 
 def snapshot(model, opt):
@@ -292,3 +311,161 @@ def test_nonfinite_finds_nan_and_inf_not_overflowing_norms():
     assert nonfinite([("huge", huge), ("nan", torch.tensor([1.0, NAN]).half()), ("inf", inf)]) == "nan"
     assert nonfinite([("ok", torch.ones(3)), ("inf", inf.double()), ("none", None)]) == "inf"
     assert nonfinite([("empty", torch.empty(0)), ("none", None)]) is None
+
+
+# -- AG: copies and pickles --------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["ag1", "ag2", "ag3-1"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_ag_copied_with_its_model_trains_on_identically(mode, how):
+    """Before: AttributeError: 'AG' object has no attribute 'base'. AG-3-1's θ_(t-1) survives the copy (the
+    copy's next step is an AG-3-1 step, not a plain one)."""
+    model = ag_model()
+    opt = AG(model, torch.optim.Adam(model.parameters(), lr=1e-2), mode=mode)
+    ag_train(model, opt, [0, 1])
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert opt2.model is model2 and opt2.steps == 2
+    ag_train(model2, opt2, [2, 3])
+    assert opt2.last.plain is False
+    ag_train(model, opt, [2, 3])
+    assert_same_tensors([p.detach() for p in model.parameters()], [p.detach() for p in model2.parameters()])
+    assert_same_tensors(list(model.buffers()), list(model2.buffers()))
+    assert_same_state(opt.base.state_dict(), opt2.base.state_dict())
+
+
+def test_ag_deepcopy_of_the_optimizer_alone_copies_its_model():
+    model = ag_model()
+    opt = AG(model, torch.optim.SGD(model.parameters(), lr=0.1), mode="ag1")
+    ag_train(model, opt, [0])
+    opt2 = copy.deepcopy(opt)
+    assert opt2.model is not model
+    ag_train(opt2.model, opt2, [1])
+    ag_train(model, opt, [1])
+    assert_same_tensors([p.detach() for p in model.parameters()], [p.detach() for p in opt2.model.parameters()])
+
+
+# -- AG: non-finite values and failing closures ------------------------------------------------------
+def _ag_ready(mode, **kw):
+    model = ag_model()
+    opt = AG(model, torch.optim.Adam(model.parameters(), lr=1e-2), mode=mode, **kw)
+    ag_train(model, opt, [0, 1])
+    return model, opt
+
+
+@pytest.mark.parametrize("mode", ["ag1", "ag2", "ag3-1"])
+def test_ag_nan_loss_raises_and_changes_nothing(mode):
+    """Before: every parameter NaN, the BatchNorm statistics updated, the step counted, no word."""
+    model, opt = _ag_ready(mode)
+    snap = snapshot(model, opt)
+    x, y = ag_batch(5)
+    with pytest.raises(NonFiniteError, match=r"the loss ℓ\(θ(_t)?\) has a NaN or infinity") as info:
+        opt.step(lambda: F.cross_entropy(model(x), y) * NAN)
+    assert any("not stepped" in n and "not counted (opt.steps = 2)" in n for n in info.value.__notes__)
+    assert_unchanged(model, opt, snap)
+    assert all(p.grad is None for p in model.parameters())
+    ag_train(model, opt, [2])  # and training goes on
+    assert opt.steps == 3 and (mode != "ag3-1" or opt.last.plain is False)
+
+
+@pytest.mark.parametrize("mode", ["ag1", "ag2"])
+def test_ag_nonfinite_averaged_gradient_after_the_base_step(mode):
+    """A NaN that appears only in the pass at θ' (so only in ḡ): parameters and buffers as before the step;
+    AG-2 also puts the base state back to s_t, AG-1 says that it has advanced."""
+    model, opt = _ag_ready(mode)
+    snap = snapshot(model, opt)
+    x, y = ag_batch(5)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        xin = x.clone()
+        if calls[0] == 2:
+            xin[0, 0] = NAN
+        return F.cross_entropy(model(xin), y)
+
+    with pytest.raises(NonFiniteError, match=r"averaged gradient ḡ \(after the pass at θ'\) of parameter") as info:
+        opt.step(closure)
+    notes = " ".join(info.value.__notes__)
+    params, buffers, base_state, steps = snap
+    assert_same_tensors(params, [p.detach() for p in model.parameters()])
+    assert_same_tensors(buffers, list(model.buffers()))
+    assert opt.steps == steps
+    if mode == "ag2":
+        assert "put back to s_t" in notes
+        assert_same_state(base_state, opt.base.state_dict())
+    else:
+        assert "has advanced by one step" in notes
+        assert opt.base.state_dict()["state"][0]["step"] == base_state["state"][0]["step"] + 1
+
+
+@pytest.mark.parametrize("mode", ["ag1", "ag2", "ag3-1"])
+@pytest.mark.parametrize("failing_call", [1, 2])
+def test_ag_closure_that_raises_leaves_parameters_and_buffers(mode, failing_call):
+    """Before: a closure raising in the θ' pass restored the parameters but left the BatchNorm running
+    statistics of the failed step, and opt.steps counted it."""
+    model, opt = _ag_ready(mode)
+    snap = snapshot(model, opt)
+    x, y = ag_batch(5)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        out = model(x)  # the forward (BatchNorm in training mode) runs before the failure
+        if calls[0] == failing_call:
+            raise KeyError("boom")
+        return F.cross_entropy(out, y)
+
+    with pytest.raises(KeyError, match="boom") as info:
+        opt.step(closure)
+    assert any("not counted (opt.steps = 2)" in n for n in info.value.__notes__)
+    params, buffers, base_state, steps = snap
+    assert_same_tensors(params, [p.detach() for p in model.parameters()])
+    assert_same_tensors(buffers, list(model.buffers()))
+    assert opt.steps == steps
+    if failing_call == 1 or mode != "ag1":  # ag1: the base stepped (said in the note); ag2: s_t put back
+        assert_same_state(base_state, opt.base.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["ag1", "ag2", "ag3-1"])
+def test_ag_failure_in_the_loss_after_pass_keeps_the_update_and_says_so(mode):
+    model, opt = _ag_ready(mode, track_loss_after=True)
+    params = [p.detach().clone() for p in model.parameters()]
+    x, y = ag_batch(5)
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        out = model(x)
+        if calls[0] == 3 - (mode == "ag3-1" and opt._prev is None):
+            raise KeyError("boom")
+        return F.cross_entropy(out, y)
+
+    torch.manual_seed(7)
+    with pytest.raises(KeyError) as info:
+        opt.step(closure)
+    assert any("update was applied and counted (opt.steps = 3" in n for n in info.value.__notes__)
+    assert opt.steps == 3 and opt.last.step == 3 and opt.last.loss_after is None
+    after = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    assert any(not torch.equal(a, b) for a, b in zip(params, after))
+    # the same step without the failure gives the same parameters and buffers
+    model2, opt2 = _ag_ready(mode, track_loss_after=True)
+    torch.manual_seed(7)
+    opt2.step(lambda: F.cross_entropy(model2(x), y))
+    assert_same_tensors(after, [p.detach() for p in model2.parameters()])
+    assert_same_tensors(buffers, list(model2.buffers()))
+
+
+@pytest.mark.parametrize("mode", ["ag1", "ag2", "ag3-1"])
+def test_ag_skip_nonfinite(mode):
+    model, opt = _ag_ready(mode, skip_nonfinite=True)
+    snap = snapshot(model, opt)
+    x, y = ag_batch(5)
+    loss = opt.step(lambda: F.cross_entropy(model(x), y) * NAN)
+    assert torch.isnan(loss) and opt.last.skipped and opt.last.as_dict()["skipped"]
+    assert opt.skipped_steps == 1 and opt.state_dict()["ag"]["skipped_steps"] == 1
+    assert_unchanged(model, opt, snap)
+    ag_train(model, opt, [2])
+    assert opt.steps == 3 and not opt.last.skipped and opt.skipped_steps == 1
