@@ -6,8 +6,14 @@
   over any torch.optim base: each Linear/Conv1d/Conv2d weight gradient is replaced by ``G (X Xᵀ + λI)⁻¹``
   before the base's step. ``CSGD`` (C-SGD; ``nesterov=True``: C-Nesterov) and ``CAdam`` (C-Adam) build it
   over torch.optim.SGD / Adam.
+
+Both raise ``NonFiniteError`` (a ``FloatingPointError``) for a NaN/infinity in a step's loss or gradients
+before anything changes, or skip such steps with ``skip_nonfinite=True``. ``copy.deepcopy`` and pickle copy
+an optimizer together with its model.
 """
 from .ag import AG, MODES, AGStepInfo
+from ._wrapper import NonFiniteError
 from .consequentialism import CAdam, CSGD, Consequentialism, UnsupportedLayerError
 
-__all__ = ["AG", "AGStepInfo", "CAdam", "CSGD", "Consequentialism", "MODES", "UnsupportedLayerError"]
+__all__ = ["AG", "AGStepInfo", "CAdam", "CSGD", "Consequentialism", "MODES", "NonFiniteError",
+           "UnsupportedLayerError"]

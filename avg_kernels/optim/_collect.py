@@ -6,7 +6,9 @@
 * ``Collector``: the ``LayerStats`` of every layer, fed by ``record(layer, x, output)`` once per use of a
   layer's weight. It decides whether a use counts (grad enabled, not paused, the layer wants statistics
   this step) and is consumed by ``take()``. It does not know how uses are found.
-* ``ModuleHooks``: finds uses through forward hooks on each layer's module (training-mode forwards).
+* ``ModuleHooks``: finds uses through forward hooks on each layer's module (training-mode forwards):
+  ``LayerHook`` objects, picklable, with weak references; a pickled or deep-copied model carries an
+  ``InertHook`` in their place.
 
 Several uses add up (gradient accumulation, a layer used twice). A use whose output gradient never
 arrives counts with ΔZ = 0, which is what the D × D form does with it too.
@@ -14,6 +16,7 @@ arrives counts with ΔZ = 0, which is what the D × D form does with it too.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -48,6 +51,11 @@ class Collector:
         self.wanted = wanted
         self.stats: dict[Layer, LayerStats] = {}
         self._paused = 0
+
+    def __getstate__(self) -> dict:
+        """A copy starts with no statistics (the output gradients of the uses so far arrive here) and not
+        paused."""
+        return {**self.__dict__, "stats": {}, "_paused": 0}
 
     def counts(self, layer: Layer) -> bool:
         """Whether a use of ``layer`` made now adds to its statistics."""
@@ -121,10 +129,14 @@ def _output_grad_hook(st: LayerStats, slot: int):
 
 class ModuleHooks:
     """Feeds a ``Collector`` from a forward hook on each layer's module: every forward of the module in
-    training mode is a use (eval-mode forwards are ignored)."""
+    training mode is a use (eval-mode forwards are ignored).
+
+    The hooks are ``LayerHook`` objects (picklable, weak references): ``torch.save(model)`` and
+    ``copy.deepcopy(model)`` carry an inert stand-in instead, so a copy of the model never feeds this
+    collector."""
 
     def __init__(self, layers: list[Layer], collector: Collector):
-        self._handles = [layer.module.register_forward_hook(_forward_hook(layer, collector)) for layer in layers]
+        self._handles = [layer.module.register_forward_hook(LayerHook(layer, collector)) for layer in layers]
         self.attached = True
 
     def remove(self) -> None:
@@ -134,10 +146,43 @@ class ModuleHooks:
         self.attached = False
 
 
-def _forward_hook(layer: Layer, collector: Collector):
-    def hook(module, inputs, output):
-        if module.training:
-            collector.record(layer, inputs[0], output)
+class InertHook:
+    """What a ``LayerHook`` becomes in a pickled or deep-copied model: does nothing. (A module-level class
+    so that ``torch.save(model)`` / ``torch.load`` work; ``Consequentialism`` removes these from the modules
+    it hooks when it is itself copied or unpickled.)"""
+
+    def __call__(self, module, inputs, output):
         return None
 
-    return hook
+    def __repr__(self) -> str:
+        return "InertHook()"
+
+
+class LayerHook:
+    """The forward hook on one layer's module. It holds weak references to the layer and the collector
+    (a dropped optimizer's hooks do nothing) and records only forwards that use the layer's own weight (a
+    module sharing the hook dict with another weight, e.g. a shallow copy given a new weight, is ignored; a
+    shallow copy with the same weight is a use of the layer). Pickled or deep-copied it becomes an
+    ``InertHook``: a copy of the model must not feed the original optimizer."""
+
+    __slots__ = ("_layer", "_collector", "__weakref__")
+
+    def __init__(self, layer: Layer, collector: Collector):
+        self._layer = weakref.ref(layer)
+        self._collector = weakref.ref(collector)
+
+    def __call__(self, module, inputs, output):
+        if not module.training:
+            return None
+        layer, collector = self._layer(), self._collector()
+        if layer is None or collector is None or getattr(module, "weight", None) is not layer.weight:
+            return None
+        collector.record(layer, inputs[0], output)
+        return None
+
+    def __reduce__(self):
+        return InertHook, ()
+
+    def __repr__(self) -> str:
+        layer = self._layer()
+        return f"LayerHook({layer.name if layer is not None else '<dropped>'!r})"

@@ -12,6 +12,7 @@ Per layer, one of three cases:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -194,6 +195,8 @@ def uniform_factors(cases: list[MxMCase]) -> list[float]:
     out = []
     for case, (c, res, norm) in zip(cases, host):
         tol = 1e-3 if case.grad.dtype in (torch.float32, torch.float64) else 3e-2
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"layer {case.layer.name}: its gradient has a NaN or infinity")
         if not res <= tol * norm:
             raise RuntimeError(
                 f"layer {case.layer.name}: its gradient is not ΔZ·Xᵀ of the forwards recorded since the last step "

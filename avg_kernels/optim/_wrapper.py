@@ -7,6 +7,13 @@ live ones), so LR schedulers, ``zero_grad`` and ``add_param_group`` on either ob
 
 State dict layout (both families): the base's own state dict, plus one key (``state_key``) holding the
 wrapper's state, so tools that read ``"state"`` / ``"param_groups"`` see the base's.
+
+Copying: ``copy.deepcopy`` and pickle copy the whole wrapper, its model and base included (a deep copy of
+the optimizer alone is a new optimizer over a new copy of the model; copy them together, e.g.
+``copy.deepcopy((model, opt))``, to keep the pair). Non-finite values: ``nonfinite`` finds them with one
+norm per tensor and one device-to-host copy; both families raise ``NonFiniteError`` (a
+``FloatingPointError``) before anything changes, or skip the step with ``skip_nonfinite=True`` (counted in
+``skipped_steps``).
 """
 from __future__ import annotations
 
@@ -14,6 +21,40 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+
+class NonFiniteError(FloatingPointError):
+    """A step met a non-finite loss or gradient (see the message: which parameter or layer, and what the
+    step left unchanged). ``skip_nonfinite=True`` skips such steps instead, as ``torch.amp.GradScaler`` does."""
+
+
+def nonfinite(named: list) -> Optional[str]:
+    """The name (whatever object the caller gave, e.g. a parameter to look up) of the first ``(name, tensor)``
+    entry with a NaN or an infinity, first by device; None where all are finite (None and empty tensors are
+    skipped).
+
+    Fast path: one ``_foreach_norm`` (L2; NaN or inf wherever the tensor has one) per device and one
+    device-to-host copy; only a tensor whose norm is not finite is then checked element by element (its
+    norm may have overflowed with finite elements). The max-|x| norm would need no second look but costs
+    17x more on CPU (_foreach_norm(ord=inf) has no fast kernel there: 470 vs 27 us for a 3-layer MLP's
+    gradients)."""
+    by_device: dict = {}
+    for name, t in named:
+        if t is None or t.numel() == 0:
+            continue
+        if t.is_sparse:
+            t = t.coalesce().values()
+        by_device.setdefault(t.device, []).append((name, t.detach()))
+    for entries in by_device.values():
+        norms = torch._foreach_norm([t for _, t in entries])
+        same = len({n.dtype for n in norms}) == 1
+        ok = torch.stack(norms if same else [n.double() for n in norms]).isfinite().cpu()
+        if bool(ok.all()):
+            continue
+        for i in (~ok).nonzero().flatten().tolist():
+            if not bool(entries[i][1].isfinite().all()):
+                return entries[i][0]
+    return None
 
 
 def check_model(model, who: str) -> nn.Module:
@@ -37,7 +78,10 @@ class OptimizerWrapper(torch.optim.Optimizer):
     Attributes:
         model: the ``nn.Module`` whose forward the subclass observes.
         base: the wrapped optimizer; stepped by the subclass, never with a closure.
-        steps: number of completed ``step()`` calls (restored by ``load_state_dict``).
+        steps: number of completed ``step()`` calls (restored by ``load_state_dict``); a step that raised
+            or was skipped is not counted.
+        skip_nonfinite: a non-finite loss or gradient skips the step (True) or raises ``NonFiniteError``.
+        skipped_steps: number of steps skipped for a non-finite loss or gradient.
     """
 
     #: key of the wrapper's own state in ``state_dict()``
@@ -45,7 +89,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
     #: whether ``step()`` needs a closure; such an optimizer cannot be another wrapper's base
     step_needs_closure: bool = False
 
-    def __init__(self, model: nn.Module, base: torch.optim.Optimizer, *, who: str):
+    def __init__(self, model: nn.Module, base: torch.optim.Optimizer, *, who: str, skip_nonfinite: bool = False):
         check_model(model, who)
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
@@ -59,6 +103,10 @@ class OptimizerWrapper(torch.optim.Optimizer):
         super().__init__(base.param_groups, {})
         self._ready = True
         self.steps = 0
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"skip_nonfinite must be a bool, got {type(skip_nonfinite).__name__}")
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
         self._check_params(self._params(), "base optimizer parameter")
 
     # -- what the base holds, shared ---------------------------------------------------------------
@@ -88,6 +136,22 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def defaults(self, value) -> None:
         if getattr(self, "_ready", False):
             self.base.defaults = value
+
+    # -- copying and pickling ----------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """Everything, the model and the base included (torch.optim.Optimizer's own ``__getstate__`` keeps
+        only defaults/state/param_groups, which are the base's here: a copy lost ``base``)."""
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)  # Optimizer's: the hook tables and the step profiling
+
+    def _param_name(self, p: torch.Tensor) -> str:
+        """``p``'s name in the model (for messages)."""
+        for name, q in self.model.named_parameters(remove_duplicate=False):
+            if q is p:
+                return name
+        return f"(a parameter of shape {tuple(p.shape)})"
 
     def _params(self) -> list[torch.Tensor]:
         """The base's parameters, group by group."""
@@ -122,7 +186,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
     # -- state dict ----------------------------------------------------------------------------------
     def _own_state(self) -> dict:
         """The wrapper's part of the state dict."""
-        return {"steps": self.steps}
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps}
 
     def _split_state(self, state_dict: dict) -> tuple[dict, Optional[dict]]:
         """(the base's state dict, the wrapper's part or None) of a state dict to load; subclasses accept
@@ -139,6 +203,7 @@ class OptimizerWrapper(torch.optim.Optimizer):
     def _load_own_state(self, own: Optional[dict]) -> None:
         if own is not None:
             self.steps = int(own.get("steps", 0))
+            self.skipped_steps = int(own.get("skipped_steps", 0))
 
     def state_dict(self) -> dict:
         """The base's state dict plus ``{state_key: the wrapper's state}``; state-dict hooks registered on

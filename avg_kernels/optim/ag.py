@@ -51,7 +51,7 @@ from ..ops import AG1_UPDATE, AG2_RESCALE, check_backend
 from . import _base_state
 from ._base_state import BaseState
 from ._passes import DirectUse, ParamSites, Phases, RNGReplay, eager
-from ._wrapper import OptimizerWrapper
+from ._wrapper import NonFiniteError, OptimizerWrapper, nonfinite
 
 MODES = ("ag1", "ag2", "ag3-1")
 
@@ -71,6 +71,7 @@ class AGStepInfo:
     # track_loss_after=True
     activation_calls: int = 0  # averaged-activation calls paired in this step
     plain: bool = False  # True for a plain base step (the first AG-3-1 step)
+    skipped: bool = False  # True for a step skipped for a non-finite loss or gradient (skip_nonfinite=True)
     times: dict = field(default_factory=dict)  # seconds per phase (profile=True); "loss_after" is extra
 
     @property
@@ -90,7 +91,11 @@ class AGStepInfo:
         return {"mode": self.mode, "step": self.step, "loss": f(self.loss), "loss_new": f(self.loss_new),
                 "loss_prev": f(self.loss_prev), "loss_after": f(self.loss_after), "reduction": self.reduction,
                 "base_reduction": self.base_reduction, "activation_calls": self.activation_calls,
-                "plain": self.plain, "times": dict(self.times)}
+                "plain": self.plain, "skipped": self.skipped, "times": dict(self.times)}
+
+
+class _Skip(Exception):
+    """Internal: a non-finite value with ``skip_nonfinite=True``; the step is undone and skipped."""
 
 
 @dataclass
@@ -128,6 +133,13 @@ class AG(OptimizerWrapper):
             not converted, so AG would silently be the base optimizer with a sign/rescale step).
         check_unaveraged: on the first step, trace the no-grad pass for activation functions that bypass
             ``avg_kernels.nn`` (e.g. ``F.gelu`` in a forward) and warn about them.
+        skip_nonfinite: a NaN/infinity in ℓ(θ), g or ḡ skips the step (``last.skipped``, counted in
+            ``skipped_steps``) instead of raising ``NonFiniteError``.
+
+    A step that raises (or is skipped) leaves the parameters and buffers as before the step and is not
+    counted; the exception note says what became of the base's state (see ``_undo``). A failure in the
+    ℓ(θ_{t+1}) pass of ``track_loss_after`` comes after the step: the update stays applied and counted.
+    ``copy.deepcopy`` / pickle copy the optimizer with its model and base.
 
     The closure runs the forward on one fixed batch and returns the loss; it must not call
     ``backward()`` (the step raises if gradients appear) and is called two (three with
@@ -142,10 +154,10 @@ class AG(OptimizerWrapper):
 
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, mode: str = "ag1", eps: float = EPS, *,
                  backend: Optional[str] = None, track_loss_after: bool = False, profile: bool = False,
-                 require_activations: bool = True, check_unaveraged: bool = True):
+                 require_activations: bool = True, check_unaveraged: bool = True, skip_nonfinite: bool = False):
         if isinstance(base, AG):
             raise TypeError("base is already an AG optimizer; AG wraps a plain base optimizer")
-        super().__init__(model, base, who="the model the closure runs")
+        super().__init__(model, base, who="the model the closure runs", skip_nonfinite=skip_nonfinite)
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {list(MODES)}")
         args.nonneg_real("eps", eps)
@@ -196,7 +208,7 @@ class AG(OptimizerWrapper):
             by_id = dict(zip(self._prev_for, self._prev))
             prev = [by_id.get(id(p)) for p in params]
             prev = [None if t is None else t.detach().clone() for t in prev]
-        return {"mode": self.mode, "eps": self.eps, "steps": self.steps, "prev": prev}
+        return {"mode": self.mode, "eps": self.eps, **super()._own_state(), "prev": prev}
 
     def _split_state(self, state_dict: dict):
         if isinstance(state_dict, dict) and "base" in state_dict and "ag" in state_dict:
@@ -223,7 +235,7 @@ class AG(OptimizerWrapper):
                                  f"parameter has shape {tuple(p.shape)}")
 
     def _load_own_state(self, own: dict) -> None:
-        self.steps = int(own.get("steps", 0))
+        super()._load_own_state(own)
         prev = own.get("prev")
         if prev is None:
             self._prev, self._prev_for = None, []
@@ -231,6 +243,20 @@ class AG(OptimizerWrapper):
             kept = [(p, t) for p, t in zip(self._params(), prev) if t is not None]
             self._prev = [t.detach().to(device=p.device, dtype=p.dtype).clone() for p, t in kept]
             self._prev_for = [id(p) for p, _ in kept]
+
+    # -- copying and pickling ----------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """As the wrapper's (the model and base included); θ_{t-1} is keyed by parameter, not by id (ids do
+        not survive a copy), and the scratch copies of θ are not carried."""
+        state = super().__getstate__()
+        by_id = {id(p): p for p in self._params()}
+        state["_prev_for"] = [by_id.get(i) for i in self._prev_for]
+        state.update(_theta=[], _theta_for=[], _spare=[])
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state["_prev_for"] = [id(p) if p is not None else None for p in state["_prev_for"]]
+        super().__setstate__(state)
 
     # -- the step ----------------------------------------------------------------------------------
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
@@ -242,12 +268,43 @@ class AG(OptimizerWrapper):
         cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"}
                       | {b.device.index or 0 for b in self.model.buffers() if b.device.type == "cuda"})
         ph = Phases(self.profile, bool(cuda))
-        self.steps += 1
         run = {"ag1": self._step_ag1, "ag2": self._step_ag2, "ag3-1": self._step_ag3}[self.mode]
         info = run(closure, params, cuda, ph)
-        info.times = ph.times
-        self.last = info
         return info.loss
+
+    def _done(self, info: AGStepInfo, ph: Phases) -> None:
+        """The step's update is in place: count it and publish ``last`` (before the ℓ(θ_{t+1}) pass)."""
+        if not info.skipped:
+            self.steps += 1
+        info.step, info.times = self.steps, ph.times
+        self.last = info
+
+    def _check_finite(self, named: list, grad: str) -> None:
+        """Raises ``NonFiniteError`` (``_Skip`` with ``skip_nonfinite=True``; counted) where one of the
+        ``(name or parameter, tensor)`` entries has a NaN or infinity; ``grad`` names a parameter's tensor."""
+        bad = nonfinite(named)
+        if bad is None:
+            return
+        if self.skip_nonfinite:
+            self.skipped_steps += 1
+            raise _Skip()
+        if isinstance(bad, torch.Tensor):
+            bad = f"{grad} of parameter {self._param_name(bad)!r}"
+        raise NonFiniteError(f"AG step ({self.mode}): {bad} has a NaN or infinity. Pass skip_nonfinite=True "
+                             f"to skip such steps (counted in opt.skipped_steps), as torch.amp.GradScaler does")
+
+    def _loss_after_done(self, info: AGStepInfo, closure, sites, buffers, rng, rec, ph) -> None:
+        """The optional ℓ(θ_{t+1}) pass, after ``_done``: if it fails, the step's update stays applied and
+        counted (said in the exception note)."""
+        try:
+            info.loss_after = self._loss_after(closure, sites, buffers, rng, rec, ph)
+        except BaseException as exc:
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"avg_kernels AG step: this failure is in the extra ℓ(θ_(t+1)) pass of "
+                             f"track_loss_after=True, after the step: the update was applied and counted "
+                             f"(opt.steps = {self.steps}, opt.last.loss_after is None); the buffers are unchanged "
+                             f"by that pass")
+            raise
 
     def _step_ag1(self, closure, params, cuda, ph: Phases) -> AGStepInfo:
         """AG-1 (paper 000 Alg. 2): θ_{t+1} = θ − |θ' − θ| ⊙ sign(ḡ)."""
@@ -283,7 +340,9 @@ class AG(OptimizerWrapper):
     def _segment_step(self, closure, params, cuda, ph: Phases, update: Callable[[_Segment, Phases], None],
                       keep_pre_step_state: bool) -> AGStepInfo:
         """Steps 1-4 of AG-1/AG-2 (module docstring), then ``update`` (step 5) writes θ_{t+1} into the
-        parameters. If steps 3-5 fail the parameters are restored to θ (the base state has advanced)."""
+        parameters. A step that fails or meets a non-finite loss/gradient leaves the parameters and buffers as
+        they were and is not counted; once the base has stepped (steps 3-5) its state is put back to s_t
+        (AG-2, failures before the update) or has advanced by one step (AG-1; said in the exception note)."""
         theta = self._theta_copies(params)
         theta_data = [t.detach() for t in theta]
         sites = ParamSites(self.model)
@@ -292,22 +351,25 @@ class AG(OptimizerWrapper):
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         rng = RNGReplay(cuda)
         ph.mark("copies")
+        stepped, pre_step, updating, loss = False, None, False, None
         with Recorder(self.eps, self.backend) as rec:
-            # 1. forward at θ on the copies (graph kept), backward -> g
-            loss = self._graph_pass(closure, params, rec, sites.swapped({id(p): t for p, t in zip(params, theta)}),
-                                    swapped_params=True)
-            ph.mark("forward_graph")
-            rec.phase = BACKWARD
-            g = _grad(loss, theta, retain_graph=True)
-            for p, gi in zip(params, g):
-                p.grad = gi
-            ph.mark("backward_grad")
-            # 2. the base step with g -> θ' (s_t -> s_{t+1})
-            pre_step = _base_state.snapshot(self.base, params) if keep_pre_step_state else None
-            ph.mark("copies")
-            self.base.step()
-            ph.mark("base_step")
             try:
+                # 1. forward at θ on the copies (graph kept), backward -> g
+                loss = self._graph_pass(closure, params, rec,
+                                        sites.swapped({id(p): t for p, t in zip(params, theta)}), swapped_params=True)
+                ph.mark("forward_graph")
+                rec.phase = BACKWARD
+                g = _grad(loss, theta, retain_graph=True)
+                ph.mark("backward_grad")
+                self._check_finite([("the loss ℓ(θ)", loss), *zip(params, g)], "the gradient g at θ")
+                for p, gi in zip(params, g):
+                    p.grad = gi
+                # 2. the base step with g -> θ' (s_t -> s_{t+1})
+                pre_step = _base_state.snapshot(self.base, params) if keep_pre_step_state else None
+                ph.mark("copies")
+                stepped = True
+                self.base.step()
+                ph.mark("base_step")
                 # 3. no-grad forward at θ' fills the slots; 4. second backward over the same graph -> ḡ
                 loss_new = self._replay(closure, sites, self._buffer_stand_ins(buffers), rng, rec, "θ'", params,
                                         swapped_params=False)
@@ -316,51 +378,97 @@ class AG(OptimizerWrapper):
                 rec.phase = BACKWARD
                 gbar = _grad(loss, theta)
                 ph.mark("backward_avg")
+                self._check_finite(list(zip(params, gbar)), "the averaged gradient ḡ (after the pass at θ')")
                 # 5. the update
+                updating = True
                 update(_Segment(params, [p.detach() for p in params], theta_data, gbar, pre_step), ph)
             except BaseException as exc:
-                with torch.no_grad():  # leave θ as it was before the step, not at θ'
-                    torch._foreach_copy_([p.detach() for p in params], theta_data)
-                for p in params:
-                    p.grad = None
+                note = self._undo(params, theta_data if stepped else None, buffers,
+                                  pre_step if stepped and not updating else None)
+                rec.clear()
+                if isinstance(exc, _Skip):
+                    return self._skipped(loss, ph)
                 if hasattr(exc, "add_note"):
-                    exc.add_note("avg_kernels AG step: the parameters were restored to their values before the "
-                                 "step; the base optimizer's state has advanced by one step (its step with g ran).")
+                    exc.add_note(note)
                 raise
             for p, gi in zip(params, gbar):
                 p.grad = gi
             n_calls = len(rec.slots)
             rec.clear()
             info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_new=loss_new, activation_calls=n_calls)
+            self._done(info, ph)
             if self.track_loss_after:
-                info.loss_after = self._loss_after(closure, sites, buffers, rng, rec, ph)
+                self._loss_after_done(info, closure, sites, buffers, rng, rec, ph)
+        return info
+
+    def _undo(self, params, theta: Optional[list], buffers, pre_step: Optional[BaseState]) -> str:
+        """After a failed step: the buffers (and, where the base has stepped, the parameters from ``theta``
+        and the base's state from ``pre_step`` where given) as before the step; ``.grad`` cleared. Returns
+        the exception note saying so."""
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+            if theta is not None:
+                torch._foreach_copy_([p.detach() for p in params], theta) if params else None
+        for p in params:
+            p.grad = None
+        if pre_step is not None:
+            _base_state.install(self.base, params, pre_step)
+        if theta is None:
+            base = "the base optimizer was not stepped"
+        elif pre_step is not None:
+            base = "the base optimizer's state was put back to s_t"
+        else:
+            base = "the base optimizer's state has advanced by one step (its step with g ran)"
+        return (f"avg_kernels AG step: the parameters and buffers are as they were before the step, {base}, "
+                f"and the step is not counted (opt.steps = {self.steps}); .grad is cleared.")
+
+    def _skipped(self, loss, ph: Phases) -> AGStepInfo:
+        """The record of a step skipped for a non-finite value (``skip_nonfinite=True``)."""
+        nan = torch.tensor(float("nan"))
+        info = AGStepInfo(self.mode, self.steps, nan if loss is None else loss.detach().reshape(()), skipped=True)
+        self._done(info, ph)
         return info
 
     def _step_ag3(self, closure, params, cuda, ph: Phases) -> AGStepInfo:
         """AG-3-1 (paper 002 Alg. 1, d = 1): segment [θ_{t-1}, θ_t], one backward, base step with ḡ. The
-        first step (no θ_{t-1} yet, or other parameters than last time) is a plain base step."""
+        first step (no θ_{t-1} yet, or other parameters than last time) is a plain base step. A step that
+        fails or meets a non-finite loss/gradient (all before the base step) changes nothing but ``.grad``."""
         ids = [id(p) for p in params]
         plain = self._prev is None or ids != self._prev_for
         sites = ParamSites(self.model)
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         rng = RNGReplay(cuda)
         ph.mark("copies")
+        loss = None
         with Recorder(self.eps, self.backend) as rec:
-            if plain:
-                loss, g = self._plain_gradient(closure, params, rec, ph)
-                loss_prev, n_calls = None, 0
-            else:
-                loss = self._graph_pass(closure, params, rec, contextlib.nullcontext(), swapped_params=False)
-                ph.mark("forward_graph")
-                repl = {id(p): t for p, t in zip(params, self._prev)}
-                repl.update(self._buffer_stand_ins(buffers))
-                loss_prev = self._replay(closure, sites, repl, rng, rec, "θ_(t-1)", params, swapped_params=True)
-                ph.mark("forward_replay")
-                rec.check_unmodified()
-                rec.phase = BACKWARD
-                g = _grad(loss, params)
-                ph.mark("backward_avg")
-                n_calls = len(rec.slots)
+            try:
+                if plain:
+                    loss, g = self._plain_gradient(closure, params, rec, ph)
+                    loss_prev, n_calls = None, 0
+                else:
+                    loss = self._graph_pass(closure, params, rec, contextlib.nullcontext(), swapped_params=False)
+                    ph.mark("forward_graph")
+                    repl = {id(p): t for p, t in zip(params, self._prev)}
+                    repl.update(self._buffer_stand_ins(buffers))
+                    loss_prev = self._replay(closure, sites, repl, rng, rec, "θ_(t-1)", params, swapped_params=True)
+                    ph.mark("forward_replay")
+                    rec.check_unmodified()
+                    rec.phase = BACKWARD
+                    g = _grad(loss, params)
+                    ph.mark("backward_avg")
+                    n_calls = len(rec.slots)
+                self._check_finite([("the loss ℓ(θ_t)", loss), *zip(params, g)],
+                                   "the gradient at θ_t" if plain
+                                   else "the averaged gradient ḡ (segment [θ_(t-1), θ_t])")
+            except BaseException as exc:
+                note = self._undo(params, None, buffers, None)
+                rec.clear()
+                if isinstance(exc, _Skip):
+                    return self._skipped(loss, ph)
+                if hasattr(exc, "add_note"):
+                    exc.add_note(note)
+                raise
             rec.clear()
             with torch.no_grad():  # θ_t is the next step's θ_{t-1}
                 if plain:
@@ -375,8 +483,9 @@ class AG(OptimizerWrapper):
             ph.mark("base_step")
             info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_prev=loss_prev, activation_calls=n_calls,
                               plain=plain)
+            self._done(info, ph)
             if self.track_loss_after:
-                info.loss_after = self._loss_after(closure, sites, buffers, rng, rec, ph)
+                self._loss_after_done(info, closure, sites, buffers, rng, rec, ph)
         return info
 
     # -- the passes --------------------------------------------------------------------------------
@@ -392,8 +501,9 @@ class AG(OptimizerWrapper):
         return self._theta
 
     def _buffer_stand_ins(self, buffers) -> dict:
-        """Buffer id -> its pre-step snapshot, for a replay pass (a copy when the loss-after pass reuses it)."""
-        return {id(b): (s.clone() if self.track_loss_after else s) for b, s in buffers}
+        """Buffer id -> a copy of its pre-step snapshot, for a replay pass (the snapshot itself stays as it
+        was: a failed step restores the buffers from it, the loss-after pass starts from it)."""
+        return {id(b): s.clone() for b, s in buffers}
 
     def _direct_use_check(self, params):
         """On the first step: a detector of real parameters used while swapped out (else a no-op)."""

@@ -19,6 +19,17 @@ no-grad and ``paused()`` forwards are ignored; ``step()`` consumes and clears.
 ``refresh_every = k > 1``: the D × D factorisation is refreshed on steps 0, k, 2k, ... only (Grams are
 collected only for those steps) and ``(A + λI)⁻¹`` is kept and reused in between, as K-FAC libraries
 reuse their inverses. Layers in the M × M form recompute every step (their X is the batch's own).
+
+Non-finite values: ``step()`` first checks the closure's loss, every ``.grad`` of the base's parameters and
+the collected statistics; a NaN or infinity raises ``NonFiniteError`` naming the parameter or layer, with
+the parameters, the base's state and ``steps`` unchanged and the statistics dropped (``skip_nonfinite=True``:
+the same, without the error, counted in ``skipped_steps``).
+
+Copies: the forward hooks are picklable objects holding weak references (``_collect.LayerHook``); a pickled
+or deep-copied model carries inert stand-ins, so ``torch.save(model)`` works and a copy of the model never
+feeds this optimizer. ``copy.deepcopy(opt)`` / pickle copy the optimizer with its model and hook the copy's
+layers (statistics collected since the last step are not carried: their output gradients arrive at the
+original).
 """
 from __future__ import annotations
 
@@ -30,12 +41,12 @@ import torch
 from torch import nn
 
 from ..ops import check_backend
-from ._collect import Collector, ModuleHooks
+from ._collect import Collector, InertHook, ModuleHooks
 from ._layers import Layer, UnsupportedLayerError, find_layers
 from ._precondition import Preconditioner
-from ._wrapper import OptimizerWrapper, check_model
+from ._wrapper import NonFiniteError, OptimizerWrapper, check_model, nonfinite
 
-__all__ = ["CAdam", "CSGD", "Consequentialism", "UnsupportedLayerError"]
+__all__ = ["CAdam", "CSGD", "Consequentialism", "NonFiniteError", "UnsupportedLayerError"]
 
 _WHO = "the C-optimizers hook its layers"
 
@@ -61,18 +72,22 @@ class Consequentialism(OptimizerWrapper):
         refresh_every: k >= 1; refresh the D × D factorisations every k steps only (k = 1: the paper's method).
         exclude: modules (or their names in ``model.named_modules()``) left to the plain base update.
         backend: backend of the Gram and ridge_solve ops (None: "auto").
+        skip_nonfinite: a NaN/infinity in the closure's loss, a gradient or the collected statistics skips
+            the step (counted in ``skipped_steps``, statistics dropped) instead of raising ``NonFiniteError``.
 
-    ``state_dict()``: the base's state dict plus ``"consequentialism"``: the step count and the kept
-    factorisations by layer name.
+    ``state_dict()``: the base's state dict plus ``"consequentialism"``: the step and skip counts and the
+    kept factorisations by layer name. ``copy.deepcopy(opt)`` and pickle copy the optimizer with its model
+    (``copy.deepcopy((model, opt))`` keeps the pair); ``torch.save(model)`` works with the hooks attached.
     """
 
     state_key = "consequentialism"
 
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, lam: float = 1e-3, *, refresh_every: int = 1,
-                 exclude: Iterable[Union[nn.Module, str]] = (), backend: Optional[str] = None):
+                 exclude: Iterable[Union[nn.Module, str]] = (), backend: Optional[str] = None,
+                 skip_nonfinite: bool = False):
         if isinstance(base, Consequentialism):
             raise TypeError("base is already a Consequentialism optimizer; it wraps a plain base optimizer")
-        super().__init__(model, base, who=_WHO)
+        super().__init__(model, base, who=_WHO, skip_nonfinite=skip_nonfinite)
         if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
             raise ValueError(f"lam={lam!r} must be a finite number >= 0")
         if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
@@ -113,7 +128,7 @@ class Consequentialism(OptimizerWrapper):
         return [f"lam={group['lam']:g}", f"refresh_every={group['refresh_every']}"]
 
     def _own_state(self) -> dict:
-        return {"steps": self.steps,
+        return {**super()._own_state(),
                 "inverses": {layer.name: v for layer, v in self._preconditioner.inverses.items()}}
 
     def _check_own_state(self, own) -> None:
@@ -127,14 +142,34 @@ class Consequentialism(OptimizerWrapper):
 
     def _load_own_state(self, own) -> None:
         inverses = {}
+        super()._load_own_state(own)
         if own is not None:
-            self.steps = int(own.get("steps", 0))
             by_name = {layer.name: layer for layer in self._layers}
             for name, v in own.get("inverses", {}).items():
                 layer = by_name[name]
                 inverses[layer] = v.to(device=layer.weight.device)
         self._preconditioner.inverses = inverses
         self.clear_statistics()
+
+    # -- copying and pickling ----------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_hooks"] = self._hooks.attached  # the copy hooks its own layers (__setstate__)
+        state["_left_out"] = sorted(set(self._left_out.values()))  # ids do not survive a copy: by name
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        attached = state.pop("_hooks")
+        left_out = state.pop("_left_out")
+        super().__setstate__(state)
+        modules = dict(self.model.named_modules())
+        self._left_out = {id(p): name for name in left_out for p in modules[name].parameters()}
+        for layer in self._layers:  # the stand-ins the original's hooks became in this copy of the model
+            hooks = layer.module._forward_hooks
+            for key in [k for k, h in hooks.items() if isinstance(h, InertHook)]:
+                del hooks[key]
+        self._hooks = ModuleHooks(self._layers if attached else [], self._collector)
+        self._hooks.attached = attached
 
     # -- collection --------------------------------------------------------------------------------
     def clear_statistics(self) -> None:
@@ -165,15 +200,44 @@ class Consequentialism(OptimizerWrapper):
 
     def step(self, closure=None):
         """Evaluates ``closure`` (forward and backward) if given, preconditions, steps the base; returns
-        the closure's loss (None without one)."""
+        the closure's loss (None without one).
+
+        A NaN or infinity in the loss, a gradient of the base's parameters or the collected statistics
+        raises ``NonFiniteError`` (``skip_nonfinite=True``: skips) before anything changes; either way the
+        statistics are dropped and the step is not counted."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        bad = self._nonfinite(loss)
+        if bad is not None:
+            self.clear_statistics()
+            if self.skip_nonfinite:
+                self.skipped_steps += 1
+                return loss
+            raise NonFiniteError(
+                f"{type(self).__name__}.step(): {bad} has a NaN or infinity; nothing was changed (parameters, "
+                f"the base optimizer's state, opt.steps = {self.steps}) and the statistics collected since the "
+                f"last step were dropped. Pass skip_nonfinite=True to skip such steps (counted in "
+                f"opt.skipped_steps), as torch.amp.GradScaler does")
         self.precondition_()
         self.base.step()
         self.steps += 1
         return loss
+
+
+    def _nonfinite(self, loss) -> Optional[str]:
+        """What holds a NaN or infinity (the loss, a parameter's gradient, a layer's statistics), or None."""
+        named = [("the loss", loss if isinstance(loss, torch.Tensor) else None)]
+        grads = [p for p in self._params() if p.grad is not None]
+        named += [(p, p.grad) for p in grads]
+        for layer, st in self._collector.stats.items():
+            named += [(f"the input statistics of layer {layer.name!r}", t) for t in [st.gram, *st.xs]]
+            named += [(f"the output gradient of layer {layer.name!r}", t) for t in st.dzs]
+        bad = nonfinite(named)
+        if isinstance(bad, torch.Tensor):
+            return f"the gradient of parameter {self._param_name(bad)!r}"
+        return bad
 
 
 class CSGD(Consequentialism):
@@ -183,17 +247,18 @@ class CSGD(Consequentialism):
         model: the module whose parameters are optimised (all of them, by the SGD base ``.base``).
         lr, momentum, dampening, weight_decay, nesterov, maximize, foreach: as torch.optim.SGD
             (``nesterov=True`` is C-Nesterov; weight decay is added to the preconditioned gradient).
-        lam, refresh_every, exclude, backend: as ``Consequentialism``.
+        lam, refresh_every, exclude, backend, skip_nonfinite: as ``Consequentialism``.
     """
 
     def __init__(self, model: nn.Module, lr: float, lam: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  nesterov: bool = False, weight_decay: float = 0.0, *, refresh_every: int = 1,
                  exclude: Iterable[Union[nn.Module, str]] = (), backend: Optional[str] = None, maximize: bool = False,
-                 foreach: Optional[bool] = None):
+                 foreach: Optional[bool] = None, skip_nonfinite: bool = False):
         check_model(model, _WHO)
         base = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, dampening=dampening,
                                weight_decay=weight_decay, nesterov=nesterov, maximize=maximize, foreach=foreach)
-        super().__init__(model, base, lam, refresh_every=refresh_every, exclude=exclude, backend=backend)
+        super().__init__(model, base, lam, refresh_every=refresh_every, exclude=exclude, backend=backend,
+                         skip_nonfinite=skip_nonfinite)
 
 
 class CAdam(Consequentialism):
@@ -203,14 +268,15 @@ class CAdam(Consequentialism):
         model: the module whose parameters are optimised (all of them, by the Adam base ``.base``).
         lr, betas, eps, weight_decay, amsgrad, maximize, foreach: as torch.optim.Adam (L2 weight decay,
             added to the preconditioned gradient).
-        lam, refresh_every, exclude, backend: as ``Consequentialism``.
+        lam, refresh_every, exclude, backend, skip_nonfinite: as ``Consequentialism``.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, lam: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, amsgrad: bool = False, refresh_every: int = 1,
                  exclude: Iterable[Union[nn.Module, str]] = (), backend: Optional[str] = None, maximize: bool = False,
-                 foreach: Optional[bool] = None):
+                 foreach: Optional[bool] = None, skip_nonfinite: bool = False):
         check_model(model, _WHO)
         base = torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                 amsgrad=amsgrad, maximize=maximize, foreach=foreach)
-        super().__init__(model, base, lam, refresh_every=refresh_every, exclude=exclude, backend=backend)
+        super().__init__(model, base, lam, refresh_every=refresh_every, exclude=exclude, backend=backend,
+                         skip_nonfinite=skip_nonfinite)
