@@ -4,7 +4,9 @@ The issue's three cases, each in one run and back to back:
 
 * (a) conv 3×3, padding 1, 64 channels, N×64×56×56 input (D = 576);
 * (b) conv 3×3, padding 1, 256 channels, N×256×14×14 input (D = 2304);
-* (c) Linear, 4096 features, M rows (D = 4096).
+* (c) Linear, 4096 features, M rows (D = 4096);
+* (d) Conv3d 3×3×3, padding 1, 32 channels, N×32×16×16×16 input (D = 864): not one of the issue's cases
+  (no committed table row yet); the peer unfolds with ``Tensor.unfold`` per dim (F.unfold is 2-D only).
 
 Implementations: every available compiled backend ("cpu" on CPU; "cuda" and "triton" on a GPU; never
 the float64 reference nor Triton's CPU interpreter) against ``unfold+matmul``: ``F.unfold`` of the
@@ -45,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 import avg_kernels as ak
+from avg_kernels.reference.gram import unfold3d
 
 from bench.harness import Context, Report, Row, add_ratios
 
@@ -56,6 +59,7 @@ CASES = {
     "a": ("conv", 64, 56, 16, 64),
     "b": ("conv", 256, 14, 32, 128),
     "c": ("linear", 4096, None, 1024, 4096),
+    "d": ("conv3d", 32, 16, 4, 16),
 }
 
 
@@ -64,6 +68,8 @@ def case_title(case: str, n: int) -> str:
     scaled = "" if n == full else f" (batch scaled from {full})"
     if kind == "conv":
         return f"({case}) conv 3×3 pad 1, {c} ch, {n}×{c}×{hw}×{hw}, D = {c * 9}{scaled}"
+    if kind == "conv3d":
+        return f"({case}) conv3d 3×3×3 pad 1, {c} ch, {n}×{c}×{hw}×{hw}×{hw}, D = {c * 27}{scaled}"
     return f"({case}) Linear {c}, {n} rows, D = {c}{scaled}"
 
 
@@ -84,13 +90,13 @@ def batch(case: str, ctx_mode: str, device: torch.device, override: int | None =
 def make_input(case: str, n: int, device, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
     kind, c, hw, _, _ = CASES[case]
     gen = torch.Generator().manual_seed(seed)
-    shape = (n, c, hw, hw) if kind == "conv" else (n, c)
+    shape = {"conv": (n, c, hw, hw), "conv3d": (n, c, hw, hw, hw)}.get(kind, (n, c))
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
 def ours(case: str, backend: str):
     kind = CASES[case][0]
-    if kind == "conv":
+    if kind in ("conv", "conv3d"):
         return lambda x: ak.im2col_gram(x, 3, padding=1, backend=backend)
     return lambda x: ak.linear_gram(x, backend=backend)
 
@@ -103,6 +109,12 @@ def unfold_matmul(case: str):
             cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (D, M): a second copy
             return (cols @ cols.T).unsqueeze(0)
         return f
+    if kind == "conv3d":
+        def f3(x):
+            cols = unfold3d(x, (3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1))  # (N, D, L), F.pad + Tensor.unfold
+            cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # (D, M)
+            return (cols @ cols.T).unsqueeze(0)
+        return f3
     return lambda x: (x.T @ x).unsqueeze(0)
 
 
@@ -188,6 +200,8 @@ def run(ctx: Context) -> Report:
     notes = [
         f"{PEER}: F.unfold + transpose/reshape to (D, M) + X @ X.T in float32 (Linear: x.T @ x); "
         "ours: one triangle, no unfolded matrix (CPU: shifted channel correlations; GPU: implicit GEMM).",
+        "Conv3d (d): ours gathers the kd input depth slices of chunks of output depths as channels (a buffer "
+        "of at most 2**24 elements) and runs the Conv2d kernels on them; the peer unfolds with Tensor.unfold.",
         "peak extra MB: most memory alive during one call beyond what was alive before it, minus the "
         "returned Gram itself; CPU: every malloc of the process through an LD_PRELOADed tracking allocator "
         "(bench/memtrack.c) in a child process; CUDA: torch.cuda.max_memory_allocated.",
@@ -205,7 +219,7 @@ def run(ctx: Context) -> Report:
         title = case_title(case, n)
         common = dict(op=NAME, case=f"({case})", inputs=title, size=x.numel(), dtype="float32")
         measured = ctx.measure_many({k: (lambda f=f: f(x)) for k, f in impls.items()}, **common)
-        if CASES[case][0] == "conv":
+        if CASES[case][0] in ("conv", "conv3d"):
             ref = ak.im2col_gram(x.double().cpu(), 3, padding=1, backend="reference")
         else:
             ref = ak.linear_gram(x.double().cpu(), backend="reference")

@@ -60,6 +60,24 @@ class PaddedCNN(nn.Module):
         return self.fc(h.flatten(1))
 
 
+class SmallCNN3d(nn.Module):
+    """Conv3d (stride (1, 2, 2), padding 1, bias) -> Conv3d (kernel (2, 3, 3), padding (1, 2, 2), dilation
+    (1, 2, 2), groups 2, no bias) -> Conv3d (reflect padding, bias) -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv3d(2, 4, 3, stride=(1, 2, 2), padding=1)
+        self.conv2 = nn.Conv3d(4, 4, (2, 3, 3), padding=(1, 2, 2), dilation=(1, 2, 2), groups=2, bias=False)
+        self.conv3 = nn.Conv3d(4, 3, 3, padding=1, padding_mode="reflect")
+        self.fc = nn.Linear(3 * 5 * 3 * 3, 5)
+
+    def forward(self, x):  # x: (N, 2, 4, 6, 6)
+        h = torch.tanh(self.conv1(x))
+        h = torch.tanh(self.conv2(h))
+        h = torch.tanh(self.conv3(h))
+        return self.fc(h.flatten(1))
+
+
 def _data(n, shape=(3, 6, 6), classes=10, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, *shape, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
@@ -82,6 +100,16 @@ def _unfold(layer, x):
         else:
             pad = layer.padding
         k, s, d = layer.kernel_size, layer.stride, layer.dilation
+        if n_sp == 3:  # torch's own conv3d with one-hot weights (no F.unfold for 3-d): rows (c, kd, kh, kw)
+            c, kk = x.shape[1], math.prod(k)
+            eye = torch.eye(kk, dtype=torch.float64).reshape(kk, 1, *k).repeat(c, 1, 1, 1, 1)
+            u = F.conv3d(x, eye, stride=s, padding=pad, dilation=d, groups=c)  # (N, C·K, *out)
+            u = u.flatten(2)
+            n, _, L = u.shape
+            X = u.view(n, layer.groups, -1, L).permute(1, 2, 0, 3).reshape(layer.groups, -1, n * L)
+            if layer.bias is not None:
+                X = torch.cat([X, X.new_ones(X.shape[0], 1, X.shape[2])], 1)
+            return X
         if n_sp == 1:
             x, k, s, d, pad = x.unsqueeze(2), (1, *k), (1, *s), (1, *d), (0, *pad)
         u = F.unfold(x, k, dilation=d, padding=pad, stride=s)
@@ -113,7 +141,7 @@ class Reference:
         self.alpha = alpha  # RMSprop
         self.k, self.t, self.inv = refresh_every, 0, {}
         self.buf, self.m, self.v = {}, {}, {}
-        self.layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))]
+        self.layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
 
     def step(self, batches, loss_fn):
         model = self.model
@@ -223,6 +251,39 @@ def test_matches_float64_implementation_on_small_cnn(name, batch, backend):
         _run_ours(opt, model, [(x, y)])
         ref.step([(x, y)], _ce_sum)
     assert _max_rel(model, ref_model) < 1e-9
+
+
+@pytest.mark.parametrize("name", ["csgd", "cadam"])
+@pytest.mark.parametrize("backend", _fast_backends())
+def test_conv3d_matches_float64_implementation(name, backend):
+    """Conv3d layers (stride, padding, dilation, groups, bias, reflect padding): batch 1 puts conv1 (D = 55,
+    M = 36) and conv3 (D = 109, M = 45) in the M × M form, batch 4 all convs in the D × D form."""
+    if backend == "triton" and name != "csgd":
+        pytest.skip("interpreted Triton: one configuration")
+    torch.manual_seed(0)
+    model = SmallCNN3d().double()
+    ref_model = copy.deepcopy(model)
+    make, ref_kw = OPTIMIZERS[name]
+    opt = make(model, backend=backend)
+    ref = Reference(ref_model, **ref_kw)
+    for step, batch in enumerate([1, 4, 4]):
+        x, y = _data(batch, shape=(2, 4, 6, 6), classes=5, seed=step)
+        _run_ours(opt, model, [(x, y)])
+        ref.step([(x, y)], _ce_sum)
+    assert _max_rel(model, ref_model) < 1e-9
+
+
+def test_conv3d_float32_model_matches_float64_implementation():
+    torch.manual_seed(1)
+    model = SmallCNN3d()
+    ref_model = copy.deepcopy(model).double()
+    opt = CSGD(model, lr=0.1, lam=1e-2, momentum=0.9)
+    ref = Reference(ref_model, "sgd", lr=0.1, lam=1e-2, momentum=0.9)
+    for step, batch in enumerate([4, 1, 3]):
+        x, y = _data(batch, shape=(2, 4, 6, 6), classes=5, seed=step)
+        _run_ours(opt, model, [(x.float(), y)])
+        ref.step([(x, y)], _ce_sum)
+    assert _max_rel(model.double(), ref_model) < 1e-4
 
 
 def test_float32_model_matches_float64_implementation():
@@ -471,8 +532,9 @@ def test_remove_hooks():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: nn.Sequential(nn.Conv3d(1, 2, 3)), "Conv3d"),
-    (lambda: nn.Sequential(nn.ConvTranspose2d(1, 2, 3)), "ConvTranspose2d"),
+    (lambda: nn.Sequential(nn.ConvTranspose1d(1, 2, 3)), "ConvTranspose1d.*transposed convolutions"),
+    (lambda: nn.Sequential(nn.ConvTranspose2d(1, 2, 3)), "ConvTranspose2d.*transposed convolutions"),
+    (lambda: nn.Sequential(nn.ConvTranspose3d(1, 2, 3)), "ConvTranspose3d.*transposed convolutions"),
     (lambda: nn.Sequential(nn.LazyLinear(3)), "not initialised"),
     (lambda: nn.utils.parametrizations.weight_norm(nn.Linear(3, 3)), "computed"),
 ])
@@ -489,7 +551,7 @@ def test_shared_weights_raise_and_exclude_skips():
     with pytest.raises(UnsupportedLayerError, match="shared"):
         CSGD(model, lr=0.1)
     CSGD(model, lr=0.1, exclude=[b])
-    CSGD(nn.Sequential(nn.Conv3d(1, 2, 3)), lr=0.1, exclude=["0"])
+    CSGD(nn.Sequential(nn.ConvTranspose2d(1, 2, 3)), lr=0.1, exclude=["0"])
     with pytest.raises(ValueError, match="no module named"):
         CSGD(model, lr=0.1, exclude=["nope"])
 

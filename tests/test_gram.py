@@ -230,7 +230,13 @@ def test_bad_input_errors_name_the_argument():
     _raises(ValueError, r"groups=0", g, x, 3, groups=0)
     _raises(ValueError, r"kernel_size=\(3, 3, 3\) has 3 entries", g, x, (3, 3, 3))
     _raises(ValueError, r"2-d shape", g, x[0, 0], 3)
-    _raises(ValueError, r"5-d shape", g, x[None], 3)
+    _raises(ValueError, r"6-d shape", g, x[None, None], 3)
+    x5 = torch.randn(2, 4, 5, 6, 6)  # Conv3d
+    _raises(ValueError, r"kernel_size=\(3, 3\) has 2 entries; a 3-d conv", g, x5, (3, 3))
+    _raises(ValueError, r"kernel_size=\(6, 3, 3\).*empty output", g, x5, (6, 3, 3))
+    _raises(ValueError, r"stride=\(1, 0, 1\)", g, x5, 3, stride=(1, 0, 1))
+    _raises(ValueError, r"padding=\(-1, -1, -1\)", g, x5, 3, padding=-1)
+    _raises(ValueError, r"4 channels, not divisible by groups=3", g, x5, 3, groups=3)
     _raises(TypeError, r"dtype torch.int64", g, x.long(), 3)
     _raises(TypeError, r"kernel_size must be an int.*float", g, x, 3.0)
     _raises(TypeError, r"stride must be an int.*bool", g, x, 3, stride=True)
@@ -564,3 +570,187 @@ def test_bench_smoke(tmp_path):
     # unfold + matmul of one 64x56x56 sample holds its 7.2 MB of columns; the kernel ~2 MB at most
     assert by_impl["unfold+matmul"]["extra"]["peak_extra_bytes"] > 7e6
     assert by_impl["cpu"]["extra"]["peak_extra_bytes"] < 3e6
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv3d: the reference computes it directly (F.pad + Tensor.unfold per dim); cpu/cuda/triton as Conv2d Grams of
+# depth-gathered chunks (ops/gram.py _conv3d_by_depth).
+
+CONV3D_CONFIGS = [
+    ((2, 3, 5, 6, 7), 3, 1, 0, 1, 1, False),
+    ((1, 2, 6, 5, 5), 3, 1, 1, 1, 1, True),
+    ((2, 4, 7, 6, 5), (3, 2, 1), (2, 1, 2), (1, 0, 1), (1, 2, 1), 2, False),
+    ((1, 6, 5, 7, 4), (2, 3, 2), (1, 2, 1), (2, 1, 0), (2, 1, 1), 3, True),  # depth padding beyond the kernel reach
+    ((2, 4, 4, 4, 4), 1, 2, 0, 1, 4, True),  # depthwise 1×1×1, strided
+    ((1, 3, 3, 3, 3), 3, 1, 0, 1, 1, True),  # one output position
+    ((1, 2, 9, 3, 4), (4, 1, 2), (3, 1, 1), (2, 0, 1), (2, 1, 1), 1, True),  # stride < depth span, dilated depth
+    ((2, 5, 2, 4, 3), (2, 2, 2), 1, (3, 0, 1), 1, 5, False),  # depth padding 3 > reach 1: trimmed
+]
+
+
+@pytest.mark.parametrize("cfg", CONV3D_CONFIGS, ids=conv_id)
+def test_im2col_gram_conv3d_matches_reference(backend, cfg, fresh_seed):
+    shape, k, s, p, d, g, b = cfg
+    dev = backend_device(backend)
+    x = torch.randn(shape, device=dev)
+    out = ak.im2col_gram(x, k, s, p, d, g, b, backend=backend)
+    ref = ref_gram(x, k, s, p, d, g, b)
+    assert out.dtype == torch.float32 and out.shape == ref.shape and out.device == x.device
+    assert rel_fro(out, ref) <= TOL
+    x64 = x.double()
+    assert rel_fro(ak.im2col_gram(x64, k, s, p, d, g, b, backend=backend), ref) <= 1e-12
+
+
+@pytest.mark.parametrize("cfg", CONV3D_CONFIGS, ids=conv_id)
+def test_reference_conv3d_is_the_conv_weight_order(cfg, fresh_seed):
+    """As test_reference_is_the_conv_weight_order, through torch's own F.conv3d: Σ_m z_m z_mᵀ = W A Wᵀ."""
+    shape, k, s, p, d, g, b = cfg
+    x = torch.randn(shape, dtype=torch.float64)
+    conv = torch.nn.Conv3d(shape[1], 2 * g, k, stride=s, padding=p, dilation=d, groups=g, bias=b, dtype=torch.float64)
+    z = conv(x)
+    zg = z.transpose(0, 1).reshape(g, 2, -1)
+    w = conv.weight.reshape(g, 2, -1)
+    if b:
+        w = torch.cat([w, conv.bias.reshape(g, 2, 1)], dim=2)
+    a = reference.im2col_gram(x, *(ak.ops.gram.conv_geometry(x, k, s, p, d, g, b)[:5]), b)
+    assert a.dtype == torch.float64 and a.shape == (g, w.shape[2], w.shape[2])
+    torch.testing.assert_close(w @ a @ w.transpose(1, 2), zg @ zg.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    if b:
+        assert (a[:, -1, -1] == z.shape[0] * math.prod(z.shape[2:])).all()
+    # the composed path against the same oracle (cpu when built, else the Triton interpreter)
+    for be in ("cpu", "triton"):
+        if not ak.ops._backend.unavailable_reason(be) and not (be == "triton" and torch.cuda.is_available()):
+            a2 = ak.im2col_gram(x, k, s, p, d, g, b, backend=be)
+            torch.testing.assert_close(w @ a2 @ w.transpose(1, 2), zg @ zg.transpose(1, 2), rtol=1e-12, atol=1e-12)
+            break
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_im2col_gram_conv3d_dtypes_and_layouts(backend, dtype, fresh_seed):
+    if backend == "triton" and interpreted(backend) and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter has no bfloat16 numpy type: bf16 is covered on GPU and by AOT compile")
+    dev = backend_device(backend)
+    base = torch.randn(3, 4, 6, 5, 7, device=dev).to(dtype)
+    for x in (base, base.transpose(2, 4), base[::2, :, 1::2], base.to(memory_format=torch.channels_last_3d),
+              base.permute(1, 0, 2, 3, 4)[:, :2]):
+        for args in [(3, 1, 1, 1, 1, True), ((2, 3, 1), (2, 1, 1), (1, 1, 0), (1, 1, 2), 2, False)]:
+            out = ak.im2col_gram(x, *args, backend=backend)
+            assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            assert rel_fro(out, ref_gram(x, *args)) <= (1e-12 if dtype == torch.float64 else TOL), (x.shape, args)
+
+
+def test_im2col_gram_conv3d_empty(backend):
+    dev = backend_device(backend)
+    out = ak.im2col_gram(torch.randn(0, 4, 3, 5, 5, device=dev), 3, padding=1, groups=2, bias=True, backend=backend)
+    assert out.shape == (2, 55, 55) and (out == 0).all()
+    out = ak.im2col_gram(torch.randn(2, 0, 4, 3, 3, device=dev), (2, 3, 3), bias=True, backend=backend)
+    assert out.shape == (1, 1, 1) and out.item() == 2 * 3  # M = 2 samples × 3 positions
+    # depth 0 with padding that fills it (kernel reach 2 = padding): two all-padding depths, only the count
+    out = ak.im2col_gram(torch.randn(2, 2, 0, 3, 3, device=dev), 3, padding=(2, 1, 1), bias=True, backend=backend)
+    assert out.shape == (1, 55, 55) and (out[:, :-1] == 0).all() and out[0, -1, -1] == 2 * 2 * 9
+
+
+@pytest.mark.parametrize("budget", [1, 500, 2500])
+def test_im2col_gram_conv3d_chunks(backend, budget, monkeypatch, fresh_seed):
+    """The depth gather in chunks of (sample, output depth) through one buffer: a budget below one slice (one
+    (n, od) per chunk), a few output depths per chunk, several samples per chunk. The buffer is the only
+    input-sized allocation: one per call, max(budget, C·kd·H·W) elements at most."""
+    import avg_kernels.ops.gram as gram_mod
+
+    sizes = []
+    real = gram_mod._gather_buffer
+    monkeypatch.setattr(gram_mod, "_GATHER_ELEMENTS", budget)
+    monkeypatch.setattr(gram_mod, "_gather_buffer", lambda numel, x: sizes.append(numel) or real(numel, x))
+    dev = backend_device(backend)
+    x = torch.randn(3, 2, 7, 4, 5, device=dev)
+    for args in [((3, 2, 2), (2, 1, 1), (2, 1, 0), (1, 1, 1), 1, True), ((2, 1, 3), 1, (1, 0, 1), (3, 1, 1), 2, False)]:
+        sizes.clear()
+        out = ak.im2col_gram(x, *args, backend=backend)
+        assert rel_fro(out, ref_gram(x, *args)) <= TOL, args
+        if backend == "reference":
+            assert sizes == []  # the reference does not gather
+            continue
+        kd, pd, dd = args[0][0], args[2][0], args[3][0]
+        sd = args[1] if isinstance(args[1], int) else args[1][0]
+        od = (7 + 2 * pd - dd * (kd - 1) - 1) // sd + 1
+        unit = 2 * kd * 4 * 5  # C·kd·H·W
+        per = max(1, budget // unit)
+        ob = min(od, per)
+        nb = min(3, per // od) if ob == od else 1
+        assert sizes == [nb * ob * unit] and sizes[0] <= max(budget, unit), (sizes, nb, ob)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_im2col_gram_conv3d_random_configurations(backend, seed):
+    """Random Conv3d geometries (interpreted Triton: 4), padding up to beyond the kernel reach and strides past
+    the input (trimmed in every dim), against the untrimmed float64 reference."""
+    gen = torch.Generator().manual_seed(3000 + seed)
+    dev = backend_device(backend)
+    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (), generator=gen))  # noqa: E731
+    done = 0
+    while done < (4 if interpreted(backend) else 40):
+        g = r(1, 2)
+        k = tuple(r(1, 3) for _ in range(3))
+        s = tuple(r(1, 4) for _ in range(3))
+        d = tuple(r(1, 2) for _ in range(3))
+        p = tuple(r(0, d[i] * (k[i] - 1) + 2) for i in range(3))
+        size = tuple(r(0, 5) for _ in range(3))
+        b = bool(r(0, 1))
+        if any((size[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 < 1 for i in range(3)):
+            continue
+        x = torch.randn((r(1, 2), g * r(1, 2), *size), generator=gen, dtype=torch.float64)
+        want = reference.im2col_gram(x, k, s, p, d, g, b)
+        out = ak.im2col_gram(x.to(dev), k, s, p, d, g, b, backend=backend)
+        assert rel_fro(out, want) <= 1e-12, (x.shape, k, s, p, d, g, b)
+        out = ak.im2col_gram(x.float().to(dev), k, s, p, d, g, b, backend=backend)
+        assert rel_fro(out, ref_gram(x.float(), k, s, p, d, g, b)) <= TOL, (x.shape, k, s, p, d, g, b)
+        done += 1
+
+
+def test_im2col_gram_conv3d_huge_geometry(backend):
+    """Depth padding/stride far beyond the input cost nothing (trimmed like the other dims): one voxel of 4
+    channels, read by one window at depth offset 0; every other position only adds to the bias count."""
+    dev = backend_device(backend)
+    x = torch.arange(1.0, 5.0, dtype=torch.float64)
+    out = ak.im2col_gram(x.view(1, 4, 1, 1, 1).to(dev), 1, padding=(2 ** 40, 0, 0), bias=True, backend=backend).cpu()
+    want = torch.zeros(5, 5, dtype=torch.float64)
+    want[:4, :4] = torch.outer(x, x)
+    want[:4, 4] = want[4, :4] = x
+    want[4, 4] = float(2 ** 41 + 1)
+    torch.testing.assert_close(out[0], want, rtol=0, atol=0)
+
+
+def test_opcheck_conv3d(backend, fresh_seed):
+    dev = backend_device(backend)
+    x = torch.randn(2, 4, 4, 3, 5, device=dev)
+    torch.library.opcheck(torch.ops.avg_kernels.im2col_gram.default,
+                          (x, [2, 3, 2], [1, 2, 1], [1, 1, 0], [1, 1, 2], 2, True, backend))
+    if interpreted(backend):
+        return  # the autograd formula is the same for every backend; interpreted Triton is slow
+    xd = torch.randn(1, 2, 3, 3, 3, dtype=torch.float64, device=dev, requires_grad=True)
+    torch.library.opcheck(torch.ops.avg_kernels.im2col_gram.default,
+                          (xd, [2, 2, 2], [1, 1, 1], [1, 0, 1], [1, 1, 1], 1, True, backend))
+
+
+def test_torch_compile_fullgraph_conv3d(fresh_seed):
+    x = torch.randn(2, 3, 5, 6, 6)
+
+    def f(x):
+        return ak.im2col_gram(x, 3, padding=1, bias=True) + 1
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
+    c = torch.compile(lambda x: ak.im2col_gram(x, (2, 3, 3), stride=2, groups=3), fullgraph=True)(x)
+    assert rel_fro(c, ref_gram(x, (2, 3, 3), stride=2, groups=3)) <= TOL
+    dyn = torch.compile(lambda x: ak.im2col_gram(x, (3, 1, 2), padding=(1, 0, 1), bias=True), fullgraph=True,
+                        dynamic=True, backend="aot_eager")
+    for shape in [(2, 3, 5, 6, 6), (3, 3, 4, 7, 5)]:  # symbolic batch and spatial sizes
+        x = torch.randn(shape)
+        assert rel_fro(dyn(x), ref_gram(x, (3, 1, 2), 1, (1, 0, 1), 1, 1, True)) <= TOL
+
+
+def test_autograd_gradcheck_conv3d():
+    x = torch.randn(2, 4, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    f = lambda x: ak.im2col_gram(x, (2, 2, 3), (2, 1, 1), (1, 0, 1), (1, 2, 1), 2, True, backend="reference")  # noqa: E731
+    torch.autograd.gradcheck(f, (x,), fast_mode=True)  # 1250 outputs: the slow mode takes 20 s
+    x = torch.randn(1, 1, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradgradcheck(lambda x: ak.im2col_gram(x, 2, 1, 1, 1, 1, True, backend="reference"), (x,))

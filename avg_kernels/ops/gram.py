@@ -1,6 +1,6 @@
 """Input Grams of im2col layers (SPEC §3):
 
-* ``torch.ops.avg_kernels.im2col_gram``: A = X Xᵀ of a Conv1d/Conv2d input, shape (groups, D, D);
+* ``torch.ops.avg_kernels.im2col_gram``: A = X Xᵀ of a Conv1d/Conv2d/Conv3d input, shape (groups, D, D);
 * ``torch.ops.avg_kernels.linear_gram``: A = X Xᵀ of a Linear input, shape (1, D, D).
 
 D = C_in/groups · ∏kernel (+1 with ``bias``: each column u gets a trailing 1), flattened in the order
@@ -9,7 +9,8 @@ float16/bfloat16/float32 inputs (float32 output), float64 for float64.
 
 Backends: "reference" (avg_kernels/reference/gram.py), "cpu" (csrc/cpu/gram.cpp, kernels in
 csrc/cpu/kernels/gram.cpp), "triton" (avg_kernels/_triton/gram.py), "cuda" (csrc/cuda/gram.cu). Declared
-through the registry (ops/_registry.py).
+through the registry (ops/_registry.py). The compiled and Triton kernels are 2-D; a Conv3d input reaches them
+as Conv2d inputs of depth-gathered chunks (``_conv3d_by_depth``); the reference computes Conv3d directly.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference
+from ..reference.gram import unfold3d
 from .._contract import args
 from .._contract.dtypes import gram_dtype
 from .._contract.outputs import new_output
@@ -31,7 +33,7 @@ IntOrTuple = Union[int, Sequence[int]]
 
 
 class ConvGeometry(NamedTuple):
-    """Validated conv arguments, one entry per spatial dim (1 for Conv1d, 2 for Conv2d)."""
+    """Validated conv arguments, one entry per spatial dim (1 for Conv1d, 2 for Conv2d, 3 for Conv3d)."""
     kernel_size: tuple[int, ...]
     stride: tuple[int, ...]
     padding: tuple[int, ...]
@@ -70,9 +72,9 @@ def conv_geometry(x, kernel_size: IntOrTuple, stride: IntOrTuple = 1, padding: I
                   op: str = "im2col_gram") -> ConvGeometry:
     """Checks the arguments of ``im2col_gram`` (SPEC §6: ValueError/TypeError naming them)."""
     args.tensor("x", x)
-    if x.dim() not in (3, 4):
-        raise ValueError(f"{op}: x must be a Conv1d input (N, C, L) or a Conv2d input (N, C, H, W); "
-                         f"got {x.dim()}-d shape {tuple(x.shape)}")
+    if x.dim() not in (3, 4, 5):
+        raise ValueError(f"{op}: x must be a Conv1d input (N, C, L), a Conv2d input (N, C, H, W) or a Conv3d "
+                         f"input (N, C, D, H, W); got {x.dim()}-d shape {tuple(x.shape)}")
     n = x.dim() - 2
     k = _tuple(op, "kernel_size", kernel_size, n)
     s = _tuple(op, "stride", stride, n)
@@ -151,6 +153,75 @@ def _triton_linear(c: LinearCall):
     return triton_gram.linear_gram(c.x, c.bias)
 
 
+# ----------------------------------------------------------------------------------------------
+# Conv3d on the 2-D kernels. For output depth od, the Conv3d column u at (od, oh, ow) is the Conv2d column
+# at (oh, ow) of the depth-gathered input xg[n, od] = [x[n, c, od·s_d − p_d + kd·δ_d] for c, kd] (zero
+# outside 0..D−1): channels in the order (c, kd), which with the Conv2d kernel's (kh, kw) is the order
+# (c, kd, kh, kw) of ``W.view(C_out, -1)``; a group's channels stay contiguous (C/groups·Kd of them); (n, od)
+# is the batch. So A = Σ over chunks of (n, od) of the Conv2d Gram of the gathered chunk, bias count
+# included (one trailing 1 per position). Gathering every od at once would be Kd/s_d times the input, so
+# chunks of (n, od) go through one reused buffer of at most _GATHER_ELEMENTS elements (or one (n, od) slice,
+# C·Kd·H·W elements, when that is larger). Chunk Grams are summed in float64, so the result is as accurate
+# as one call (SPEC §3: 1e-5). Runs after _trim, so depth padding beyond the kernel reach costs nothing.
+
+_GATHER_ELEMENTS = 1 << 24  # 64 MB of float32
+
+
+def _gather_buffer(numel: int, x: torch.Tensor) -> torch.Tensor:
+    """The one gather buffer of a Conv3d call (a function so tests can see its size)."""
+    return torch.empty(numel, dtype=x.dtype, device=x.device)
+
+
+def _conv3d_by_depth(c: ConvCall, kernel) -> torch.Tensor:
+    x, geo = c.x, c.geo
+    n, ch, depth, h, w = x.shape
+    (kd, *k2), (sd, *s2), (pd, *p2), (dd, *d2) = geo.kernel_size, geo.stride, geo.padding, geo.dilation
+    od = geo.out_size[0]
+    geo2 = geo._replace(kernel_size=tuple(k2), stride=tuple(s2), padding=tuple(p2), dilation=tuple(d2),
+                        out_size=geo.out_size[1:])
+    if n == 0 or ch == 0:  # no input column: the bias count only
+        out = new_output((geo.groups, geo.dim, geo.dim), x, gram_dtype(x.dtype)).zero_()
+        if geo.bias:
+            out[:, -1, -1] = float(n * math.prod(geo.out_size))
+        return out
+    unit = ch * kd * h * w  # gathered elements per (sample, output depth)
+    per = max(1, _GATHER_ELEMENTS // max(unit, 1))
+    ob = min(od, per)  # output depths per chunk
+    nb = min(n, per // od) if ob == od else 1  # samples per chunk
+    buf = _gather_buffer(nb * ob * unit, x)
+    acc = None
+    for n0 in range(0, n, nb):
+        nn_ = min(nb, n - n0)
+        for o0 in range(0, od, ob):
+            oo = min(ob, od - o0)
+            xg = buf[:nn_ * oo * unit].view(nn_, oo, ch, kd, h, w)
+            for j in range(kd):
+                z0 = o0 * sd - pd + j * dd  # input depth read by output depth o0 + o: z0 + o·s_d
+                lo = min(oo, max(0, -(z0 // sd)))  # first o with z0 + o·s_d >= 0
+                hi = min(oo, max(lo, (depth - 1 - z0) // sd + 1))  # past the last o with z0 + o·s_d < depth
+                if lo > 0:
+                    xg[:, :lo, :, j].zero_()
+                if hi < oo:
+                    xg[:, hi:, :, j].zero_()
+                if hi > lo:
+                    src = x[n0:n0 + nn_, :, z0 + lo * sd:z0 + (hi - 1) * sd + 1:sd]  # (nn_, C, hi − lo, H, W)
+                    xg[:, lo:hi, :, j].copy_(src.transpose(1, 2))
+            x2 = xg.view(nn_ * oo, ch * kd, h, w)
+            part = kernel(ConvCall(x2, geo2, 0, x2))
+            if nn_ == n and oo == od:
+                return part  # one chunk: the kernel's own result
+            acc = part.double() if acc is None else acc.add_(part)
+    return acc.to(gram_dtype(x.dtype))
+
+
+def _by_depth(kernel):
+    """A 2-D conv backend that takes Conv3d inputs through ``_conv3d_by_depth``."""
+    @functools.wraps(kernel)
+    def run(c: ConvCall) -> torch.Tensor:
+        return _conv3d_by_depth(c, kernel) if len(c.geo.kernel_size) == 3 else kernel(c)
+    return run
+
+
 def _reference_conv(c: ConvCall):
     g = c.geo
     return reference.im2col_gram(c.x, g.kernel_size, g.stride, g.padding, g.dilation, g.groups, g.bias)
@@ -168,6 +239,7 @@ def _reference_conv(c: ConvCall):
 # becomes that span. The dropped positions are added back to the count exactly (Python ints). Ordinary
 # layers (p <= dilation·(k-1), more than one position) pass through unchanged; only a geometry whose two
 # sides need different padding costs a padded copy of the slice (at most input + 2·extent per dim).
+# Conv3d is trimmed the same way in all three dims.
 
 class _DimPlan(NamedTuple):
     start: int  # slice [start, stop) of the input
@@ -251,9 +323,34 @@ def _conv_setup(ctx, inputs, output):
     ctx.args = (list(kernel_size), list(stride), list(padding), list(dilation), groups, bias)
 
 
+def _conv3d_backward(x, sym, k, s, p, d, g, bias):
+    """The Conv3d case of ``_conv_backward`` (no F.fold for 3-D: the fold is the adjoint of the unfold
+    written out, one strided slice per kernel offset)."""
+    din = sym.shape[1] - int(bias)
+    cols = unfold3d(x.to(sym.dtype), k, s, p, d)  # (N, G·din, L)
+    n, _, ncol = cols.shape
+    cols = cols.view(n, g, din, ncol)
+    dcols = torch.einsum("gij,ngjl->ngil", sym[:, :din, :din], cols)
+    if bias:
+        dcols = dcols + sym[:, :din, din].view(1, g, din, 1)
+    out = [(x.shape[2 + i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(3)]
+    dcols = dcols.reshape(n, x.shape[1], k[0], k[1], k[2], *out)
+    dx = dcols.new_zeros(n, x.shape[1], *(x.shape[2 + i] + 2 * p[i] for i in range(3)))
+    for a in range(k[0]):
+        for b in range(k[1]):
+            for e in range(k[2]):
+                o = (a * d[0], b * d[1], e * d[2])
+                dx[:, :, o[0]:o[0] + (out[0] - 1) * s[0] + 1:s[0], o[1]:o[1] + (out[1] - 1) * s[1] + 1:s[1],
+                   o[2]:o[2] + (out[2] - 1) * s[2] + 1:s[2]] += dcols[:, :, a, b, e]
+    dx = dx[:, :, p[0]:p[0] + x.shape[2], p[1]:p[1] + x.shape[3], p[2]:p[2] + x.shape[4]]
+    return dx.to(x.dtype), None, None, None, None, None, None, None
+
+
 def _conv_backward(ctx, grad):
     (x,) = ctx.saved_tensors
     k, s, p, d, g, bias = ctx.args
+    if x.dim() == 5:
+        return _conv3d_backward(x, grad + grad.transpose(1, 2), k, s, p, d, g, bias)
     one_d = x.dim() == 3
     x4 = x.unsqueeze(2) if one_d else x
     if one_d:
@@ -277,8 +374,8 @@ IM2COL_GRAM = Op(OpSpec(
     check=_check_conv,
     fake=lambda c: c.like.new_empty((c.geo.groups, c.geo.dim, c.geo.dim), dtype=gram_dtype(c.like.dtype)),
     device=lambda c: c.like.device,
-    backends={"reference": _counted(_reference_conv), "cpu": _counted(_compiled_conv),
-              "cuda": _counted(_compiled_conv), "triton": _counted(_triton_conv)},
+    backends={"reference": _counted(_reference_conv), "cpu": _counted(_by_depth(_compiled_conv)),
+              "cuda": _counted(_by_depth(_compiled_conv)), "triton": _counted(_by_depth(_triton_conv))},
     autograd=Autograd(_conv_backward, _conv_setup),
 ))
 
@@ -316,13 +413,13 @@ LINEAR_GRAM = Op(OpSpec(
 @IM2COL_GRAM.public
 def im2col_gram(x: torch.Tensor, kernel_size: IntOrTuple, stride: IntOrTuple = 1, padding: IntOrTuple = 0,
                 dilation: IntOrTuple = 1, groups: int = 1, bias: bool = False):
-    """Input Gram ``A = X Xᵀ`` of a Conv1d/Conv2d layer without materialising the unfolded X (SPEC §3).
+    """Input Gram ``A = X Xᵀ`` of a Conv1d/Conv2d/Conv3d layer without materialising the unfolded X (SPEC §3).
 
     Args:
-        x: the layer input, (N, C, L) for Conv1d or (N, C, H, W) for Conv2d; float16/bfloat16/
-            float32/float64; any strides.
-        kernel_size, stride, padding, dilation, groups: as for ``torch.nn.Conv1d/Conv2d`` (an int or a
-            tuple with one entry per spatial dim; zero padding only).
+        x: the layer input, (N, C, L) for Conv1d, (N, C, H, W) for Conv2d or (N, C, D, H, W) for Conv3d;
+            float16/bfloat16/float32/float64; any strides.
+        kernel_size, stride, padding, dilation, groups: as for ``torch.nn.Conv1d/Conv2d/Conv3d`` (an int or
+            a tuple with one entry per spatial dim; zero padding only).
         bias: append a constant 1 to every unfolded column (the layer has a bias): the last row/column
             of A then hold the column sums and ``A[:, -1, -1] = M``.
         backend: "reference", "cpu", "triton", "cuda" or None/"auto" (see ``use_backend``).
@@ -330,9 +427,13 @@ def im2col_gram(x: torch.Tensor, kernel_size: IntOrTuple, stride: IntOrTuple = 1
     Returns a (groups, D, D) tensor, D = C/groups·∏kernel_size (+1 with bias), rows/columns in the order
     of ``weight.view(C_out, -1)``, summed (not averaged) over the N·∏out positions M; float32 (float32
     accumulation) for float16/bfloat16/float32 inputs, float64 for float64.
+
+    Memory: besides x and the result, the 2-D kernels need O(D²); Conv3d on the "cpu", "cuda" and "triton"
+    backends also gathers chunks of input depth slices into one buffer of at most max(2**24, C·kd·H·W)
+    elements of x's dtype (see ``_conv3d_by_depth``), never the unfolded X.
     """
     # ints or tuples -> one entry per spatial dim, as the schema takes them; the op validates the rest
-    n = x.dim() - 2 if isinstance(x, torch.Tensor) and x.dim() in (3, 4) else 1
+    n = x.dim() - 2 if isinstance(x, torch.Tensor) and x.dim() in (3, 4, 5) else 1
     op = "im2col_gram"
     return (args.is_tensor("x", x), *(list(_tuple(op, name, v, n)) for name, v in (("kernel_size", kernel_size), ("stride", stride),
                                                              ("padding", padding), ("dilation", dilation))),

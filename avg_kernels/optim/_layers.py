@@ -8,7 +8,7 @@ A ``Layer`` knows how its tensors map onto the matrices of SPEC §3 (per group g
 * ``output_grads``: ΔZ, (groups, C_out/groups, M), columns in X's order;
 * ``write_grad``: P (the same shape as G) back into ``.grad``.
 
-Found today by module class (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``); the statistics are fed per use
+Found today by module class (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``); the statistics are fed per use
 of a layer (``_collect``), so another way of finding uses can feed the same ``Layer`` records.
 """
 from __future__ import annotations
@@ -20,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+from ..reference.gram import unfold3d
+
+_SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
 
 class UnsupportedLayerError(ValueError):
@@ -43,7 +46,7 @@ class Layer:
     module: nn.Module
     weight: nn.Parameter
     bias: Optional[nn.Parameter]
-    conv_dims: int  # 0 for Linear, 1 or 2 for ConvNd
+    conv_dims: int  # 0 for Linear, 1, 2 or 3 for ConvNd
     groups: int = 1
     kernel_size: tuple = ()
     stride: tuple = ()
@@ -112,6 +115,10 @@ class Layer:
             x = x.to(ct)
             if self.conv_dims == 0:
                 c = x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # (1, D_in, M_i)
+            elif self.conv_dims == 3:  # only in the M × M form (M < D), so X is small
+                u = unfold3d(x, self.kernel_size, self.stride, self.padding, self.dilation)
+                n, _, L = u.shape
+                c = u.view(n, self.groups, -1, L).permute(1, 2, 0, 3).reshape(self.groups, -1, n * L)
             else:
                 x4, k, s, p, d = x, self.kernel_size, self.stride, self.padding, self.dilation
                 if self.conv_dims == 1:
@@ -174,7 +181,7 @@ class Found:
 
 
 def find_layers(model: nn.Module, exclude, owned: set) -> Found:
-    """The ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layers of ``model`` to precondition.
+    """The ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` layers of ``model`` to precondition.
 
     Args:
         model: the module searched (``named_modules()``).
@@ -183,8 +190,8 @@ def find_layers(model: nn.Module, exclude, owned: set) -> Found:
             someone else's and left out; one it holds only partly is an error.
 
     Raises ``UnsupportedLayerError`` for a layer-kind module (Linear, ConvNd) that is owned and not
-    excluded but cannot be preconditioned correctly (ConvNd other than 1-d/2-d, transposed, lazy and not
-    initialised, a computed weight, complex, shared parameters, only partly owned).
+    excluded but cannot be preconditioned correctly (transposed convolutions, another ConvNd subclass, lazy
+    and not initialised, a computed weight, complex, shared parameters, only partly owned).
     """
     excluded = _excluded_modules(model, exclude)
     layers, left_out, owner = [], {}, {}
@@ -201,9 +208,14 @@ def find_layers(model: nn.Module, exclude, owned: set) -> Found:
         if not all(m or not p.requires_grad for p, m in zip(params, mine)):
             raise UnsupportedLayerError(f"{where}: the base optimizer holds only some of its trained parameters; "
                                         f"it must hold all or none{hint}")
-        if not isinstance(mod, _SUPPORTED) or isinstance(mod, nn.modules.conv._ConvTransposeNd):
-            raise UnsupportedLayerError(f"{where}: the C-optimizers precondition nn.Linear, nn.Conv1d and "
-                                        f"nn.Conv2d layers only{hint}")
+        if isinstance(mod, nn.modules.conv._ConvTransposeNd):
+            # its weight gradient is ΔZ Xᵀ over the columns of the stride-dilated (zero-inserted) input with a
+            # flipped kernel and a (C_in, C_out/groups, ...) weight layout: not an im2col Gram of x as it is
+            raise UnsupportedLayerError(f"{where}: transposed convolutions are not supported (their weight "
+                                        f"gradient is not an im2col Gram of the input as stored){hint}")
+        if not isinstance(mod, _SUPPORTED):
+            raise UnsupportedLayerError(f"{where}: the C-optimizers precondition nn.Linear, nn.Conv1d, "
+                                        f"nn.Conv2d and nn.Conv3d layers only{hint}")
         if isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params():
             raise UnsupportedLayerError(f"{where} is not initialised yet: run one forward before building "
                                         f"the optimizer")
@@ -222,7 +234,7 @@ def find_layers(model: nn.Module, exclude, owned: set) -> Found:
         if isinstance(mod, nn.Linear):
             layers.append(Layer(name, mod, mod.weight, mod.bias, 0))
             continue
-        n = 1 if isinstance(mod, nn.Conv1d) else 2
+        n = next(v for cls, v in _CONV_DIMS.items() if isinstance(mod, cls))
         k, s, d = (_as_tuple(v, n) for v in (mod.kernel_size, mod.stride, mod.dilation))
         rp = tuple(mod._reversed_padding_repeated_twice)  # F.pad argument, last dim first
         lows, highs = [rp[2 * (n - 1 - i)] for i in range(n)], [rp[2 * (n - 1 - i) + 1] for i in range(n)]
