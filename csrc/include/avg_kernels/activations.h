@@ -224,16 +224,15 @@ AK_HD V sigmoid_times_1pq(V B, V q) {
 // the secant's limit, the asymptotic slope at that infinity; both infinite -> NaN, except 0
 // for bounded f (the table's `bounded` column) with opposite signs (the literal secant is then
 // 2/inf or 1/inf).
+// d = b - a: a non-finite a or b makes d inf or NaN, so lanes with a finite d need nothing here (the
+// fast path); a d that overflows from finite ends takes the slow path, which leaves such lanes alone.
 template <Act A, class V>
-AK_HD V fix_nonfinite(V a, V b, V s, ActParams<typename Ops<V>::Scalar> prm) {
+AK_HD V fix_nonfinite(V a, V b, V d, V s, ActParams<typename Ops<V>::Scalar> prm) {
   using O = Ops<V>;
   using S = typename O::Scalar;
   const V inf = V(S(INFINITY)), zero = V(S(0));
   const V nan = V(S(NAN));
-  auto a_fin = O::lt(O::abs(a), inf);  // false for NaN and +-inf
-  auto b_fin = O::lt(O::abs(b), inf);
-  auto all_fin = O::mand(a_fin, b_fin);
-  if (!O::any(O::mnot(all_fin))) return s;  // fast path: every lane finite
+  if (!O::any(O::mnot(O::lt(O::abs(d), inf)))) return s;  // fast path: every d finite
   constexpr bool bounded = act_is_bounded(A);
   const S pos_slope = bounded ? S(0) : S(1);
   const S neg_slope = (A == Act::LeakyRelu) ? prm.p0 : S(0);
@@ -442,7 +441,7 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
   } else {
     static_assert(A != A, "avg_slope: an activation of AVG_KERNELS_ACTIVATIONS has no math here");
   }
-  return detail::fix_nonfinite<A>(a, b, s, prm);
+  return detail::fix_nonfinite<A>(a, b, d, s, prm);
 }
 
 // f'(x) as the secant's fallback computes it (shares every formula with avg_slope).
