@@ -7,9 +7,10 @@ float16/bfloat16/float32 inputs, float64 for float64, SPEC §0) and the block si
 evaluation order; every block names the header function it mirrors, so the two can be diffed.
 
 Differences from the header, all result-neutral:
-* ``Ops<V>::any()`` guards (softplus's rare lanes, fix_nonfinite's fast path) are not branches here:
-  a Triton program has no per-lane branch, so every lane evaluates those formulas and the same selects
-  keep or discard them (identical results; the rare softplus terms cost 2 log1p + 1 exp per element).
+* ``Ops<V>::any()`` guards (softplus's rare lanes, fix_nonfinite's fast path, the two forms of gelu's
+  s_Phi and elu's e^lo) are not branches here: a Triton program has no per-lane branch, so every lane
+  evaluates those formulas and the same selects keep or discard them (identical results; the rare
+  softplus terms cost 2 log1p + 1 exp per element).
 * Constants: a Python float in a binary op with a tensor is materialised in the tensor's type, as the
   header's ``V(S(c))``; where a constant is an ``fma`` operand it is built with ``tl.full(.., COMPUTE)``
   (``tl.fma`` would round a bare Python float to float32 first, wrong for float64).
@@ -270,14 +271,17 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         # midpoint expansion s_Phi = phi(m) sum_k He_2k(m) h^2k / (2k+1)!.
         rsqrt2 = tl.full([], 0.70710678118654752440, C)
         rsqrt2pi = tl.full([], 0.39894228040143267794, C)
-        Ca = _erfc(tl.abs(a) * rsqrt2) * 0.5
         Cb = _erfc(tl.abs(bb) * rsqrt2) * 0.5
-        opp = (a < 0.0) != (bb < 0.0)
-        dPhi = tl.where(opp, 1.0 - Ca - Cb, tl.abs(Ca - Cb))
-        s_large = _div(dPhi, den_fac, C)
         h = (bb - a) * 0.5
         mlim = 40.0  # phi(40) == 0 even in float64; keeps m^6 finite
         m = _min(_max(a + h, -mlim), mlim)
+        use_series = ad * _max(tl.abs(m), 1.0) < K_SMALL  # series only where |h| max(1,|m|) < kSmall/2
+        # header: if (O::any(!use_series)) { ... } -- evaluated on every lane here, selected below.
+        Ca = _erfc(tl.abs(a) * rsqrt2) * 0.5
+        opp = (a < 0.0) != (bb < 0.0)
+        dPhi = tl.where(opp, 1.0 - Ca - Cb, tl.abs(Ca - Cb))
+        s_large = _div(dPhi, den_fac, C)
+        # header: if (O::any(use_series)) { ... }
         m2 = m * m
         h2 = h * h
         phi = _exp(m2 * -0.5) * rsqrt2pi
@@ -294,7 +298,7 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
                 h2k = h2k * h2
                 series = tl.fma(he * _gelu_inv_fact(n, C == tl.float64), h2k, series)
         s_small = phi * series
-        s_phi = tl.where(ad * _max(tl.abs(m), 1.0) < K_SMALL, s_small, s_large)  # series only where |h| max(1,|m|) < kSmall/2
+        s_phi = tl.where(use_series, s_small, s_large)
         phi_b = tl.where(bb < 0.0, Cb, 1.0 - Cb)
         s = tl.fma(a, s_phi, phi_b)
     elif ACT == ELU:
@@ -302,15 +306,16 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         alpha = p0
         lo = _min(a, bb)
         hi = _max(a, bb)
-        El = _exp(_min(lo, 0.0))
         Eh = _exp(_min(hi, 0.0))
         neg = hi <= 0.0
-        y = tl.where(neg, ad, -lo)
+        y = tl.where(neg, ad, -lo)  # both <= 0: |d|; crossing: -lo
+        use_series = y < K_SMALL
         om = _one_minus_exp_neg_small(y, C)
-        n_neg = tl.where(ad < K_SMALL, Eh * om, Eh - El) * alpha
-        n_cross = tl.fma(alpha, tl.where(-lo < K_SMALL, om, 1.0 - El), hi)
+        El = _exp(_min(lo, 0.0))  # header: only if (O::any(!use_series)); selected away elsewhere
+        n_neg = tl.where(use_series, Eh * om, Eh - El) * alpha
+        n_cross = tl.fma(alpha, tl.where(use_series, om, 1.0 - El), hi)
         N = tl.where(0.0 <= lo, ad, tl.where(neg, n_neg, n_cross))
-        fprime = tl.where(0.0 < a, 1.0, El * alpha)  # PyTorch: f'(0) = alpha
+        fprime = tl.where(0.0 < a, 1.0, Eh * alpha)  # fallback lanes: hi = a; PyTorch: f'(0) = alpha
         s = tl.where(fb, fprime, _div(N, den_fac, C))
     elif (ACT == RELU) or (ACT == LEAKY_RELU):
         # Piecewise linear: s = w + slope_neg (1 - w), w the fraction of the segment above 0.
