@@ -187,9 +187,9 @@ def _sigmoid_times_1pq(B, q):
 
 
 @triton.jit
-def _fix_nonfinite(a, b, s, p0, ACT: tl.constexpr, C: tl.constexpr):
+def _fix_nonfinite(a, b, d, s, p0, ACT: tl.constexpr, C: tl.constexpr):
     # detail::fix_nonfinite (its any() fast path is not a branch here: the selects below leave s
-    # unchanged on lanes where a and b are finite).
+    # unchanged on lanes where |d| = |b - a| < 2^126).
     if _is_bounded(ACT):
         pos_slope = tl.full([], 0.0, C)
     else:
@@ -206,6 +206,12 @@ def _fix_nonfinite(a, b, s, p0, ACT: tl.constexpr, C: tl.constexpr):
         s_both = tl.where(a == b, _NAN, 0.0)
     else:
         s_both = tl.full([], _NAN, C)
+    ha = a * 0.5
+    hb = b * 0.5
+    g_a = ha * tl.where(0.0 < a, pos_slope, neg_slope)
+    g_b = hb * tl.where(0.0 < b, pos_slope, neg_slope)
+    ovf = (tl.abs(d) >= 8.507059173023462e37) & ((a_inf | b_inf) == 0)  # finite ends, |d| >= 2^126
+    s = tl.where(ovf, _div(g_b - g_a, hb - ha, C), s)
     s = tl.where(a_inf != b_inf, s_one, s)
     s = tl.where(a_inf & b_inf, s_both, s)
     a_nan = (a == a) == 0  # mnot(eq(a, a))
@@ -254,7 +260,7 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         # gelu_tanh = x h(x), h = sigma(U(x)), U(x) = 2k (x + c x^3); U(b) - U(a) = g (b - a).
         k2 = tl.full([], 2 * 0.7978845608028654, C)  # 2 sqrt(2/pi)
         c3 = tl.full([], 0.044715, C)
-        lim = 10.0
+        lim = 11.0
         one = tl.full([], 1.0, C)
         ac = _min(_max(a, -lim), lim)
         bc = _min(_max(bb, -lim), lim)
@@ -383,7 +389,7 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         sec = tl.where(lo_above, 1.0, _div(delta, tl.where(fb, 1.0, D), C))
         fprime = tl.where(thr < ya, 1.0, sig_lo)  # fallback lanes: lo == ya
         s = tl.where(fb, fprime, sec)
-    return _fix_nonfinite(a, b, s, p0, ACT, C)
+    return _fix_nonfinite(a, b, d, s, p0, ACT, C)
 
 
 # ---------------------------------------------------------------------------------------------

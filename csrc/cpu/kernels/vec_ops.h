@@ -144,14 +144,15 @@ inline VF log1p(const VF& y) {
   const __m512 den = _mm512_mask_mov_ps(_mm512_add_ps(m, one), near0, _mm512_add_ps(y, _mm512_set1_ps(2.0f)));
   k = _mm512_mask_mov_ps(k, near0, _mm512_setzero_ps());
   const __m512 corr0 = _mm512_mask_mov_ps(corr, near0, _mm512_setzero_ps());
-  const __m512 s = _mm512_div_ps(num, den);
+  // 2s as (num + num) / den: for a subnormal y, y / (2 + y) would round on the subnormal grid first.
+  const __m512 two_s = _mm512_div_ps(_mm512_add_ps(num, num), den);
+  const __m512 s = _mm512_mul_ps(two_s, _mm512_set1_ps(0.5f));
   const __m512 s2 = _mm512_mul_ps(s, s);
   __m512 p = _mm512_set1_ps(1.0f / 11);
   p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0f / 9));
   p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0f / 7));
   p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0f / 5));
   p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0f / 3));
-  const __m512 two_s = _mm512_add_ps(s, s);
   const __m512 logm = _mm512_fmadd_ps(_mm512_mul_ps(two_s, s2), p, two_s);
   __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), _mm512_add_ps(logm, corr0));  // k ln2_lo
   r = _mm512_fmadd_ps(k, _mm512_set1_ps(0.693359375f), r);                                     // k ln2_hi
@@ -175,14 +176,14 @@ inline VF log1p(const VF& y) {
   const __m256 den = _mm256_blendv_ps(_mm256_add_ps(m, one), _mm256_add_ps(y, _mm256_set1_ps(2.0f)), near0);
   k = _mm256_andnot_ps(near0, k);
   const __m256 corr0 = _mm256_andnot_ps(near0, corr);
-  const __m256 s = _mm256_div_ps(num, den);
+  const __m256 two_s = _mm256_div_ps(_mm256_add_ps(num, num), den);  // as above: exact for subnormal y
+  const __m256 s = _mm256_mul_ps(two_s, _mm256_set1_ps(0.5f));
   const __m256 s2 = _mm256_mul_ps(s, s);
   __m256 p = _mm256_set1_ps(1.0f / 11);
   p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f / 9));
   p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f / 7));
   p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f / 5));
   p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f / 3));
-  const __m256 two_s = _mm256_add_ps(s, s);
   const __m256 logm = _mm256_fmadd_ps(_mm256_mul_ps(two_s, s2), p, two_s);
   __m256 r = _mm256_fmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), _mm256_add_ps(logm, corr0));
   r = _mm256_fmadd_ps(k, _mm256_set1_ps(0.693359375f), r);

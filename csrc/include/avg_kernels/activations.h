@@ -227,15 +227,20 @@ AK_HD V sigmoid_times_1pq(V B, V q) {
 // the secant's limit, the asymptotic slope at that infinity; both infinite -> NaN, except 0
 // for bounded f (the table's `bounded` column) with opposite signs (the literal secant is then
 // 2/inf or 1/inf).
-// d = b - a: a non-finite a or b makes d inf or NaN, so lanes with a finite d need nothing here (the
-// fast path); a d that overflows from finite ends takes the slow path, which leaves such lanes alone.
+// d = b - a: a non-finite a or b makes d inf or NaN, so lanes with |d| < 2^126 need nothing here (the
+// fast path). Lanes with finite ends and |d| >= 2^126 (which may have overflowed to inf, and whose
+// formulas above may have overflowed to inf/inf) take the asymptotic secant: f(x) = g(x) + O(1) with
+// g(x) = x times the asymptotic slope of x's side (f deviates from it by at most 3, hardswish), so
+// s = (g(b/2) - g(a/2)) / (b/2 - a/2) (the ends halved, exactly, so nothing overflows) is within
+// 6 / 2^126 < 1e-37 of the secant (bounded f: 0).
 template <Act A, class V>
 AK_HD V fix_nonfinite(V a, V b, V d, V s, ActParams<typename Ops<V>::Scalar> prm) {
   using O = Ops<V>;
   using S = typename O::Scalar;
   const V inf = V(S(INFINITY)), zero = V(S(0));
   const V nan = V(S(NAN));
-  if (!O::any(O::mnot(O::lt(O::abs(d), inf)))) return s;  // fast path: every d finite
+  const V huge(S(8.507059173023462e37));  // 2^126
+  if (!O::any(O::mnot(O::lt(O::abs(d), huge)))) return s;  // fast path: every |d| < 2^126
   constexpr bool bounded = act_is_bounded(A);
   const S pos_slope = bounded ? S(0) : S(1);
   const S neg_slope = (A == Act::LeakyRelu) ? prm.p0 : S(0);
@@ -244,6 +249,11 @@ AK_HD V fix_nonfinite(V a, V b, V d, V s, ActParams<typename Ops<V>::Scalar> prm
   V inf_val = O::select(a_inf, a, b);
   V s_one = O::select(O::lt(zero, inf_val), V(pos_slope), V(neg_slope));
   V s_both = bounded ? O::select(O::eq(a, b), nan, zero) : nan;
+  V ha = a * V(S(0.5)), hb = b * V(S(0.5));
+  V g_a = ha * O::select(O::lt(zero, a), V(pos_slope), V(neg_slope));
+  V g_b = hb * O::select(O::lt(zero, b), V(pos_slope), V(neg_slope));
+  auto ovf = O::mand(O::le(huge, O::abs(d)), O::mnot(O::mor(a_inf, b_inf)));  // finite ends, |d| >= 2^126
+  s = O::select(ovf, (g_b - g_a) / (hb - ha), s);
   s = O::select(O::mxor(a_inf, b_inf), s_one, s);
   s = O::select(O::mand(a_inf, b_inf), s_both, s);
   auto a_nan = O::mnot(O::eq(a, a));
@@ -291,11 +301,13 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
   } else if constexpr (A == Act::GeluTanh) {
     // gelu_tanh = x h(x), h(x) = sigma(U(x)), U(x) = 2k (x + c x^3): s = h(b) + a s_h(a, b), and
     // U(b) - U(a) = g (b - a) with g = 2k (1 + c (a^2 + a b + b^2)) > 0, so the sigmoid core gets
-    // |U(b) - U(a)| without a subtraction. |x| >= 10 saturates h exactly (e^{-U} < 1.2e-38), so
-    // clamping there keeps x^3 finite without changing the result.
+    // |U(b) - U(a)| without a subtraction. |x| >= 10 saturates h (e^{-U} < 1.2e-38), so clamping
+    // at 11 keeps x^3 finite without changing the result; at 11, e^{-U} = e^{-112} is 0 in float32,
+    // so the fallback's a h'(a) is 0 for every float |a| >= 11 (at 10, h'(10) = 3e-37 times
+    // a = 3e38 gave 88).
     const V k2(S(2 * 0.7978845608028654));  // 2 sqrt(2/pi)
     const V c3(S(0.044715));
-    const V lim(S(10));
+    const V lim(S(11));
     V ac = O::min(O::max(a, -lim), lim);
     V bc = O::min(O::max(bb, -lim), lim);
     V Ua = k2 * ac * O::fma(c3 * ac, ac, one);
