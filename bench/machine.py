@@ -93,6 +93,18 @@ def gpu_state() -> dict | None:
     return info
 
 
+def _inductor_isa() -> str | None:
+    """The vector ISA torch.compile's C++ code is generated for (``cpu_vec_isa.pick_vec_isa``: follows
+    inductor's cpp.simdlen, else ATEN_CPU_CAPABILITY); "none" for scalar code."""
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        isa = cpu_vec_isa.pick_vec_isa()
+    except Exception:  # noqa: BLE001 - inductor missing or broken: not recorded
+        return None
+    return str(isa) if isa else "none"
+
+
 def machine_info() -> dict:
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
@@ -100,6 +112,7 @@ def machine_info() -> dict:
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "cpu": _cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "inductor_vec_isa": _inductor_isa(),
         "cpus_usable": affinity,
         "torch_threads": torch.get_num_threads(),
         "loadavg": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
@@ -112,7 +125,7 @@ def machine_info() -> dict:
         "source": source_state(),
         "env": {k: v for k, v in os.environ.items()
                 if k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TRITON_INTERPRET", "AVG_KERNELS_POISON_OUTPUTS", "CUDA_VISIBLE_DEVICES",
-                         "TORCHINDUCTOR_CACHE_DIR")},
+                         "TORCHINDUCTOR_CACHE_DIR", "AVG_KERNELS_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY")},
     }
 
 
@@ -134,7 +147,9 @@ def markdown(m: dict) -> list[str]:
     lines = [
         f"- **{kernel_commit_line(m)}**; tree at {src['head']} ({src['branch']})"
         + (", with uncommitted changes" if src["tree_dirty"] else ""),
-        f"- CPU: {m['cpu']} (torch's level {m['cpu_capability']}), {m['cpus_usable']} usable CPUs, torch threads "
+        f"- CPU: {m['cpu']} (torch's level {m['cpu_capability']}"
+        + (f", torch.compile's C++ for {m['inductor_vec_isa']}" if m.get("inductor_vec_isa") else "")
+        + f"), {m['cpus_usable']} usable CPUs, torch threads "
         f"{m['torch_threads']}; {m['platform']}",
         f"- GPU: {gpu['name']} (sm {gpu['capability']}, {gpu['memory_gib']} GiB, CUDA {gpu['cuda_runtime']}"
         + (f", driver/clocks {gpu['nvidia_smi']}" if gpu.get("nvidia_smi") else "") + ")" if gpu else "- GPU: none",

@@ -16,6 +16,10 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 COMMITTED = Path(__file__).resolve().parent / "results"
 MIN_RUN_TIME = {"cpu": {"quick": 0.3, "full": 0.6}, "cuda": {"quick": 0.1, "full": 0.1}}
 ROUNDS = {"cpu": 3, "cuda": 1}
+# --cpu-capability: the level's vector width for torch.compile's generated C++ (inductor's cpp.simdlen);
+# None leaves inductor to follow ATEN_CPU_CAPABILITY ("default": scalar code).
+SIMDLEN = {"default": None, "avx2": 256, "avx512": 512}
+LEVEL_ENV = ("AVG_KERNELS_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY")
 
 
 def _modules(names=None):
@@ -55,6 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=None,
                         help="CPU: interleaved rounds per case (default 3; see bench.harness.Context.measure_many)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) before measuring")
+    parser.add_argument("--cpu-capability", choices=list(SIMDLEN), default=None,
+                        help="CPU: run every side at this level, as on a CPU that has nothing better: our kernels "
+                             "(AVG_KERNELS_CPU_CAPABILITY), torch's eager kernels (ATEN_CPU_CAPABILITY) and the code "
+                             "torch.compile generates (inductor cpp.simdlen); the process restarts itself with the "
+                             "two variables set, since both are read when torch and avg_kernels load")
     parser.add_argument("--tag", default="", help="added to the output file names")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
     for name, mod in _modules().items():
@@ -62,7 +71,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             mod.add_arguments(parser.add_argument_group(f"{name} options"))
 
 
+def _force_cpu_capability(level: str) -> None:
+    """Sets the level for every side of the comparison (see --cpu-capability); restarts this process when
+    the environment does not say it yet (torch and avg_kernels read it once, when they load)."""
+    if any(os.environ.get(k) != level for k in LEVEL_ENV):
+        os.environ.update({k: level for k in LEVEL_ENV})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.simdlen = SIMDLEN[level]
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "cpu_capability", None):
+        _force_cpu_capability(args.cpu_capability)
     import torch
 
     from . import machine, results

@@ -1,5 +1,5 @@
 """The CPU kernels' own vectorised exp / erfc / log1p (csrc/cpu/kernels/vec_ops.h), at every CPU capability
-level this machine supports, against float64."""
+level this machine supports, against float64; and exp_nonpos, the e^x for x <= 0 that the kernels' math uses."""
 import math
 
 import pytest
@@ -31,6 +31,8 @@ def test_accuracy_in_ulps(cpu_level, dtype):
     y = torch.cat([torch.linspace(-0.999, 3.0, 200001), torch.logspace(-30, 38, 20001), -torch.logspace(-30, -0.1, 2001)]).to(dtype)
     ref = torch.log1p(y.double())
     assert max_ulps("log1p", y[ref != 0], ref[ref != 0]) < 4.0
+    xn = torch.linspace(-87.0, 0.0, 200001, dtype=dtype)
+    assert max_ulps("exp_nonpos", xn, torch.exp(xn.double())) < 2.0
 
 
 def test_special_values(cpu_level):
@@ -39,5 +41,8 @@ def test_special_values(cpu_level):
     assert e[0] == inf and e[1] == 0 and e[2].isnan() and e[3] == inf and e[4] == 0 and e[5] == 1
     c = probe(torch.tensor([inf, -inf, nan, 0.0, 11.0]), "erfc")
     assert c[0] == 0 and c[1] == 2 and c[2].isnan() and c[3] == 1 and c[4] == 0
+    en = probe(torch.tensor([-inf, nan, -87.33, -88.0, -104.0, -0.0, 0.0, -1e-30]), "exp_nonpos")
+    assert en[0] == 0 and en[1].isnan() and en[2] >= torch.finfo(torch.float32).tiny and en[4] == 0
+    assert 0 <= en[3] <= math.exp(-88.0) * (1 + 1e-6) and en[5] == 1 and en[6] == 1 and en[7] == 1  # 0 or subnormal
     lg = probe(torch.tensor([0.0, -1.0, -2.0, inf, nan, 1e-30]), "log1p")
     assert lg[0] == 0 and lg[1] == -inf and lg[2].isnan() and lg[3] == inf and lg[4].isnan() and lg[5] == 1e-30

@@ -7,9 +7,10 @@ float16/bfloat16/float32 inputs, float64 for float64, SPEC §0) and the block si
 evaluation order; every block names the header function it mirrors, so the two can be diffed.
 
 Differences from the header, all result-neutral:
-* ``Ops<V>::any()`` guards (softplus's rare lanes, fix_nonfinite's fast path) are not branches here:
-  a Triton program has no per-lane branch, so every lane evaluates those formulas and the same selects
-  keep or discard them (identical results; the rare softplus terms cost 2 log1p + 1 exp per element).
+* ``Ops<V>::any()`` guards (softplus's rare lanes, fix_nonfinite's fast path, the two forms of gelu's
+  s_Phi and elu's e^lo) are not branches here: a Triton program has no per-lane branch, so every lane
+  evaluates those formulas and the same selects keep or discard them (identical results; the rare
+  softplus terms cost 2 log1p + 1 exp per element).
 * Constants: a Python float in a binary op with a tensor is materialised in the tensor's type, as the
   header's ``V(S(c))``; where a constant is an ``fma`` operand it is built with ``tl.full(.., COMPUTE)``
   (``tl.fma`` would round a bare Python float to float32 first, wrong for float64).
@@ -186,9 +187,9 @@ def _sigmoid_times_1pq(B, q):
 
 
 @triton.jit
-def _fix_nonfinite(a, b, s, p0, ACT: tl.constexpr, C: tl.constexpr):
+def _fix_nonfinite(a, b, d, s, p0, ACT: tl.constexpr, C: tl.constexpr):
     # detail::fix_nonfinite (its any() fast path is not a branch here: the selects below leave s
-    # unchanged on lanes where a and b are finite).
+    # unchanged on lanes where |d| = |b - a| < 2^126).
     if _is_bounded(ACT):
         pos_slope = tl.full([], 0.0, C)
     else:
@@ -205,6 +206,12 @@ def _fix_nonfinite(a, b, s, p0, ACT: tl.constexpr, C: tl.constexpr):
         s_both = tl.where(a == b, _NAN, 0.0)
     else:
         s_both = tl.full([], _NAN, C)
+    ha = a * 0.5
+    hb = b * 0.5
+    g_a = ha * tl.where(0.0 < a, pos_slope, neg_slope)
+    g_b = hb * tl.where(0.0 < b, pos_slope, neg_slope)
+    ovf = (tl.abs(d) >= 8.507059173023462e37) & ((a_inf | b_inf) == 0)  # finite ends, |d| >= 2^126
+    s = tl.where(ovf, _div(g_b - g_a, hb - ha, C), s)
     s = tl.where(a_inf != b_inf, s_one, s)
     s = tl.where(a_inf & b_inf, s_both, s)
     a_nan = (a == a) == 0  # mnot(eq(a, a))
@@ -253,7 +260,7 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         # gelu_tanh = x h(x), h = sigma(U(x)), U(x) = 2k (x + c x^3); U(b) - U(a) = g (b - a).
         k2 = tl.full([], 2 * 0.7978845608028654, C)  # 2 sqrt(2/pi)
         c3 = tl.full([], 0.044715, C)
-        lim = 10.0
+        lim = 11.0
         one = tl.full([], 1.0, C)
         ac = _min(_max(a, -lim), lim)
         bc = _min(_max(bb, -lim), lim)
@@ -270,14 +277,17 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         # midpoint expansion s_Phi = phi(m) sum_k He_2k(m) h^2k / (2k+1)!.
         rsqrt2 = tl.full([], 0.70710678118654752440, C)
         rsqrt2pi = tl.full([], 0.39894228040143267794, C)
-        Ca = _erfc(tl.abs(a) * rsqrt2) * 0.5
         Cb = _erfc(tl.abs(bb) * rsqrt2) * 0.5
-        opp = (a < 0.0) != (bb < 0.0)
-        dPhi = tl.where(opp, 1.0 - Ca - Cb, tl.abs(Ca - Cb))
-        s_large = _div(dPhi, den_fac, C)
         h = (bb - a) * 0.5
         mlim = 40.0  # phi(40) == 0 even in float64; keeps m^6 finite
         m = _min(_max(a + h, -mlim), mlim)
+        use_series = ad * _max(tl.abs(m), 1.0) < K_SMALL  # series only where |h| max(1,|m|) < kSmall/2
+        # header: if (O::any(!use_series)) { ... } -- evaluated on every lane here, selected below.
+        Ca = _erfc(tl.abs(a) * rsqrt2) * 0.5
+        opp = (a < 0.0) != (bb < 0.0)
+        dPhi = tl.where(opp, 1.0 - Ca - Cb, tl.abs(Ca - Cb))
+        s_large = _div(dPhi, den_fac, C)
+        # header: if (O::any(use_series)) { ... }
         m2 = m * m
         h2 = h * h
         phi = _exp(m2 * -0.5) * rsqrt2pi
@@ -294,7 +304,7 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
                 h2k = h2k * h2
                 series = tl.fma(he * _gelu_inv_fact(n, C == tl.float64), h2k, series)
         s_small = phi * series
-        s_phi = tl.where(ad * _max(tl.abs(m), 1.0) < K_SMALL, s_small, s_large)  # series only where |h| max(1,|m|) < kSmall/2
+        s_phi = tl.where(use_series, s_small, s_large)
         phi_b = tl.where(bb < 0.0, Cb, 1.0 - Cb)
         s = tl.fma(a, s_phi, phi_b)
     elif ACT == ELU:
@@ -302,15 +312,16 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         alpha = p0
         lo = _min(a, bb)
         hi = _max(a, bb)
-        El = _exp(_min(lo, 0.0))
         Eh = _exp(_min(hi, 0.0))
         neg = hi <= 0.0
-        y = tl.where(neg, ad, -lo)
+        y = tl.where(neg, ad, -lo)  # both <= 0: |d|; crossing: -lo
+        use_series = y < K_SMALL
         om = _one_minus_exp_neg_small(y, C)
-        n_neg = tl.where(ad < K_SMALL, Eh * om, Eh - El) * alpha
-        n_cross = tl.fma(alpha, tl.where(-lo < K_SMALL, om, 1.0 - El), hi)
+        El = _exp(_min(lo, 0.0))  # header: only if (O::any(!use_series)); selected away elsewhere
+        n_neg = tl.where(use_series, Eh * om, Eh - El) * alpha
+        n_cross = tl.fma(alpha, tl.where(use_series, om, 1.0 - El), hi)
         N = tl.where(0.0 <= lo, ad, tl.where(neg, n_neg, n_cross))
-        fprime = tl.where(0.0 < a, 1.0, El * alpha)  # PyTorch: f'(0) = alpha
+        fprime = tl.where(0.0 < a, 1.0, Eh * alpha)  # fallback lanes: hi = a; PyTorch: f'(0) = alpha
         s = tl.where(fb, fprime, _div(N, den_fac, C))
     elif (ACT == RELU) or (ACT == LEAKY_RELU):
         # Piecewise linear: s = w + slope_neg (1 - w), w the fraction of the segment above 0.
@@ -378,7 +389,7 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         sec = tl.where(lo_above, 1.0, _div(delta, tl.where(fb, 1.0, D), C))
         fprime = tl.where(thr < ya, 1.0, sig_lo)  # fallback lanes: lo == ya
         s = tl.where(fb, fprime, sec)
-    return _fix_nonfinite(a, b, s, p0, ACT, C)
+    return _fix_nonfinite(a, b, d, s, p0, ACT, C)
 
 
 # ---------------------------------------------------------------------------------------------

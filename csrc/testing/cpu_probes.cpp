@@ -2,7 +2,7 @@
 // avg_kernels._C_testing (for the test suite; not loaded by `import avg_kernels`). Ops
 // torch.ops.avg_kernels_testing.*:
 //
-//   vec_math_probe(x, fn) -> Tensor        one vectorised primitive (exp, erfc, log1p), float32/float64
+//   vec_math_probe(x, fn) -> Tensor        one vectorised primitive (exp, erfc, log1p, exp_nonpos), float32/float64
 //   act_value(x, act, p0, p1) -> Tensor     f(x) of the shared header math (activations.h)
 //   ridge_solve_unfused(G, A, lam)          the ridge driver without the fused small-system path
 //   ridge_prologue(A, lam, compute_dtype) -> (Bm, stats)    the prologue kernel alone
@@ -19,7 +19,7 @@ namespace {
 
 at::Tensor vec_math_probe(const at::Tensor& x, c10::string_view fn) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "vec_math_probe: float32/float64 only");
-  const int64_t id = fn == "exp" ? 0 : fn == "erfc" ? 1 : fn == "log1p" ? 2 : -1;
+  const int64_t id = fn == "exp" ? 0 : fn == "erfc" ? 1 : fn == "log1p" ? 2 : fn == "exp_nonpos" ? 3 : -1;
   TORCH_CHECK(id >= 0, "vec_math_probe: unknown function ", fn);
   auto a = x.contiguous();
   auto out = at::empty_like(a);

@@ -23,7 +23,7 @@ void avg_act_backward(const at::Tensor& grad_out, const at::Tensor& x, const at:
     dispatch_act(act, [&](auto tag) {
       constexpr Act A = decltype(tag)::value;
       parallel_map(out.data_ptr<scalar_t>(), out.numel(),
-                   [&](const Vec& gv, const Vec& av, const Vec& bv) { return gv * avg_kernels::avg_slope<A>(av, bv, prm, e); },
+                   [prm, e](const Vec& gv, const Vec& av, const Vec& bv) { return gv * avg_kernels::avg_slope<A>(av, bv, prm, e); },
                    grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), x_new.const_data_ptr<scalar_t>());
     });
   });
@@ -37,7 +37,7 @@ void act_value(const at::Tensor& x, at::Tensor& out, int64_t act, double p0, dou
     const ActParams<opmath_t> prm{opmath_t(p0), opmath_t(p1)};
     dispatch_act(act, [&](auto tag) {
       constexpr Act A = decltype(tag)::value;
-      parallel_map(out.data_ptr<scalar_t>(), out.numel(), [&](const Vec& v) { return avg_kernels::act_value<A>(v, prm); },
+      parallel_map(out.data_ptr<scalar_t>(), out.numel(), [prm](const Vec& v) { return avg_kernels::act_value<A>(v, prm); },
                    x.const_data_ptr<scalar_t>());
     });
   });

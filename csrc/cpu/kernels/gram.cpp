@@ -28,7 +28,15 @@ namespace {
 using namespace avg_kernels::gram;
 
 constexpr int kMR = 6;                    // micro-tile rows (broadcast operand)
-constexpr int kNV = 4;                    // micro-tile columns, in vectors
+constexpr int kNV = 4;                    // micro-tile columns, in vectors (depthwise path)
+// Dense micro-tile columns, in vectors: kMR × kNVDense accumulators, kNVDense operand vectors and a
+// broadcast must fit the register file. AVX512 (32 zmm): 6 × 4 (29 registers). AVX2 (16 ymm): 6 × 2
+// (15 registers, the usual AVX2 SGEMM tile); 6 × 4 needed 29 and spilled accumulators in every FMA.
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr int kNVDense = 2;
+#else
+constexpr int kNVDense = 4;
+#endif
 constexpr int64_t kRowBlock = 48;         // rows of A per work item (multiple of kMR)
 constexpr int64_t kPanelBytes = 24 << 10;  // q-operand panel of a K block (k_block × kNV vectors): in L1
 constexpr int64_t kKMin = 16, kKMax = 512;  // positions per K block, clamped
@@ -99,8 +107,8 @@ constexpr std::array<MicroFn<T, C>, sizeof...(NV)> micro_row(std::integer_sequen
 }
 
 template <typename T, typename C, int... R>
-constexpr std::array<std::array<MicroFn<T, C>, kNV>, sizeof...(R)> micro_table(std::integer_sequence<int, R...>) {
-  return {micro_row<T, C, R + 1>(std::make_integer_sequence<int, kNV>{})...};
+constexpr std::array<std::array<MicroFn<T, C>, kNVDense>, sizeof...(R)> micro_table(std::integer_sequence<int, R...>) {
+  return {micro_row<T, C, R + 1>(std::make_integer_sequence<int, kNVDense>{})...};
 }
 
 // micro_fns<T, C>()[r-1][nvec-1]
@@ -195,19 +203,19 @@ void run_item(const Key& key, int32_t key_index, const Geometry& geo, const T* b
   const T* buf_q = buf + key.phase_q * phase_stride + g * cgp;
   const int64_t shift = (key.dh * bw + key.dw) * ct;
   const int64_t col_lo0 = key.diag ? (rb0 / VL) * VL : 0;
-  const int64_t k_block = std::clamp<int64_t>(kPanelBytes / (kNV * VL * int64_t(sizeof(T))), kKMin, kKMax);
+  const int64_t k_block = std::clamp<int64_t>(kPanelBytes / (kNVDense * VL * int64_t(sizeof(T))), kKMin, kKMax);
   for (size_t ai = 0; ai < key.atoms.size(); ++ai) {
     // direct: acc is A itself (rows of dim); else the atom's (groups, cg, cgp) block
     C* target = geo.direct ? acc + g * geo.dim * geo.dim : acc + geo.atom_off[key_index][ai] + g * geo.cg * cgp;
     const int64_t ldc = geo.direct ? geo.dim : cgp;
     for_k_blocks(key.atoms[ai], geo, nsamples, k_block, rowoff, [&](const int64_t* rows, int64_t nrows, int64_t len) {
       // Column panels outer, row tiles inner: the panel's K block of the q operand (k_block ×
-      // kNV·VL values) stays in L1 while every row tile of the item passes over it.
-      for (int64_t n0 = col_lo0; n0 < cgp; n0 += kNV * VL) {
-        const int nvec = static_cast<int>(std::min<int64_t>(kNV, (cgp - n0) / VL));
+      // kNVDense·VL values) stays in L1 while every row tile of the item passes over it.
+      for (int64_t n0 = col_lo0; n0 < cgp; n0 += kNVDense * VL) {
+        const int nvec = static_cast<int>(std::min<int64_t>(kNVDense, (cgp - n0) / VL));
         for (int64_t m0 = rb0; m0 < rb1; m0 += kMR) {
           // diagonal keys: only tiles that reach the columns >= floor(row / VL)·VL of their rows
-          if (key.diag && n0 + kNV * VL <= (m0 / VL) * VL) continue;
+          if (key.diag && n0 + kNVDense * VL <= (m0 / VL) * VL) continue;
           const int r = static_cast<int>(std::min<int64_t>(kMR, rb1 - m0));
           const int64_t bdelta = (buf_q - buf_p) + shift + (n0 - m0);
           fns[r - 1][nvec - 1](buf_p + m0, bdelta, rows, nrows, len, ct, target + m0 * ldc + n0, ldc);
@@ -338,6 +346,12 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
   geo.depthwise = geo.cg == 1 && groups > 1;
   geo.cgp = geo.depthwise ? 1 : (geo.cg + VL - 1) / VL * VL;
   geo.ct = groups * geo.cgp;
+  // Position stride of the buffer: a stride of an even number of cache lines maps successive positions to
+  // a fraction of the L1 sets (a power of two like Linear 4096's 16 KB: all to one set, so a K block of the
+  // micro-kernel's operands thrashed 8 ways); from 1 KB up, one line of padding makes the stride odd.
+  constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+  const int64_t lines = (geo.ct + kLine - 1) / kLine;
+  if (geo.ct * int64_t(sizeof(T)) >= 1024 && lines % 2 == 0) geo.ct = (lines + 1) * kLine;
   geo.k2 = plan.k2();
   geo.dim = geo.cg * geo.k2 + (bias ? 1 : 0);
   geo.bias = bias;
@@ -366,7 +380,7 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
     const auto opts = x4.options().dtype(c10::CppTypeToScalarType<T>::value);
     const int64_t phase_stride = geo.chunk * plan.buf_h * plan.buf_w * geo.ct;
     // Workspaces are ATen tensors (torch's allocator; bench/gram.py measures every byte anyway).
-    at::Tensor buf = at::zeros({int64_t(plan.phases.size()), geo.chunk, plan.buf_h, plan.buf_w, groups, geo.cgp}, opts);
+    at::Tensor buf = at::zeros({int64_t(plan.phases.size()), geo.chunk, plan.buf_h, plan.buf_w, geo.ct}, opts);
     // float inputs: the atoms accumulate in double (memory: one (groups, cg, cgp) block per atom)
     at::Tensor acc = at::zeros({acc_len}, opts.dtype(at::kDouble));
     at::Tensor sums = at::zeros({bias ? k2 : 0, geo.ct}, opts);
@@ -400,7 +414,8 @@ void gram_impl(const at::Tensor& x4, const Plan& plan, const ConvDim& gh, const 
       for (size_t f = 0; f < plan.phases.size(); ++f) {
         const int64_t ph = plan.phases[f][0], pw = plan.phases[f][1];
         at::Tensor src = x5.narrow(0, n0, ns).slice(3, ph, x5.size(3), gh.s).slice(4, pw, x5.size(4), gw.s);
-        at::Tensor dst = buf.select(0, int64_t(f)).narrow(0, 0, ns).narrow(1, 0, src.size(3)).narrow(2, 0, src.size(4))
+        at::Tensor dst = buf.select(0, int64_t(f)).narrow(3, 0, groups * geo.cgp).unflatten(3, {groups, geo.cgp})
+                             .narrow(0, 0, ns).narrow(1, 0, src.size(3)).narrow(2, 0, src.size(4))
                              .narrow(4, 0, cg).permute({0, 3, 4, 1, 2});
         dst.copy_(src);
       }

@@ -1,5 +1,5 @@
 // Ops<V> for at::vec::Vectorized<float/double>: lets the shared math of activations.h run on
-// whole SIMD registers. float lanes use the exp/erfc/log1p below (AVX512), double lanes Sleef's.
+// whole SIMD registers. float lanes use the exp/erfc/log1p below (AVX2 and AVX512), double lanes Sleef's.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -16,26 +16,80 @@ namespace vec_math {
 
 using VF = at::vec::Vectorized<float>;
 
-// e^x for float lanes, ~1 ulp: x = n ln2 + r (Cody-Waite, |r| <= ln2/2), e^r by its degree-7
-// Taylor polynomial (remainder < 6e-9 relative), 2^n applied by vscalefps (exact, handles
-// overflow to inf and gradual underflow). 14 instructions against ~30 for Sleef's expf_u10,
-// which bounded every activation kernel here.
+// e^x for float lanes, ~1 ulp: x = n ln2 + r (Cody-Waite, |r| <= ln2/2), e^r by a degree-6
+// polynomial (minimax for relative error on |r| <= ln2/2: 2e-9), times 2^n. About half the
+// instructions of Sleef's expf_u10, which bounded every activation kernel here.
+#if defined(CPU_CAPABILITY_AVX512)
+using VR = __m512;
+#define AK_VEC(op) _mm512_##op
+#elif defined(CPU_CAPABILITY_AVX2)
+using VR = __m256;
+#define AK_VEC(op) _mm256_##op
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// r = x - n ln2 in two steps (ln2_hi has 9 significant bits: n ln2_hi is exact for |n| < 2^15), and
+// e^r; n is an integer-valued float.
+inline VR exp_reduced(VR x, VR n) {
+  VR r = AK_VEC(fnmadd_ps)(n, AK_VEC(set1_ps)(0.693359375f), x);
+  r = AK_VEC(fnmadd_ps)(n, AK_VEC(set1_ps)(-2.12194440e-4f), r);
+  VR p = AK_VEC(set1_ps)(1.38436060e-3f);
+  p = AK_VEC(fmadd_ps)(p, r, AK_VEC(set1_ps)(8.37419648e-3f));
+  p = AK_VEC(fmadd_ps)(p, r, AK_VEC(set1_ps)(4.16680053e-2f));
+  p = AK_VEC(fmadd_ps)(p, r, AK_VEC(set1_ps)(1.66664302e-1f));
+  p = AK_VEC(fmadd_ps)(p, r, AK_VEC(set1_ps)(4.99999940e-1f));
+  p = AK_VEC(fmadd_ps)(p, r, AK_VEC(set1_ps)(1.0f));
+  return AK_VEC(fmadd_ps)(p, r, AK_VEC(set1_ps)(1.0f));
+}
+#undef AK_VEC
+#endif
+
+// e^x for every x: overflow to inf, gradual underflow to 0, NaN kept.
 inline VF exp(const VF& x) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 xc = _mm512_min_ps(_mm512_set1_ps(88.8f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));  // keeps NaN
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);  // ln2_hi: n * ln2_hi is exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);       // ln2_lo
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_scalef_ps(exp_reduced(xc, n), n);  // vscalefps: exact, handles overflow and underflow
+#elif defined(CPU_CAPABILITY_AVX2)
+  // Without vscalefps, 2^n = 2^h 2^(n-h) with h = n >> 1: for n in [-150, 128] both factors are
+  // normal floats, p 2^h is exact and the last product rounds once (to inf, or gradually to 0).
+  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(88.8f), _mm256_max_ps(_mm256_set1_ps(-104.0f), x));  // keeps NaN
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 p = exp_reduced(xc, n);
+  const __m256i ni = _mm256_cvtps_epi32(n);  // NaN lanes: p is NaN already
+  const __m256i h = _mm256_srai_epi32(ni, 1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(h, bias), 23));
+  const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, h), bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+#else
+  return x.exp();
+#endif
+}
+
+// e^x for x <= 0 (or NaN) only, as every exponential of activations.h is e^{-y}, y >= 0 (Ops<V>::exp
+// below). Results below FLT_MIN are returned as 0, never as subnormals: a subnormal operand or result
+// costs a microcode assist in every later operation, and a term below 1.2e-38 is far inside SPEC §1's
+// absolute bar (1e-6) wherever it is used (tests/test_avg_act_edges.py checks the float range's edges).
+// On AVX2 that leaves one power of two, built in the exponent field: k = x log2(e) + 1.5 2^23 + 127
+// rounds to an integer whose low bits are n + 127, so k << 23 is 2^n (n in [-126, 0]).
+inline VF exp_nonpos(const VF& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 lo = _mm512_set1_ps(-87.33654f);  // ln(FLT_MIN) rounded up: e^lo >= FLT_MIN
+  const __m512 xc = _mm512_max_ps(lo, x);  // keeps NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), exp_reduced(xc, n), n);  // x < lo: 0
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 lo = _mm256_set1_ps(-87.33654f);  // ln(FLT_MIN) rounded up: e^lo >= FLT_MIN
+  const __m256 shifter = _mm256_set1_ps(12582912.0f + 127.0f);
+  const __m256 xc = _mm256_max_ps(lo, x);  // keeps NaN
+  const __m256 k = _mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), shifter);
+  const __m256 p = exp_reduced(xc, _mm256_sub_ps(k, shifter));
+  const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(k), 23)));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), e);
 #else
   return x.exp();
 #endif
@@ -65,7 +119,7 @@ inline VF erfc(const VF& z) {
   for (int i = 0; i < VF::size(); ++i) ps[i] = std::fma(zs[i], zs[i], -ps[i]);
   const VF pe = VF::loadu(ps);
 #endif
-  const VF r = exp(-p) * (VF(1.0f) - pe) * t * P;
+  const VF r = exp_nonpos(-p) * (VF(1.0f) - pe) * t * P;
   return VF::blendv(r, VF(2.0f) - r, z < VF(0.0f));
 }
 
@@ -90,14 +144,15 @@ inline VF log1p(const VF& y) {
   const __m512 den = _mm512_mask_mov_ps(_mm512_add_ps(m, one), near0, _mm512_add_ps(y, _mm512_set1_ps(2.0f)));
   k = _mm512_mask_mov_ps(k, near0, _mm512_setzero_ps());
   const __m512 corr0 = _mm512_mask_mov_ps(corr, near0, _mm512_setzero_ps());
-  const __m512 s = _mm512_div_ps(num, den);
+  // 2s as (num + num) / den: for a subnormal y, y / (2 + y) would round on the subnormal grid first.
+  const __m512 two_s = _mm512_div_ps(_mm512_add_ps(num, num), den);
+  const __m512 s = _mm512_mul_ps(two_s, _mm512_set1_ps(0.5f));
   const __m512 s2 = _mm512_mul_ps(s, s);
   __m512 p = _mm512_set1_ps(1.0f / 11);
   p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0f / 9));
   p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0f / 7));
   p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0f / 5));
   p = _mm512_fmadd_ps(p, s2, _mm512_set1_ps(1.0f / 3));
-  const __m512 two_s = _mm512_add_ps(s, s);
   const __m512 logm = _mm512_fmadd_ps(_mm512_mul_ps(two_s, s2), p, two_s);
   __m512 r = _mm512_fmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), _mm512_add_ps(logm, corr0));  // k ln2_lo
   r = _mm512_fmadd_ps(k, _mm512_set1_ps(0.693359375f), r);                                     // k ln2_hi
@@ -105,6 +160,36 @@ inline VF log1p(const VF& y) {
   r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(y, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ), y);
   r = _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(y, _mm512_set1_ps(-1.0f), _CMP_EQ_OQ), _mm512_set1_ps(-INFINITY));
   return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(y, _mm512_set1_ps(-1.0f), _CMP_LT_OQ), _mm512_set1_ps(NAN));
+#elif defined(CPU_CAPABILITY_AVX2)
+  // As above, the split u = m 2^k done on the bits: subtracting the bits of 0.75 leaves k in the
+  // exponent field and m's mantissa below it (u is never subnormal: 1 + y is 0 or >= 2^-25).
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 u = _mm256_add_ps(one, y);
+  const __m256 corr = _mm256_div_ps(_mm256_sub_ps(y, _mm256_sub_ps(u, one)), u);
+  const __m256i b075 = _mm256_set1_epi32(0x3f400000);  // 0.75f
+  const __m256i t = _mm256_sub_epi32(_mm256_castps_si256(u), b075);
+  __m256 k = _mm256_cvtepi32_ps(_mm256_srai_epi32(t, 23));
+  const __m256 m = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_and_si256(t, _mm256_set1_epi32(0x007fffff)), b075));
+  const __m256 near0 = _mm256_and_ps(_mm256_cmp_ps(y, _mm256_set1_ps(-0.25f), _CMP_GT_OQ),
+                                     _mm256_cmp_ps(y, _mm256_set1_ps(0.5f), _CMP_LT_OQ));
+  const __m256 num = _mm256_blendv_ps(_mm256_sub_ps(m, one), y, near0);
+  const __m256 den = _mm256_blendv_ps(_mm256_add_ps(m, one), _mm256_add_ps(y, _mm256_set1_ps(2.0f)), near0);
+  k = _mm256_andnot_ps(near0, k);
+  const __m256 corr0 = _mm256_andnot_ps(near0, corr);
+  const __m256 two_s = _mm256_div_ps(_mm256_add_ps(num, num), den);  // as above: exact for subnormal y
+  const __m256 s = _mm256_mul_ps(two_s, _mm256_set1_ps(0.5f));
+  const __m256 s2 = _mm256_mul_ps(s, s);
+  __m256 p = _mm256_set1_ps(1.0f / 11);
+  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f / 9));
+  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f / 7));
+  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f / 5));
+  p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(1.0f / 3));
+  const __m256 logm = _mm256_fmadd_ps(_mm256_mul_ps(two_s, s2), p, two_s);
+  __m256 r = _mm256_fmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), _mm256_add_ps(logm, corr0));
+  r = _mm256_fmadd_ps(k, _mm256_set1_ps(0.693359375f), r);
+  r = _mm256_blendv_ps(r, y, _mm256_cmp_ps(y, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ));
+  r = _mm256_blendv_ps(r, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(y, _mm256_set1_ps(-1.0f), _CMP_EQ_OQ));
+  return _mm256_blendv_ps(r, _mm256_set1_ps(NAN), _mm256_cmp_ps(y, _mm256_set1_ps(-1.0f), _CMP_LT_OQ));
 #else
   return y.log1p();
 #endif
@@ -154,8 +239,28 @@ struct VecOpsImpl {
   static bool any(Mask m) { return m != 0; }
 #else
   using Mask = V;  // all-ones / all-zeros lanes, as Vectorized comparisons return them
+#if defined(CPU_CAPABILITY_AVX2)
+  // Plain vminps/vmaxps, as for AVX512 (at::vec::minimum adds a NaN compare and an or), and one
+  // vmovmskps for any().
+  static constexpr bool kF = sizeof(T) == 4;
+  static V min(const V& a, const V& b) {
+    if constexpr (kF) return _mm256_min_ps(a, b);
+    else return _mm256_min_pd(a, b);
+  }
+  static V max(const V& a, const V& b) {
+    if constexpr (kF) return _mm256_max_ps(a, b);
+    else return _mm256_max_pd(a, b);
+  }
+  static bool any(const Mask& m) {
+    if constexpr (kF) return _mm256_movemask_ps(m) != 0;
+    else return _mm256_movemask_pd(m) != 0;
+  }
+#else
   static V min(const V& a, const V& b) { return at::vec::minimum(a, b); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  // zero_mask() has one bit per lane that equals 0.0; a set mask lane is all-ones (a NaN).
+  static bool any(const Mask& m) { return m.zero_mask() != (1 << V::size()) - 1; }
+#endif
   static V select(const Mask& m, const V& a, const V& b) { return V::blendv(b, a, m); }
   static Mask lt(const V& a, const V& b) { return a < b; }
   static Mask le(const V& a, const V& b) { return a <= b; }
@@ -164,14 +269,13 @@ struct VecOpsImpl {
   static Mask mor(const Mask& a, const Mask& b) { return a | b; }
   static Mask mxor(const Mask& a, const Mask& b) { return a ^ b; }
   static Mask mnot(const Mask& a) { return a ^ (V(T(0)) == V(T(0))); }
-  // zero_mask() has one bit per lane that equals 0.0; a set mask lane is all-ones (a NaN).
-  static bool any(const Mask& m) { return m.zero_mask() != (1 << V::size()) - 1; }
 #endif
 };
 
+// Float lanes use vec_math's functions; exp is only ever called with x <= 0 (see exp_nonpos).
 template <>
 struct Ops<at::vec::Vectorized<float>> : VecOpsImpl<float> {
-  static V exp(const V& x) { return vec_math::exp(x); }
+  static V exp(const V& x) { return vec_math::exp_nonpos(x); }
   static V erfc(const V& x) { return vec_math::erfc(x); }
   static V log1p(const V& x) { return vec_math::log1p(x); }
 };

@@ -4,7 +4,10 @@
 //
 // Everything is written once against a value type V and its Ops<V> (exp, select, masks, ...):
 // V is float/double here and at::vec::Vectorized<float/double> on the CPU. Branches are selects,
-// so every lane evaluates every formula; rare, expensive paths hide behind Ops<V>::any().
+// so every lane evaluates every formula; rare, expensive paths hide behind Ops<V>::any(), and so do
+// the alternative forms of gelu and elu that lanes with small steps never need. Ops<V>::exp is only
+// ever called with a non-positive argument (every exponential here is e^{-y}, y >= 0): the CPU's
+// float lanes rely on that (csrc/cpu/kernels/vec_ops.h, exp_nonpos).
 //
 // SPEC §1: s(a, b) = (f(b) - f(a)) / (b - a) if |b - a| > eps, else f'(a). The literal formula
 // cancels catastrophically for small |b - a|, so each secant is computed from difference identities
@@ -224,16 +227,20 @@ AK_HD V sigmoid_times_1pq(V B, V q) {
 // the secant's limit, the asymptotic slope at that infinity; both infinite -> NaN, except 0
 // for bounded f (the table's `bounded` column) with opposite signs (the literal secant is then
 // 2/inf or 1/inf).
+// d = b - a: a non-finite a or b makes d inf or NaN, so lanes with |d| < 2^126 need nothing here (the
+// fast path). Lanes with finite ends and |d| >= 2^126 (which may have overflowed to inf, and whose
+// formulas above may have overflowed to inf/inf) take the asymptotic secant: f(x) = g(x) + O(1) with
+// g(x) = x times the asymptotic slope of x's side (f deviates from it by at most 3, hardswish), so
+// s = (g(b/2) - g(a/2)) / (b/2 - a/2) (the ends halved, exactly, so nothing overflows) is within
+// 6 / 2^126 < 1e-37 of the secant (bounded f: 0).
 template <Act A, class V>
-AK_HD V fix_nonfinite(V a, V b, V s, ActParams<typename Ops<V>::Scalar> prm) {
+AK_HD V fix_nonfinite(V a, V b, V d, V s, ActParams<typename Ops<V>::Scalar> prm) {
   using O = Ops<V>;
   using S = typename O::Scalar;
   const V inf = V(S(INFINITY)), zero = V(S(0));
   const V nan = V(S(NAN));
-  auto a_fin = O::lt(O::abs(a), inf);  // false for NaN and +-inf
-  auto b_fin = O::lt(O::abs(b), inf);
-  auto all_fin = O::mand(a_fin, b_fin);
-  if (!O::any(O::mnot(all_fin))) return s;  // fast path: every lane finite
+  const V huge(S(8.507059173023462e37));  // 2^126
+  if (!O::any(O::mnot(O::lt(O::abs(d), huge)))) return s;  // fast path: every |d| < 2^126
   constexpr bool bounded = act_is_bounded(A);
   const S pos_slope = bounded ? S(0) : S(1);
   const S neg_slope = (A == Act::LeakyRelu) ? prm.p0 : S(0);
@@ -242,6 +249,11 @@ AK_HD V fix_nonfinite(V a, V b, V s, ActParams<typename Ops<V>::Scalar> prm) {
   V inf_val = O::select(a_inf, a, b);
   V s_one = O::select(O::lt(zero, inf_val), V(pos_slope), V(neg_slope));
   V s_both = bounded ? O::select(O::eq(a, b), nan, zero) : nan;
+  V ha = a * V(S(0.5)), hb = b * V(S(0.5));
+  V g_a = ha * O::select(O::lt(zero, a), V(pos_slope), V(neg_slope));
+  V g_b = hb * O::select(O::lt(zero, b), V(pos_slope), V(neg_slope));
+  auto ovf = O::mand(O::le(huge, O::abs(d)), O::mnot(O::mor(a_inf, b_inf)));  // finite ends, |d| >= 2^126
+  s = O::select(ovf, (g_b - g_a) / (hb - ha), s);
   s = O::select(O::mxor(a_inf, b_inf), s_one, s);
   s = O::select(O::mand(a_inf, b_inf), s_both, s);
   auto a_nan = O::mnot(O::eq(a, a));
@@ -289,11 +301,13 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
   } else if constexpr (A == Act::GeluTanh) {
     // gelu_tanh = x h(x), h(x) = sigma(U(x)), U(x) = 2k (x + c x^3): s = h(b) + a s_h(a, b), and
     // U(b) - U(a) = g (b - a) with g = 2k (1 + c (a^2 + a b + b^2)) > 0, so the sigmoid core gets
-    // |U(b) - U(a)| without a subtraction. |x| >= 10 saturates h exactly (e^{-U} < 1.2e-38), so
-    // clamping there keeps x^3 finite without changing the result.
+    // |U(b) - U(a)| without a subtraction. |x| >= 10 saturates h (e^{-U} < 1.2e-38), so clamping
+    // at 11 keeps x^3 finite without changing the result; at 11, e^{-U} = e^{-112} is 0 in float32,
+    // so the fallback's a h'(a) is 0 for every float |a| >= 11 (at 10, h'(10) = 3e-37 times
+    // a = 3e38 gave 88).
     const V k2(S(2 * 0.7978845608028654));  // 2 sqrt(2/pi)
     const V c3(S(0.044715));
-    const V lim(S(10));
+    const V lim(S(11));
     V ac = O::min(O::max(a, -lim), lim);
     V bc = O::min(O::max(bb, -lim), lim);
     V Ua = k2 * ac * O::fma(c3 * ac, ac, one);
@@ -312,35 +326,42 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
     //   phi^(2k) = He_2k phi).
     const V rsqrt2(S(0.70710678118654752440));
     const V rsqrt2pi(S(0.39894228040143267794));
-    V Ca = O::erfc(O::abs(a) * rsqrt2) * V(S(0.5));
     V Cb = O::erfc(O::abs(bb) * rsqrt2) * V(S(0.5));
-    auto opp = O::mxor(O::lt(a, zero), O::lt(bb, zero));
-    V dPhi = O::select(opp, one - Ca - Cb, O::abs(Ca - Cb));
-    V s_large = dPhi / den_fac;
     V h = (bb - a) * V(S(0.5));
     const V mlim(S(40));  // phi(40) == 0 even in float64; keeps m^6 finite
     V m = O::min(O::max(a + h, -mlim), mlim);
-    V m2 = m * m, h2 = h * h;
-    V phi = O::exp(m2 * V(S(-0.5))) * rsqrt2pi;
-    // sum_{k<K} He_2k(m) h^2k / (2k+1)!, Hermite by recurrence He_{n+1} = m He_n - n He_{n-1}.
     // He_2k(m) grows like m^2k, so the series is used only where |h| max(1, |m|) < kSmall/2: there
     // the first omitted term is < 4e-9 (float, K=4) / < 2e-18 (double, K=9) relative. Elsewhere
     // the erfc difference loses at most a factor 1/(1 - e^{-|m| |d|}) (same signs) to cancellation.
-    constexpr int K = sizeof(S) == 4 ? 4 : 9;
-    V he_prev = one, he = m, h2k = one, series = one;
-    S inv_fact = S(1);
-    for (int n = 1; n < 2 * K - 1; ++n) {
-      V he_next = O::fma(m, he, -V(S(n)) * he_prev);  // He_{n+1}
-      he_prev = he;
-      he = he_next;
-      if ((n + 1) % 2 == 0) {
-        inv_fact /= S(n + 1) * S(n + 2);  // 1 / (n+2)!
-        h2k = h2k * h2;
-        series = O::fma(he * V(inv_fact), h2k, series);
-      }
+    // A lane needs one of the two forms: each is evaluated only when some lane needs it (with small
+    // steps, as in training, the erfc at a is never needed).
+    auto use_series = O::lt(ad * O::max(one, O::abs(m)), small);
+    V s_phi = zero;
+    if (O::any(O::mnot(use_series))) {
+      V Ca = O::erfc(O::abs(a) * rsqrt2) * V(S(0.5));
+      auto opp = O::mxor(O::lt(a, zero), O::lt(bb, zero));
+      V dPhi = O::select(opp, one - Ca - Cb, O::abs(Ca - Cb));
+      s_phi = dPhi / den_fac;
     }
-    V s_small = phi * series;
-    V s_phi = O::select(O::lt(ad * O::max(one, O::abs(m)), small), s_small, s_large);
+    if (O::any(use_series)) {
+      V m2 = m * m, h2 = h * h;
+      V phi = O::exp(m2 * V(S(-0.5))) * rsqrt2pi;
+      // sum_{k<K} He_2k(m) h^2k / (2k+1)!, Hermite by recurrence He_{n+1} = m He_n - n He_{n-1}.
+      constexpr int K = sizeof(S) == 4 ? 4 : 9;
+      V he_prev = one, he = m, h2k = one, series = one;
+      S inv_fact = S(1);
+      for (int n = 1; n < 2 * K - 1; ++n) {
+        V he_next = O::fma(m, he, -V(S(n)) * he_prev);  // He_{n+1}
+        he_prev = he;
+        he = he_next;
+        if ((n + 1) % 2 == 0) {
+          inv_fact /= S(n + 1) * S(n + 2);  // 1 / (n+2)!
+          h2k = h2k * h2;
+          series = O::fma(he * V(inv_fact), h2k, series);
+        }
+      }
+      s_phi = O::select(use_series, phi * series, s_phi);
+    }
     V phi_b = O::select(O::lt(bb, zero), Cb, one - Cb);
     s = O::fma(a, s_phi, phi_b);
   } else if constexpr (A == Act::Elu) {
@@ -348,17 +369,20 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
     //   both <= 0: alpha (e^hi - e^lo) = alpha e^hi (1 - e^{-|d|})
     //   lo <= 0 < hi: hi + alpha (1 - e^lo)       (two positive terms, no cancellation)
     // Both 1 - e^{-y} use the Taylor series below kSmall; one series evaluation serves both.
+    // e^lo is needed only where the series is not used (y >= kSmall): evaluated when some lane needs it.
     const V alpha(prm.p0);
     V lo = O::min(a, bb), hi = O::max(a, bb);
-    V El = O::exp(O::min(lo, zero));
     V Eh = O::exp(O::min(hi, zero));
     auto neg = O::le(hi, zero);
-    V y = O::select(neg, ad, -lo);
+    V y = O::select(neg, ad, -lo);  // both <= 0: |d|; crossing: -lo
+    auto use_series = O::lt(y, small);
     V om = detail::one_minus_exp_neg_small(y);
-    V n_neg = O::select(O::lt(ad, small), Eh * om, Eh - El) * alpha;
-    V n_cross = O::fma(alpha, O::select(O::lt(-lo, small), om, one - El), hi);
+    V El = Eh;
+    if (O::any(O::mnot(use_series))) El = O::exp(O::min(lo, zero));
+    V n_neg = O::select(use_series, Eh * om, Eh - El) * alpha;
+    V n_cross = O::fma(alpha, O::select(use_series, om, one - El), hi);
     V N = O::select(O::le(zero, lo), ad, O::select(neg, n_neg, n_cross));
-    V fprime = O::select(O::lt(zero, a), one, El * alpha);  // PyTorch: f'(0) = alpha
+    V fprime = O::select(O::lt(zero, a), one, Eh * alpha);  // fallback lanes: hi = a; PyTorch: f'(0) = alpha
     s = O::select(fb, fprime, N / den_fac);
   } else if constexpr (A == Act::Relu || A == Act::LeakyRelu) {
     // Piecewise linear: s = w + slope_neg (1 - w), w = (max(b,0) - max(a,0)) / d is the fraction
@@ -442,7 +466,7 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
   } else {
     static_assert(A != A, "avg_slope: an activation of AVG_KERNELS_ACTIVATIONS has no math here");
   }
-  return detail::fix_nonfinite<A>(a, b, s, prm);
+  return detail::fix_nonfinite<A>(a, b, d, s, prm);
 }
 
 // f'(x) as the secant's fallback computes it (shares every formula with avg_slope).
