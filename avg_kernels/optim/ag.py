@@ -383,14 +383,11 @@ class AG(OptimizerWrapper):
                 updating = True
                 update(_Segment(params, [p.detach() for p in params], theta_data, gbar, pre_step), ph)
             except BaseException as exc:
-                note = self._undo(params, theta_data if stepped else None, buffers,
-                                  pre_step if stepped and not updating else None)
-                rec.clear()
-                if isinstance(exc, _Skip):
-                    return self._skipped(loss, ph)
-                if hasattr(exc, "add_note"):
-                    exc.add_note(note)
-                raise
+                skipped = self._failed(exc, self._undo(params, theta_data if stepped else None, buffers,
+                                                       pre_step if stepped and not updating else None), rec, loss, ph)
+                if skipped is None:
+                    raise
+                return skipped
             for p, gi in zip(params, gbar):
                 p.grad = gi
             n_calls = len(rec.slots)
@@ -422,6 +419,16 @@ class AG(OptimizerWrapper):
             base = "the base optimizer's state has advanced by one step (its step with g ran)"
         return (f"avg_kernels AG step: the parameters and buffers are as they were before the step, {base}, "
                 f"and the step is not counted (opt.steps = {self.steps}); .grad is cleared.")
+
+    def _failed(self, exc: BaseException, note: str, rec, loss, ph: Phases) -> Optional[AGStepInfo]:
+        """After ``_undo``: the slots emptied; a skip (``skip_nonfinite``) gives its record, any other
+        failure gets ``note`` and None (the caller re-raises it)."""
+        rec.clear()
+        if isinstance(exc, _Skip):
+            return self._skipped(loss, ph)
+        if hasattr(exc, "add_note"):
+            exc.add_note(note)
+        return None
 
     def _skipped(self, loss, ph: Phases) -> AGStepInfo:
         """The record of a step skipped for a non-finite value (``skip_nonfinite=True``)."""
@@ -462,13 +469,10 @@ class AG(OptimizerWrapper):
                                    "the gradient at θ_t" if plain
                                    else "the averaged gradient ḡ (segment [θ_(t-1), θ_t])")
             except BaseException as exc:
-                note = self._undo(params, None, buffers, None)
-                rec.clear()
-                if isinstance(exc, _Skip):
-                    return self._skipped(loss, ph)
-                if hasattr(exc, "add_note"):
-                    exc.add_note(note)
-                raise
+                skipped = self._failed(exc, self._undo(params, None, buffers, None), rec, loss, ph)
+                if skipped is None:
+                    raise
+                return skipped
             rec.clear()
             with torch.no_grad():  # θ_t is the next step's θ_{t-1}
                 if plain:
