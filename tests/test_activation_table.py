@@ -130,7 +130,9 @@ def test_params_are_pytorch_defaults():
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c[0] + str(c[1]))
 def test_forward_and_backward_are_pytorchs(cfg, fresh_seed):
-    """Each record's forward is its torch.nn.functional call and its backward is autograd's, bitwise."""
+    """Each record's forward is its torch.nn.functional call and its backward is autograd's, bitwise: with grad
+    mode off as autograd runs a plain backward, and with it on as under create_graph=True (where autograd
+    switches silu to its differentiable composite)."""
     spec, k = TABLE[cfg[0]], kernel_act(cfg)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         x = torch.cat([torch.randn(500) * 4, torch.tensor([0.0, -0.0, 3.0, -3.0, 25.0, -25.0])]).to(dtype)
@@ -138,8 +140,11 @@ def test_forward_and_backward_are_pytorchs(cfg, fresh_seed):
         y = spec.functional(x, **cfg[1])
         assert torch.equal(activations.forward(x.detach(), k), y.detach())
         g = torch.randn_like(y)
-        (gx,) = torch.autograd.grad(y, x, g)
-        assert torch.equal(activations.native_backward(g, x.detach(), y.detach(), k), gx)
+        (gx,) = torch.autograd.grad(y, x, g, retain_graph=True)
+        with torch.no_grad():
+            assert torch.equal(activations.native_backward(g, x.detach(), y.detach(), k), gx)
+        (gx_graph,) = torch.autograd.grad(y, x, g, create_graph=True)
+        assert torch.equal(activations.native_backward(g, x.detach(), y.detach(), k), gx_graph.detach())
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c[0] + str(c[1]))

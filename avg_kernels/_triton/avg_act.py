@@ -313,11 +313,13 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         lo = _min(a, bb)
         hi = _max(a, bb)
         Eh = _exp(_min(hi, 0.0))
+        # header: only if (O::any(!use_series)); selected away elsewhere. Evaluated before the series: in
+        # the other order ptxas (Triton 3.9, fp64, sm_80) needed an 8-byte stack frame.
+        El = _exp(_min(lo, 0.0))
         neg = hi <= 0.0
         y = tl.where(neg, ad, -lo)  # both <= 0: |d|; crossing: -lo
         use_series = y < K_SMALL
         om = _one_minus_exp_neg_small(y, C)
-        El = _exp(_min(lo, 0.0))  # header: only if (O::any(!use_series)); selected away elsewhere
         n_neg = tl.where(use_series, Eh * om, Eh - El) * alpha
         n_cross = tl.fma(alpha, tl.where(use_series, om, 1.0 - El), hi)
         N = tl.where(0.0 <= lo, ad, tl.where(neg, n_neg, n_cross))
