@@ -125,7 +125,8 @@ def machine_info() -> dict:
         "source": source_state(),
         "env": {k: v for k, v in os.environ.items()
                 if k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TRITON_INTERPRET", "AVG_KERNELS_POISON_OUTPUTS", "CUDA_VISIBLE_DEVICES",
-                         "TORCHINDUCTOR_CACHE_DIR", "AVG_KERNELS_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY")},
+                         "TORCHINDUCTOR_CACHE_DIR", "AVG_KERNELS_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY",
+                         "MKL_ENABLE_INSTRUCTIONS")},
     }
 
 

@@ -20,6 +20,9 @@ ROUNDS = {"cpu": 3, "cuda": 1}
 # None leaves inductor to follow ATEN_CPU_CAPABILITY ("default": scalar code).
 SIMDLEN = {"default": None, "avx2": 256, "avx512": 512}
 LEVEL_ENV = ("AVG_KERNELS_CPU_CAPABILITY", "ATEN_CPU_CAPABILITY")
+# MKL (torch's matmul/LAPACK on x86) ignores ATEN_CPU_CAPABILITY: its own variable caps its code path, so the
+# matmul peers run at the level too.
+MKL_LEVEL = {"default": "SSE4_2", "avx2": "AVX2", "avx512": "AVX512"}
 
 
 def _modules(names=None):
@@ -62,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-capability", choices=list(SIMDLEN), default=None,
                         help="CPU: run every side at this level, as on a CPU that has nothing better: our kernels "
                              "(AVG_KERNELS_CPU_CAPABILITY), torch's eager kernels (ATEN_CPU_CAPABILITY) and the code "
-                             "torch.compile generates (inductor cpp.simdlen); the process restarts itself with the "
-                             "two variables set, since both are read when torch and avg_kernels load")
+                             "torch.compile generates (inductor cpp.simdlen) and MKL's matmuls "
+                             "(MKL_ENABLE_INSTRUCTIONS); the process restarts itself with the variables set, since "
+                             "they are read when torch, MKL and avg_kernels load")
     parser.add_argument("--tag", default="", help="added to the output file names")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm progress bars")
     for name, mod in _modules().items():
@@ -74,8 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _force_cpu_capability(level: str) -> None:
     """Sets the level for every side of the comparison (see --cpu-capability); restarts this process when
     the environment does not say it yet (torch and avg_kernels read it once, when they load)."""
-    if any(os.environ.get(k) != level for k in LEVEL_ENV):
-        os.environ.update({k: level for k in LEVEL_ENV})
+    want = {**{k: level for k in LEVEL_ENV}, "MKL_ENABLE_INSTRUCTIONS": MKL_LEVEL[level]}
+    if any(os.environ.get(k) != v for k, v in want.items()):
+        os.environ.update(want)
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
