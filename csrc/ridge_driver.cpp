@@ -157,12 +157,11 @@ at::Tensor ridge_solve_driver(const at::Tensor& G, const at::Tensor& A, double l
     std::vector<int8_t> status(size_t(nb), 0);
     std::vector<double> maxdiag(size_t(nb), 0.0);
     {
-      const int64_t begin = 0, end = nb;
       at::Tensor buf = at::empty({1, D, D}, copt);
       at::Tensor Lc = buf.select(0, 0).mT();  // column-major (Fortran) view
       at::Tensor info = at::empty({}, A.options().dtype(at::kInt));
       at::Tensor stats = at::zeros({1, 2}, copt);
-      for (int64_t b = begin; b < end; ++b) {
+      for (int64_t b = 0; b < nb; ++b) {
         k.prologue(A3.narrow(0, b, 1), lam, buf, stats);
         const auto st = stats.to(at::kCPU, at::kDouble);  // a no-op copy for CPU tensors
         const double* sp = st.const_data_ptr<double>();
