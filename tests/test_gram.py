@@ -51,6 +51,18 @@ CONV_CONFIGS = [
 ]
 
 
+CONV3D_CONFIGS = [
+    ((2, 3, 5, 6, 7), 3, 1, 0, 1, 1, False),
+    ((1, 2, 6, 5, 5), 3, 1, 1, 1, 1, True),
+    ((2, 4, 7, 6, 5), (3, 2, 1), (2, 1, 2), (1, 0, 1), (1, 2, 1), 2, False),
+    ((1, 6, 5, 7, 4), (2, 3, 2), (1, 2, 1), (2, 1, 0), (2, 1, 1), 3, True),  # depth padding beyond the kernel reach
+    ((2, 4, 4, 4, 4), 1, 2, 0, 1, 4, True),  # depthwise 1×1×1, strided
+    ((1, 3, 3, 3, 3), 3, 1, 0, 1, 1, True),  # one output position
+    ((1, 2, 9, 3, 4), (4, 1, 2), (3, 1, 1), (2, 0, 1), (2, 1, 1), 1, True),  # stride < depth span, dilated depth
+    ((2, 5, 2, 4, 3), (2, 2, 2), 1, (3, 0, 1), 1, 5, False),  # depth padding 3 > reach 1: trimmed
+]
+
+
 def conv_id(cfg) -> str:
     shape, k, s, p, d, g, b = cfg
     return f"{len(shape) - 2}d-{'x'.join(map(str, shape))}-k{k}-s{s}-p{p}-d{d}-g{g}-{'b' if b else 'nb'}"
@@ -60,8 +72,9 @@ def _small(backend, cfg):
     return not interpreted(backend) or math.prod(cfg[0]) <= 1500
 
 
-@pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=conv_id)
+@pytest.mark.parametrize("cfg", CONV_CONFIGS + CONV3D_CONFIGS, ids=conv_id)
 def test_im2col_gram_matches_reference(backend, cfg, fresh_seed):
+    """Conv1d/2d/3d, float32 within SPEC §3's bar; Conv3d (chunked through the 2-D kernels) also in float64."""
     shape, k, s, p, d, g, b = cfg
     dev = backend_device(backend)
     x = torch.randn(shape, device=dev)
@@ -70,6 +83,8 @@ def test_im2col_gram_matches_reference(backend, cfg, fresh_seed):
     assert out.dtype == torch.float32 and out.shape == ref.shape and out.device == x.device
     assert rel_fro(out, ref) <= TOL
     assert torch.isfinite(out).all()
+    if x.dim() == 5:
+        assert rel_fro(ak.im2col_gram(x.double(), k, s, p, d, g, b, backend=backend), ref) <= 1e-12
 
 
 @pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=conv_id)
@@ -576,29 +591,6 @@ def test_bench_smoke(tmp_path):
 # Conv3d: the reference computes it directly (F.pad + Tensor.unfold per dim); cpu/cuda/triton as Conv2d Grams of
 # depth-gathered chunks (ops/gram.py _conv3d_by_depth).
 
-CONV3D_CONFIGS = [
-    ((2, 3, 5, 6, 7), 3, 1, 0, 1, 1, False),
-    ((1, 2, 6, 5, 5), 3, 1, 1, 1, 1, True),
-    ((2, 4, 7, 6, 5), (3, 2, 1), (2, 1, 2), (1, 0, 1), (1, 2, 1), 2, False),
-    ((1, 6, 5, 7, 4), (2, 3, 2), (1, 2, 1), (2, 1, 0), (2, 1, 1), 3, True),  # depth padding beyond the kernel reach
-    ((2, 4, 4, 4, 4), 1, 2, 0, 1, 4, True),  # depthwise 1×1×1, strided
-    ((1, 3, 3, 3, 3), 3, 1, 0, 1, 1, True),  # one output position
-    ((1, 2, 9, 3, 4), (4, 1, 2), (3, 1, 1), (2, 0, 1), (2, 1, 1), 1, True),  # stride < depth span, dilated depth
-    ((2, 5, 2, 4, 3), (2, 2, 2), 1, (3, 0, 1), 1, 5, False),  # depth padding 3 > reach 1: trimmed
-]
-
-
-@pytest.mark.parametrize("cfg", CONV3D_CONFIGS, ids=conv_id)
-def test_im2col_gram_conv3d_matches_reference(backend, cfg, fresh_seed):
-    shape, k, s, p, d, g, b = cfg
-    dev = backend_device(backend)
-    x = torch.randn(shape, device=dev)
-    out = ak.im2col_gram(x, k, s, p, d, g, b, backend=backend)
-    ref = ref_gram(x, k, s, p, d, g, b)
-    assert out.dtype == torch.float32 and out.shape == ref.shape and out.device == x.device
-    assert rel_fro(out, ref) <= TOL
-    x64 = x.double()
-    assert rel_fro(ak.im2col_gram(x64, k, s, p, d, g, b, backend=backend), ref) <= 1e-12
 
 
 @pytest.mark.parametrize("cfg", CONV3D_CONFIGS, ids=conv_id)
