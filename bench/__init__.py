@@ -23,4 +23,8 @@ OPS = {
     "ag_train": "bench.ag_train",
     "ridge": "bench.ridge",
     "coptim": "bench.coptim",
+    "models": "bench.models",
 }
+#: Families a bare ``bench`` run leaves out (ask with ``--ops``): ``models`` needs transformers (the dev extra)
+#: and takes minutes per model.
+OPT_IN = ("models",)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import OPS
+from . import OPS, OPT_IN
 
 # A run writes here unless --out says otherwise: git-ignored, so the main job leaves the checkout clean.
 # The committed tables in bench/results/ are written with `--out bench/results`.
@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--full", dest="mode", action="store_const", const="full",
                       help="the full sweep (every case, dtype and size; long)")
     parser.set_defaults(mode="quick")
-    parser.add_argument("--ops", type=_ops, default=list(OPS),
-                        help=f"comma-separated op families (default: all: {','.join(OPS)})")
+    parser.add_argument("--ops", type=_ops, default=[n for n in OPS if n not in OPT_IN],
+                        help=f"comma-separated op families (default: all but {', '.join(OPT_IN)}: "
+                             f"{','.join(n for n in OPS if n not in OPT_IN)})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"output folder (default: {DEFAULT_OUT}, git-ignored; the committed tables are in "
                              f"{COMMITTED})")
