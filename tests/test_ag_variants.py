@@ -177,6 +177,7 @@ def _conv2d_same():
                          nn.Linear(4 * 5 * 6, 3))
 
 
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
 @pytest.mark.parametrize("build,shape", [(_conv1d, (5, 4, 9)), (_conv3d, (4, 2, 3, 6, 3)), (_conv2d_same, (3, 2, 5, 6))])
 @pytest.mark.parametrize("mode", ["ag1", "ag2"])
 def test_linear_conv_geometries_equal_the_reference(build, shape, mode):

@@ -110,6 +110,11 @@ def _scale_to(ref: torch.Tensor, *ts):
     return [None if t is None else t * s.to(t.dtype) for t in ts]
 
 
+def _as(t: Optional[torch.Tensor], dt: torch.dtype) -> Optional[torch.Tensor]:
+    """``t`` in dtype ``dt`` (no call when it already is: these run per layer and backward)."""
+    return t if t is None or t.dtype == dt else t.to(dt)
+
+
 def _ends(slot: LayerSlot, x, w, need_x: bool, need_w: bool):
     """The (x, W) the backward uses: θ's, or the midpoints x̄ (for the weight gradient) and W̄ (input gradient)."""
     if not slot.averaged():
@@ -150,9 +155,9 @@ class _AvgLinear(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         xa, wa, averaged = _ends(ctx.slot, x, w, need_x, need_w)
         cd = g.dtype  # the forward's compute dtype (autocast may have lowered it)
-        gx = (g @ wa.to(cd)).to(x.dtype) if need_x else None
+        gx = _as(g @ _as(wa, cd), x.dtype) if need_x else None
         g2 = g.reshape(-1, g.shape[-1])
-        gw = (g2.t() @ xa.to(cd).reshape(-1, x.shape[-1])).to(w.dtype) if need_w else None
+        gw = _as(g2.t() @ _as(xa, cd).reshape(-1, x.shape[-1]), w.dtype) if need_w else None
         gb = g2.sum(0) if need_b else None
         gx, gw, gb = _finish(ctx.slot, averaged, gx, gw, gb)
         return gx, gw, gb, None
@@ -179,10 +184,9 @@ class _AvgConv(torch.autograd.Function):
         # one aten call, as autograd's own ConvolutionBackward: the input gradient reads only the weight, the
         # weight gradient only the input, so passing (x̄, W̄) gives both averaged gradients at once
         gx, gw, gb = torch.ops.aten.convolution_backward(
-            g, xa.to(cd), wa.to(cd), [w.shape[0]] if ctx.has_bias else None, list(stride), list(padding),
+            g, _as(xa, cd), _as(wa, cd), [w.shape[0]] if ctx.has_bias else None, list(stride), list(padding),
             list(dilation), False, [0] * len(stride), groups, [need_x, need_w, need_b])
-        gx = gx.to(x.dtype) if gx is not None else None
-        gw = gw.to(w.dtype) if gw is not None else None
+        gx, gw = _as(gx, x.dtype), _as(gw, w.dtype)
         gx, gw, gb = _finish(ctx.slot, averaged, gx, gw, gb)
         return gx, gw, gb, None, None
 

@@ -155,8 +155,8 @@ class AG(OptimizerWrapper):
     ``copy.deepcopy`` / pickle copy the optimizer with its model and base.
 
     The closure runs the forward on one fixed batch and returns the loss; it must not call
-    ``backward()`` (the step raises if gradients appear) and is called two (three with
-    ``track_loss_after``) times per step, so it must not draw a new batch or have other side effects.
+    ``backward()`` (the step raises if gradients appear) and is called two (``iterations`` with "agn"; one
+    more with ``track_loss_after``) times per step, so it must not draw a new batch or have other side effects.
 
     ``state_dict()``: the base's state dict plus ``"ag"``: mode, eps, step count and θ_{t-1} (AG-3-1).
     ``load_state_dict`` also takes the older layout ``{"base": ..., "ag": ...}``.
