@@ -27,9 +27,10 @@ model (the class's own ``forward``; a subclass that overrides it is left alone a
   line 15 runs inside the backward loop).
 
 Every weight-bearing module whose parameters got a gradient but that did not run through these layers (a
-LayerNorm, an Embedding, an ``nn.MultiheadAttention`` whose ``out_proj`` weight is used via ``F.linear``, a
+LayerNorm, an Embedding with ``max_norm``, an ``nn.MultiheadAttention`` whose ``out_proj`` weight is used via ``F.linear``, a
 ConvTranspose, a Linear subclass with its own forward ...) keeps θ's Jacobian: ``kept`` names them, the step
-reports them in ``AGStepInfo.linear_kept`` and warns once per optimizer about new ones.
+reports them in ``AGStepInfo.linear_kept`` and warns once per optimizer about new ones. A plain ``nn.Embedding``
+is not reported: its Jacobians do not depend on θ, so the mean of Eq. 11 is exactly θ's.
 """
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ def _stock_kind(m: nn.Module) -> Optional[int]:
         if isinstance(m, base) and cls.forward is base.forward and cls._conv_forward is base._conv_forward:
             return dims
     return None
+
+
+def _exact(m: nn.Module) -> bool:
+    """A module whose Jacobians do not depend on θ, so Eq. 11's mean equals them: an ``nn.Embedding`` (a row
+    lookup: no input gradient, and ∂y/∂W selects rows) without ``max_norm`` (which renormalises W in place)."""
+    return type(m) is nn.Embedding and m.max_norm is None
 
 
 class LayerSlot:
@@ -100,14 +107,16 @@ def _norm(*ts) -> torch.Tensor:
     """‖(t_1, t_2, ...)‖₂ of the non-None tensors as one vector, in at least float32 (0-d tensor)."""
     ts = [t for t in ts if t is not None]
     dt = torch.promote_types(ts[0].dtype, torch.float32)
+    if len(ts) == 1:
+        return torch.linalg.vector_norm(ts[0], dtype=dt)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t, dtype=dt) for t in ts]))
 
 
 def _scale_to(ref: torch.Tensor, *ts):
-    """The tensors times ‖ref‖/‖ts‖ (unchanged where ‖ts‖ = 0); None entries stay None. No host sync."""
+    """The tensors (fresh gradients, scaled in place) times ‖ref‖/‖ts‖, unchanged where ‖ts‖ = 0. No host sync."""
     n = _norm(*ts)
-    s = torch.where(n > 0, ref / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))
-    return [None if t is None else t * s.to(t.dtype) for t in ts]
+    s = torch.where(n > 0, ref / n, torch.ones_like(n))  # ref / 0 is only in the branch not taken
+    return [None if t is None else t.mul_(s) for t in ts]
 
 
 def _as(t: Optional[torch.Tensor], dt: torch.dtype) -> Optional[torch.Tensor]:
@@ -257,7 +266,7 @@ class LayerAveraging:
         with_grad = {id(p) for p in params if p.grad is not None}
         out = []
         for name, m in self.model.named_modules():
-            if id(m) in self.averaged_modules:
+            if id(m) in self.averaged_modules or _exact(m):
                 continue
             if any(p is not None and id(p) in with_grad for p in m._parameters.values()):
                 out.append(f"{name or '<model>'} ({type(m).__name__})")
@@ -334,6 +343,6 @@ def report_kept(ag, kept: tuple, stacklevel: int) -> None:
     new = [k for k in kept if k not in seen]
     if new:
         seen.update(new)
-        warnings.warn("AG step (linear=True): these weight-bearing modules are not Linear/Conv1d/2d/3d layers "
-                      "averaged by Eq. 11 and keep θ's Jacobian in the averaged backward (also in "
-                      "opt.last.linear_kept):\n  " + "\n  ".join(new), UserWarning, stacklevel=stacklevel)
+        warnings.warn("AG step (linear=True): these weight-bearing modules did not run as averaged Linear/Conv1d/2d/3d "
+                      "layers (another class, their own forward, or a weight used without calling the module) and "
+                      "keep θ's Jacobian in the averaged backward (also in opt.last.linear_kept):\n  " + "\n  ".join(new), UserWarning, stacklevel=stacklevel)
