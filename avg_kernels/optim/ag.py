@@ -26,6 +26,10 @@ base optimizer's step with ḡ. The first step (no θ_{t-1} yet) is a plain base
 After ``step``: ``p.grad`` holds the gradient the update used (ḡ; g on a plain step), ``opt.last`` an
 ``AGStepInfo`` (ℓ(θ), ℓ(θ') or ℓ(θ_{t-1}), optionally ℓ(θ_{t+1}), timings when ``profile=True``).
 
+n-iteration AG (mode "agn", paper 000 Alg. 4) refines AG-1's averaging range over the same graph
+(``_agn``); the "Linear" variants (``linear=True``, paper 002 Eq. 11) average the Jacobians of Linear/Conv
+layers too (``_linear_avg``).
+
 This file holds the modes and the step orchestration; ``_wrapper`` the shared optimizer wrapper (the base
 held as ``.base``), ``_passes`` what running the closure several times needs (parameter/buffer swap, RNG
 replay, eager stance, the direct-use detector, the phase timer), ``_base_state`` the base's state set
