@@ -178,3 +178,176 @@ def _clone_state(sd):
     import copy
 
     return copy.deepcopy(sd)
+
+
+# -- n-iteration AG (paper 000 Alg. 4) and the "Linear" variants (paper 002 Eq. 11, Alg. 2 lines 10-15) ----------
+LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _layers(model):
+    return [m for m in model.modules() if isinstance(m, LAYER_TYPES)]
+
+
+def _layer_fn(m):
+    """The layer as a function of (input, weight, bias)."""
+    if isinstance(m, nn.Linear):
+        return torch.nn.functional.linear
+    return m._conv_forward
+
+
+class _MeanJacobian(torch.autograd.Function):
+    """Output y (passed in); backward: the literal mean of the layer's two vector-Jacobian products, at (x, W) and
+    at (x', W') (Eq. 11), in float64; then, where ``norms`` is given (AG-2 Linear), the input gradient and the
+    parameter gradient (weight and bias as one vector) scaled to the ordinary gradients' L2 norms."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, y, x_new, w_new, m, norms):
+        ctx.save_for_backward(x, w, b, x_new, w_new)
+        ctx.m, ctx.norms = m, norms
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, b, x_new, w_new = ctx.saved_tensors
+        f = _layer_fn(ctx.m)
+
+        def vjp(xx, ww):
+            xx = xx.detach().double().requires_grad_()
+            ww = ww.detach().double().requires_grad_()
+            bb = b.detach().double().requires_grad_()
+            with torch.enable_grad():
+                return torch.autograd.grad(f(xx, ww, bb), (xx, ww, bb), g.double())
+
+        gx0, gw0, gb0 = vjp(x, w)
+        gx1, gw1, gb1 = vjp(x_new, w_new)
+        gx, gw, gb = (gx0 + gx1) / 2, (gw0 + gw1) / 2, (gb0 + gb1) / 2
+        if ctx.norms is not None:
+            n_x, n_p = ctx.norms
+            if n_x is not None and gx.norm() > 0:
+                gx = gx * (n_x / gx.norm())
+            n_avg = torch.cat([gw.flatten(), gb.flatten()]).norm()
+            if n_avg > 0:
+                gw, gb = gw * (n_p / n_avg), gb * (n_p / n_avg)
+        return gx.to(x.dtype), gw.to(w.dtype), gb.to(b.dtype), None, None, None, None, None
+
+
+def _capture_all(model, x, rng):
+    """No-grad forward: every activation's input, every layer's input and weight; buffers restored."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    acts, layers = [], []
+    hooks = [m.register_forward_pre_hook(lambda mod, a: acts.append(a[0].detach().clone())) for m in _acts(model)]
+    hooks += [m.register_forward_pre_hook(lambda mod, a: layers.append((a[0].detach().clone(),
+                                                                         mod.weight.detach().clone())))
+              for m in _layers(model)]
+    torch.set_rng_state(rng)
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    for b, s in saved:
+        b.copy_(s)
+    return acts, layers
+
+
+def _gradient_norms(model, x, y, loss_fn, rng):
+    """AG-2 Linear: per layer (call order) the L2 norms of ∂ℓ/∂(layer input) (None where the input needs no
+    gradient) and of the layer's parameter gradient, from an ordinary forward/backward at the current θ."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    inputs, norms = [], []
+    hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.append(a[0])) for m in _layers(model)]
+    torch.set_rng_state(rng)
+    loss = loss_fn(model(x), y)
+    for h in hooks:
+        h.remove()
+    layers = _layers(model)
+    assert len(inputs) == len(layers), "the reference handles models calling each layer once"
+    params = [q for m in layers for q in (m.weight, m.bias)]
+    need = [t for t in inputs if t.requires_grad]
+    grads = torch.autograd.grad(loss, need + params)
+    gin = dict(zip(map(id, need), grads[:len(need)]))
+    gp = grads[len(need):]
+    for i, t in enumerate(inputs):
+        n_x = gin[id(t)].double().norm() if id(t) in gin else None
+        norms.append((n_x, torch.cat([gp[2 * i].flatten(), gp[2 * i + 1].flatten()]).double().norm()))
+    with torch.no_grad():
+        for b, s in saved:
+            b.copy_(s)
+    return norms
+
+
+def _averaged_grads_linear(model, x, y, loss_fn, rng, acts_new, layers_new, norms):
+    """Graph at the current θ: activations back-propagate the secant, layers the mean Jacobian of Eq. 11."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    calls = iter(range(len(layers_new)))
+
+    def hook(mod, a, out):
+        i = next(calls)
+        xn, wn = layers_new[i]
+        return _MeanJacobian.apply(a[0], mod.weight, mod.bias, out, xn, wn, mod, None if norms is None else norms[i])
+
+    hooks = [m.register_forward_hook(hook) for m in _layers(model)]
+    try:
+        loss = _secant_loss(model, x, y, loss_fn, rng, acts_new)
+    finally:
+        for h in hooks:
+            h.remove()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    with torch.no_grad():
+        for b, s in saved:
+            b.copy_(s)
+    return grads
+
+
+def variant_step(model, opt, x, y, loss_fn, rng, mode="ag1", iterations=2, linear=False, magnitude="base",
+                 opt_factory=None):
+    """One AG step in the papers' separate-graph form, for the variants: ``iterations`` = n of paper 000 Alg. 4
+    (AG-1 only for n > 2; segment k is [θ, θ_{k-1}], θ_0 = θ'), ``linear`` = paper 002 Eq. 11 (AG-2: rescaled
+    per layer to the ordinary gradients' norms). ``magnitude``: "base" keeps |θ' − θ| in every iteration,
+    "printed" takes |θ_{k-1} − θ| as Alg. 4 is printed. Returns (loss at θ, last averaged grads)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    norms = _gradient_norms(model, x, y, loss_fn, rng) if (linear and mode == "ag2") else None
+    torch.set_rng_state(rng)
+    loss = loss_fn(model(x), y)  # the ordinary training forward (updates BatchNorm statistics once)
+    for p in params:
+        p.grad = None
+    loss.backward()
+    theta = [p.detach().clone() for p in params]
+    state_t = _clone_state(opt.state_dict()) if mode == "ag2" else None
+    opt.step()
+    theta_new = [p.detach().clone() for p in params]
+    prev = theta_new
+    for k in range(1, iterations):
+        with torch.no_grad():
+            for p, t in zip(params, prev):
+                p.copy_(t)
+        acts_new, layers_new = _capture_all(model, x, rng)
+        with torch.no_grad():
+            for p, t in zip(params, theta):
+                p.copy_(t)
+        if linear:
+            gbar = _averaged_grads_linear(model, x, y, loss_fn, rng, acts_new, layers_new, norms)
+        else:
+            gbar = _averaged_grads(model, x, y, loss_fn, rng, acts_new)
+        mag_from = theta_new if magnitude == "base" else prev
+        prev = [t - (m - t).abs() * _sign(g) if g is not None else t.clone()
+                for t, m, g in zip(theta, mag_from, gbar)]
+    with torch.no_grad():
+        if mode == "ag1":
+            for p, t in zip(params, prev):
+                p.copy_(t)
+        else:
+            twin = opt_factory(params)
+            twin.load_state_dict(state_t)
+            for p, g in zip(params, gbar):
+                p.grad = g.clone() if g is not None else None
+            twin.step()
+            delta = [p.detach() - t for p, t in zip(params, theta)]
+            l1_step = sum((tn - t).abs().sum() for tn, t in zip(theta_new, theta))
+            l1_delta = sum(d.abs().sum() for d in delta)
+            scale = l1_step / l1_delta if l1_delta != 0 else 1.0
+            for p, t, d in zip(params, theta, delta):
+                p.copy_(t + d * scale)
+    for p, g in zip(params, gbar):
+        p.grad = g
+    return loss.detach(), gbar

@@ -86,6 +86,7 @@ class Recorder:
         self.slots: list[Slot] = []
         self.cursor = 0
         self.replay_label = "θ'"
+        self.replays = 0  # replays started in this step (other slot kinds, e.g. Linear layers, reset by it)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> "Recorder":
@@ -112,6 +113,7 @@ class Recorder:
 
     def start_replay(self, label: str) -> None:
         self.phase, self.cursor, self.replay_label = REPLAY, 0, label
+        self.replays += 1
 
     def finish_replay(self) -> None:
         """Checks the replay paired every slot."""

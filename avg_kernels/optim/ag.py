@@ -26,6 +26,10 @@ base optimizer's step with ḡ. The first step (no θ_{t-1} yet) is a plain base
 After ``step``: ``p.grad`` holds the gradient the update used (ḡ; g on a plain step), ``opt.last`` an
 ``AGStepInfo`` (ℓ(θ), ℓ(θ') or ℓ(θ_{t-1}), optionally ℓ(θ_{t+1}), timings when ``profile=True``).
 
+n-iteration AG (mode "agn", paper 000 Alg. 4) refines AG-1's averaging range over the same graph
+(``_agn``); the "Linear" variants (``linear=True``, paper 002 Eq. 11) average the Jacobians of Linear/Conv
+layers too (``_linear_avg``).
+
 This file holds the modes and the step orchestration; ``_wrapper`` the shared optimizer wrapper (the base
 held as ``.base``), ``_passes`` what running the closure several times needs (parameter/buffer swap, RNG
 replay, eager stance, the direct-use detector, the phase timer), ``_base_state`` the base's state set
@@ -48,12 +52,13 @@ from .._contract import args
 from ..activations import EPS
 from ..nn._recording import GRAPH, PLAIN, BACKWARD, Recorder
 from ..ops import AG1_UPDATE, AG2_RESCALE, check_backend
-from . import _base_state
+from . import _agn, _base_state
 from ._base_state import BaseState
+from ._linear_avg import LayerAveraging, report_kept
 from ._passes import DirectUse, ParamSites, Phases, RNGReplay, eager
 from ._wrapper import NonFiniteError, OptimizerWrapper, nonfinite
 
-MODES = ("ag1", "ag2", "ag3-1")
+MODES = ("ag1", "ag2", "ag3-1", "agn")
 
 
 @dataclass
@@ -70,6 +75,9 @@ class AGStepInfo:
     # the step's cost) and "loss_after_cpu" (its CPU time, time.process_time) are always recorded when
     # track_loss_after=True
     activation_calls: int = 0  # averaged-activation calls paired in this step
+    loss_iterates: tuple = ()  # agn: ℓ(θ_1), …, ℓ(θ_{n−2}) on the batch (the replays after the one at θ')
+    linear_calls: int = 0  # linear=True: Linear/Conv calls whose backward averaged (Eq. 11)
+    linear_kept: tuple = ()  # linear=True: "name (Class)" of weight-bearing modules that kept θ's Jacobian
     plain: bool = False  # True for a plain base step (the first AG-3-1 step)
     skipped: bool = False  # True for a step skipped for a non-finite loss or gradient (skip_nonfinite=True)
     times: dict = field(default_factory=dict)  # seconds per phase (profile=True); "loss_after" is extra
@@ -91,7 +99,9 @@ class AGStepInfo:
         return {"mode": self.mode, "step": self.step, "loss": f(self.loss), "loss_new": f(self.loss_new),
                 "loss_prev": f(self.loss_prev), "loss_after": f(self.loss_after), "reduction": self.reduction,
                 "base_reduction": self.base_reduction, "activation_calls": self.activation_calls,
-                "plain": self.plain, "skipped": self.skipped, "times": dict(self.times)}
+                "plain": self.plain, "skipped": self.skipped, "times": dict(self.times),
+                "loss_iterates": [float(t) for t in self.loss_iterates], "linear_calls": self.linear_calls,
+                "linear_kept": list(self.linear_kept)}
 
 
 class _Skip(Exception):
@@ -119,7 +129,14 @@ class AG(OptimizerWrapper):
             stepped exactly once per batch; LR schedulers may be attached to it or to this object
             (``param_groups`` is shared).
         mode: "ag1" (sign of ḡ, magnitude |θ' − θ|), "ag2" (base step with ḡ from the pre-step
-            state, rescaled to the L1 length of θ' − θ) or "ag3-1" (segment [θ_{t-1}, θ_t], one backward).
+            state, rescaled to the L1 length of θ' − θ), "ag3-1" (segment [θ_{t-1}, θ_t], one backward) or
+            "agn" (n-iteration AG-1, paper 000 Alg. 4: ``iterations`` backwards, each refining the averaging
+            range [θ, θ_{k-1}]; see ``_agn``).
+        iterations: mode="agn" only: n >= 2 (n = 2 is AG-1). Other modes refuse it (ValueError).
+        linear: the "Linear" variants (paper 002 Eq. 11; ag1, ag2, agn): Linear/Conv1d/2d/3d layers back-propagate
+            with the mean of their Jacobians at both ends of the segment; with ag2 also rescaled per layer to the
+            ordinary gradients' norms (Alg. 2 line 15). Other weight-bearing modules keep θ's Jacobian and are
+            named in ``last.linear_kept`` (and warned about once). See ``_linear_avg``.
         eps: |x' − x| <= eps uses f'(x) (SPEC §1).
         backend: backend of the averaged backward and the update ops (None: "auto", see
             ``avg_kernels.use_backend``).
@@ -142,8 +159,8 @@ class AG(OptimizerWrapper):
     ``copy.deepcopy`` / pickle copy the optimizer with its model and base.
 
     The closure runs the forward on one fixed batch and returns the loss; it must not call
-    ``backward()`` (the step raises if gradients appear) and is called two (three with
-    ``track_loss_after``) times per step, so it must not draw a new batch or have other side effects.
+    ``backward()`` (the step raises if gradients appear) and is called two (``iterations`` with "agn"; one
+    more with ``track_loss_after``) times per step, so it must not draw a new batch or have other side effects.
 
     ``state_dict()``: the base's state dict plus ``"ag"``: mode, eps, step count and θ_{t-1} (AG-3-1).
     ``load_state_dict`` also takes the older layout ``{"base": ..., "ag": ...}``.
@@ -154,12 +171,20 @@ class AG(OptimizerWrapper):
 
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, mode: str = "ag1", eps: float = EPS, *,
                  backend: Optional[str] = None, track_loss_after: bool = False, profile: bool = False,
-                 require_activations: bool = True, check_unaveraged: bool = True, skip_nonfinite: bool = False):
+                 require_activations: bool = True, check_unaveraged: bool = True, skip_nonfinite: bool = False,
+                 iterations: Optional[int] = None, linear: bool = False):
         if isinstance(base, AG):
             raise TypeError("base is already an AG optimizer; AG wraps a plain base optimizer")
         super().__init__(model, base, who="the model the closure runs", skip_nonfinite=skip_nonfinite)
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {list(MODES)}")
+        self.iterations = _agn.check_iterations(mode, iterations)
+        if not isinstance(linear, bool):
+            raise TypeError(f"linear must be a bool, got {type(linear).__name__}")
+        if linear and mode == "ag3-1":
+            raise ValueError("linear=True (paper 002 Eq. 11) is defined for the forward-looking modes ag1, ag2 and "
+                             "agn; mode='ag3-1' averages activations only")
+        self.linear = linear
         args.nonneg_real("eps", eps)
         if backend is not None:
             check_backend(backend)
@@ -199,7 +224,8 @@ class AG(OptimizerWrapper):
                                  "creating the optimizer")
 
     def _repr_fields(self) -> list[str]:
-        return [f"mode={self.mode!r}", f"eps={self.eps:g}"]
+        return ([f"mode={self.mode!r}"] + ([f"iterations={self.iterations}"] if self.iterations else [])
+                + (["linear=True"] if self.linear else []) + [f"eps={self.eps:g}"])
 
     def _own_state(self) -> dict:
         params = self._params()
@@ -268,7 +294,7 @@ class AG(OptimizerWrapper):
         cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"}
                       | {b.device.index or 0 for b in self.model.buffers() if b.device.type == "cuda"})
         ph = Phases(self.profile, bool(cuda))
-        run = {"ag1": self._step_ag1, "ag2": self._step_ag2, "ag3-1": self._step_ag3}[self.mode]
+        run = {"ag1": self._step_ag1, "ag2": self._step_ag2, "ag3-1": self._step_ag3, "agn": self._step_ag1}[self.mode]
         info = run(closure, params, cuda, ph)
         return info.loss
 
@@ -352,7 +378,7 @@ class AG(OptimizerWrapper):
         rng = RNGReplay(cuda)
         ph.mark("copies")
         stepped, pre_step, updating, loss = False, None, False, None
-        with Recorder(self.eps, self.backend) as rec:
+        with Recorder(self.eps, self.backend) as rec, self._layer_averaging(rec) as lin:
             try:
                 # 1. forward at θ on the copies (graph kept), backward -> g
                 loss = self._graph_pass(closure, params, rec,
@@ -376,9 +402,13 @@ class AG(OptimizerWrapper):
                 ph.mark("forward_replay")
                 rec.check_unmodified()
                 rec.phase = BACKWARD
-                gbar = _grad(loss, theta)
+                gbar = _grad(loss, theta, retain_graph=self.mode == "agn" and self.iterations > 2)
                 ph.mark("backward_avg")
                 self._check_finite(list(zip(params, gbar)), "the averaged gradient ḡ (after the pass at θ')")
+                iterates = ()
+                if self.mode == "agn":  # iterations 2 … n − 1 over the same graph (paper 000 Alg. 4)
+                    gbar, iterates = _agn.refine(self, closure, params, sites, buffers, rng, rec, loss, theta, gbar,
+                                                 ph, _grad)
                 # 5. the update
                 updating = True
                 update(_Segment(params, [p.detach() for p in params], theta_data, gbar, pre_step), ph)
@@ -392,7 +422,11 @@ class AG(OptimizerWrapper):
                 p.grad = gi
             n_calls = len(rec.slots)
             rec.clear()
-            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_new=loss_new, activation_calls=n_calls)
+            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_new=loss_new, activation_calls=n_calls,
+                              loss_iterates=iterates)
+            if lin is not None:
+                info.linear_calls, info.linear_kept = lin.calls, lin.kept(params)
+                report_kept(self, info.linear_kept, _user_stacklevel() + 1)
             self._done(info, ph)
             if self.track_loss_after:
                 self._loss_after_done(info, closure, sites, buffers, rng, rec, ph)
@@ -503,6 +537,10 @@ class AG(OptimizerWrapper):
         for t in self._theta:
             t.grad = None
         return self._theta
+
+    def _layer_averaging(self, rec: Recorder):
+        """linear=True: the Linear/Conv layers average their Jacobians for this step (``_linear_avg``)."""
+        return LayerAveraging(self.model, rec, rescale=self.mode == "ag2") if self.linear else contextlib.nullcontext()
 
     def _buffer_stand_ins(self, buffers) -> dict:
         """Buffer id -> a copy of its pre-step snapshot, for a replay pass (the snapshot itself stays as it
