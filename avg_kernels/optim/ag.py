@@ -48,7 +48,7 @@ from .._contract import args
 from ..activations import EPS
 from ..nn._recording import GRAPH, PLAIN, BACKWARD, Recorder
 from ..ops import AG1_UPDATE, AG2_RESCALE, check_backend
-from . import _base_state
+from . import _base_state, _distributed
 from ._base_state import BaseState
 from ._passes import DirectUse, ParamSites, Phases, RNGReplay, eager
 from ._wrapper import NonFiniteError, OptimizerWrapper, nonfinite
@@ -184,6 +184,9 @@ class AG(OptimizerWrapper):
         self._prev: Optional[list[torch.Tensor]] = None  # AG-3-1: θ_{t-1}
         self._prev_for: list[int] = []
         self._checked = False
+        # DDP: g and ḡ averaged over the ranks, passes under no_sync (None for a plain model; _distributed)
+        self._replicas = _distributed.replicas_of(model, "AG", own_backward=True)
+        self._ddp_checked = self._replicas is not None
 
     # -- the wrapper's hooks -----------------------------------------------------------------------
     def _check_params(self, params, what: str) -> None:
@@ -269,8 +272,34 @@ class AG(OptimizerWrapper):
                       | {b.device.index or 0 for b in self.model.buffers() if b.device.type == "cuda"})
         ph = Phases(self.profile, bool(cuda))
         run = {"ag1": self._step_ag1, "ag2": self._step_ag2, "ag3-1": self._step_ag3}[self.mode]
-        info = run(closure, params, cuda, ph)
+        with self._distributed():
+            info = run(closure, params, cuda, ph)
         return info.loss
+
+    @contextlib.contextmanager
+    def _distributed(self):
+        """DDP model: DDP's checks, rank 0's buffers broadcast, the passes under ``no_sync``. Plain model: on
+        the first step, a forward through a DDP around it raises (``ddp.module`` was passed)."""
+        if self._replicas is not None:
+            self._replicas.check_usable()
+            self._replicas.broadcast_buffers()
+            with self._replicas.no_sync():
+                yield
+        elif not self._ddp_checked:
+            with _distributed.refusing_outer_ddp(self.model, "AG"):
+                yield
+            self._ddp_checked = True
+        else:
+            yield
+
+    def _mean_over_ranks(self, grads, params, ph: Phases, loss=None):
+        """DDP: ``grads`` averaged over the ranks, and ``loss`` NaN where any rank's loss is not finite (every
+        rank then decides alike); a plain model: as given."""
+        if self._replicas is None:
+            return grads, loss
+        grads, loss = self._replicas.mean_grads(grads, params, loss)
+        ph.mark("all_reduce")
+        return tuple(grads), loss
 
     def _done(self, info: AGStepInfo, ph: Phases) -> None:
         """The step's update is in place: count it and publish ``last`` (before the ℓ(θ_{t+1}) pass)."""
@@ -361,7 +390,8 @@ class AG(OptimizerWrapper):
                 rec.phase = BACKWARD
                 g = _grad(loss, theta, retain_graph=True)
                 ph.mark("backward_grad")
-                self._check_finite([("the loss ℓ(θ)", loss), *zip(params, g)], "the gradient g at θ")
+                g, loss_seen = self._mean_over_ranks(g, params, ph, loss)
+                self._check_finite([("the loss ℓ(θ)", loss_seen), *zip(params, g)], "the gradient g at θ")
                 for p, gi in zip(params, g):
                     p.grad = gi
                 # 2. the base step with g -> θ' (s_t -> s_{t+1})
@@ -378,6 +408,7 @@ class AG(OptimizerWrapper):
                 rec.phase = BACKWARD
                 gbar = _grad(loss, theta)
                 ph.mark("backward_avg")
+                gbar, _ = self._mean_over_ranks(gbar, params, ph)
                 self._check_finite(list(zip(params, gbar)), "the averaged gradient ḡ (after the pass at θ')")
                 # 5. the update
                 updating = True
@@ -465,7 +496,8 @@ class AG(OptimizerWrapper):
                     g = _grad(loss, params)
                     ph.mark("backward_avg")
                     n_calls = len(rec.slots)
-                self._check_finite([("the loss ℓ(θ_t)", loss), *zip(params, g)],
+                g, loss_seen = self._mean_over_ranks(g, params, ph, loss)
+                self._check_finite([("the loss ℓ(θ_t)", loss_seen), *zip(params, g)],
                                    "the gradient at θ_t" if plain
                                    else "the averaged gradient ḡ (segment [θ_(t-1), θ_t])")
             except BaseException as exc:
