@@ -145,6 +145,8 @@ def check_ag(mode: str, kind: str, sizes=(3, 3), steps: int = 3, find_unused: bo
         opt.step(lambda: loss_fn(ddp(xr), yr, 1))
         ropt.step(lambda: loss_fn(ref(x), y, world))
         same_on_every_rank(flat_params(model), f"{mode} {kind}: parameters after step {t}")
+        same_on_every_rank(torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
+                           f"{mode} {kind}: the gradient (ḡ) of step {t}")
         if "bn" in kind:
             continue  # per-rank batch statistics: not the single process's
         if mode == "ag1":
@@ -155,17 +157,20 @@ def check_ag(mode: str, kind: str, sizes=(3, 3), steps: int = 3, find_unused: bo
             raise AssertionError(f"{mode}: step {t} record {opt.last.as_dict()}")
 
 
-def check_copt(name: str, kind: str, sizes=(4, 4), steps: int = 3, expect: dict = None) -> None:
+def check_copt(name: str, kind: str, sizes=(4, 4), steps: int = 3, expect: dict = None, clip: float = 0.0,
+               refresh_every: int = 1) -> None:
     """C-SGD / C-Adam over DDP: bitwise equal parameters on every rank, equal to one process; ``expect``: the
-    form (dxd / mxm) each layer must take in the run over DDP."""
+    form (dxd / mxm) each layer must take in the run over DDP; ``clip``: clip the gradient norm to that
+    (the M × M form then applies a uniform factor, found by a random probe that must be equal on every
+    rank for the parameters to stay bitwise equal)."""
     from avg_kernels.optim import CAdam, CSGD
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build(kind, convert=False)
     ref = copy.deepcopy(model)
     ddp = DDP(model)
-    make = {"csgd": lambda m: CSGD(m, lr=0.05, lam=1e-2, momentum=0.9),
-            "cadam": lambda m: CAdam(m, lr=1e-2, lam=1e-2)}[name]
+    make = {"csgd": lambda m: CSGD(m, lr=0.05, lam=1e-2, momentum=0.9, refresh_every=refresh_every),
+            "cadam": lambda m: CAdam(m, lr=1e-2, lam=1e-2, refresh_every=refresh_every)}[name]
     opt, ropt = make(ddp), make(ref)
     forms = {}
     inner = opt._replicas.global_stats
@@ -177,6 +182,7 @@ def check_copt(name: str, kind: str, sizes=(4, 4), steps: int = 3, expect: dict 
         return stats, bad
 
     opt._replicas.global_stats = spy
+    torch.manual_seed(1000 + rank)  # the ranks' default generators differ from here on (as with per-rank seeds)
     equal = len(set(sizes)) == 1
     for t, (x, y, parts) in enumerate(batches(kind, list(sizes), steps)):
         xr, yr = parts[rank]
@@ -188,9 +194,15 @@ def check_copt(name: str, kind: str, sizes=(4, 4), steps: int = 3, expect: dict 
         else:
             F.cross_entropy(ddp(xr), yr, reduction="sum").backward()
             (F.cross_entropy(ref(x), y, reduction="sum") / world).backward()
+        if clip:
+            for m in (model, ref):
+                if float(torch.nn.utils.clip_grad_norm_(m.parameters(), clip)) <= clip:
+                    raise AssertionError("the clipping test needs a gradient norm above the clip")
         opt.step()
         ropt.step()
         same_on_every_rank(flat_params(model), f"{name} {kind}: parameters after step {t}")
+        same_on_every_rank(torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
+                           f"{name} {kind}: preconditioned gradients of step {t}")  # before rounding into θ
         close(flat_params(model), flat_params(ref), f"{name} {kind} {sizes}: step {t} vs one process", rtol=1e-8,
               atol=1e-10)
     if expect is not None and forms != expect:
@@ -285,6 +297,8 @@ CHECKS = {
     "cadam-mlp": lambda: check_copt("cadam", "mlp", expect=MLP_FORMS),
     "cadam-cnn": lambda: check_copt("cadam", "cnn", sizes=(2, 2), expect=CNN_FORMS),
     "csgd-mlp-unequal": lambda: check_copt("csgd", "mlp", sizes=(3, 5), expect=MLP_FORMS),
+    "csgd-cnn-clipped": lambda: check_copt("csgd", "cnn", sizes=(2, 2), steps=2, expect=CNN_FORMS, clip=1e-2),
+    "cadam-cnn-refresh2": lambda: check_copt("cadam", "cnn", sizes=(2, 2), steps=3, refresh_every=2),
     "refusals": check_refusals,
     "nonfinite": check_nonfinite_agreement,
 }
