@@ -48,7 +48,36 @@ class CNN(nn.Module):
         return self.fc(h.flatten(1))
 
 
-MODELS = {"mlp": (mlp, (6,)), "cnn": (CNN, (2, 6, 6)), "cnn_bn": (lambda: CNN(bn=True), (2, 6, 6))}
+class Branchy(nn.Module):
+    """a (6 -> 16), then ``extra`` (16 -> 16) only where ``branch`` (rank 0 in the runs: rank 1 never uses it, so
+    its gradient is absent there and its statistics empty), then b (16 -> 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.extra, self.b = nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+        self.act, self.act2 = nn.Tanh(), nn.Sigmoid()
+
+    def forward(self, x, branch: bool = True):
+        h = self.act(self.a(x))
+        if branch:
+            h = self.act2(self.extra(h))
+        return self.b(h)
+
+
+MODELS = {"mlp": (mlp, (6,)), "cnn": (CNN, (2, 6, 6)), "cnn_bn": (lambda: CNN(bn=True), (2, 6, 6)),
+          "branchy": (Branchy, (6,))}
+
+
+def forward_rank(kind: str, model, x, rank: int):
+    """This rank's forward (Branchy: the branch on rank 0 only)."""
+    return model(x, branch=rank == 0) if kind == "branchy" else model(x)
+
+
+def forward_all(kind: str, model, x, parts):
+    """The single process's forward of the concatenated batch (Branchy: each rank's part as that rank runs it)."""
+    if kind == "branchy":
+        return torch.cat([model(xp, branch=r == 0) for r, (xp, _) in enumerate(parts)])
+    return model(x)
 
 
 def batches(kind: str, sizes: list, steps: int):
@@ -132,7 +161,7 @@ def check_ag(mode: str, kind: str, sizes=(3, 3), steps: int = 3, find_unused: bo
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build(kind, convert=True)
     ref = copy.deepcopy(model)
-    ddp = DDP(model, find_unused_parameters=find_unused)
+    ddp = DDP(model, find_unused_parameters=find_unused or kind == "branchy")
     opt = AG(ddp, torch.optim.RMSprop(ddp.parameters(), lr=1e-2), mode=mode)
     ropt = AG(ref, torch.optim.RMSprop(ref.parameters(), lr=1e-2), mode=mode)
     equal = len(set(sizes)) == 1
@@ -142,10 +171,10 @@ def check_ag(mode: str, kind: str, sizes=(3, 3), steps: int = 3, find_unused: bo
 
     for t, (x, y, parts) in enumerate(batches(kind, list(sizes), steps)):
         xr, yr = parts[rank]
-        opt.step(lambda: loss_fn(ddp(xr), yr, 1))
-        ropt.step(lambda: loss_fn(ref(x), y, world))
+        opt.step(lambda: loss_fn(forward_rank(kind, ddp, xr, rank), yr, 1))
+        ropt.step(lambda: loss_fn(forward_all(kind, ref, x, parts), y, world))
         same_on_every_rank(flat_params(model), f"{mode} {kind}: parameters after step {t}")
-        same_on_every_rank(torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
+        same_on_every_rank(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]),
                            f"{mode} {kind}: the gradient (ḡ) of step {t}")
         if "bn" in kind:
             continue  # per-rank batch statistics: not the single process's
@@ -168,7 +197,7 @@ def check_copt(name: str, kind: str, sizes=(4, 4), steps: int = 3, expect: dict 
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build(kind, convert=False)
     ref = copy.deepcopy(model)
-    ddp = DDP(model)
+    ddp = DDP(model, find_unused_parameters=kind == "branchy")
     make = {"csgd": lambda m: CSGD(m, lr=0.05, lam=1e-2, momentum=0.9, refresh_every=refresh_every),
             "cadam": lambda m: CAdam(m, lr=1e-2, lam=1e-2, refresh_every=refresh_every)}[name]
     opt, ropt = make(ddp), make(ref)
@@ -189,11 +218,11 @@ def check_copt(name: str, kind: str, sizes=(4, 4), steps: int = 3, expect: dict 
         opt.zero_grad()
         ropt.zero_grad()
         if equal:
-            F.cross_entropy(ddp(xr), yr).backward()
-            F.cross_entropy(ref(x), y).backward()
+            F.cross_entropy(forward_rank(kind, ddp, xr, rank), yr).backward()
+            F.cross_entropy(forward_all(kind, ref, x, parts), y).backward()
         else:
-            F.cross_entropy(ddp(xr), yr, reduction="sum").backward()
-            (F.cross_entropy(ref(x), y, reduction="sum") / world).backward()
+            F.cross_entropy(forward_rank(kind, ddp, xr, rank), yr, reduction="sum").backward()
+            (F.cross_entropy(forward_all(kind, ref, x, parts), y, reduction="sum") / world).backward()
         if clip:
             for m in (model, ref):
                 if float(torch.nn.utils.clip_grad_norm_(m.parameters(), clip)) <= clip:
@@ -297,6 +326,12 @@ CHECKS = {
     "cadam-mlp": lambda: check_copt("cadam", "mlp", expect=MLP_FORMS),
     "cadam-cnn": lambda: check_copt("cadam", "cnn", sizes=(2, 2), expect=CNN_FORMS),
     "csgd-mlp-unequal": lambda: check_copt("csgd", "mlp", sizes=(3, 5), expect=MLP_FORMS),
+    "ag2-branchy": lambda: check_ag("ag2", "branchy", steps=2),
+    "ag3-1-branchy": lambda: check_ag("ag3-1", "branchy", steps=3),
+    # extra: M × M with no columns from rank 1; then D × D from rank 0's 18 rows and a zero Gram from rank 1
+    "csgd-branchy": lambda: check_copt("csgd", "branchy", steps=2, expect={"a": "dxd", "extra": "mxm", "b": "mxm"}),
+    "cadam-branchy-unequal": lambda: check_copt("cadam", "branchy", sizes=(18, 4), steps=2,
+                                                expect={"a": "dxd", "extra": "dxd", "b": "dxd"}),
     "csgd-cnn-clipped": lambda: check_copt("csgd", "cnn", sizes=(2, 2), steps=2, expect=CNN_FORMS, clip=1e-2),
     "cadam-cnn-refresh2": lambda: check_copt("cadam", "cnn", sizes=(2, 2), steps=3, refresh_every=2),
     "refusals": check_refusals,

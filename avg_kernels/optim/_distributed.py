@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ._collect import LayerStats
+
 try:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -58,7 +60,7 @@ def refuse_if_called_through(ddp: Optional[nn.Module], model: nn.Module, optimiz
     if inner is model or (isinstance(inner, nn.Module) and any(m is model for m in inner.modules())):
         raise RuntimeError(
             f"{optimizer}: the model it was built on runs inside a DistributedDataParallel forward, but the "
-            f"optimizer was given the plain module (ddp.module): it would not synchronise the ranks (they would "
+            f"optimizer was given the plain module (ddp.module, or a module inside it): it would not synchronise the ranks (they would "
             f"drift apart silently). Build it on the DDP model itself, e.g. {optimizer}(ddp_model, ...)")
 
 
@@ -86,32 +88,32 @@ class OuterDDPGuard:
         refuse_if_called_through(active_ddp(), self.model, self.optimizer)
 
 
-def _unsupported_wrapper(m: nn.Module) -> Optional[str]:
-    """The name of a wrapper or composable API on module ``m`` that avg_kernels' optimizers do not support."""
-    if isinstance(m, nn.DataParallel):
-        return "torch.nn.DataParallel (runs replicas in threads; use DistributedDataParallel)"
+def _wrapper_kinds() -> list:
+    """(class, name) of the distributed wrappers the optimizers refuse, those this torch has."""
+    kinds = [(nn.DataParallel, "torch.nn.DataParallel (runs replicas in threads; use DistributedDataParallel)")]
+    if _available():
+        try:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            kinds.append((FullyShardedDataParallel, "FullyShardedDataParallel (FSDP)"))
+        except ImportError:
+            pass
+        try:
+            from torch.distributed.fsdp import FSDPModule
+            kinds.append((FSDPModule, "fully_shard (FSDP2)"))
+        except ImportError:
+            pass
+    return kinds
+
+
+def _composable_apis(m: nn.Module) -> list:
+    """The torch.distributed composable APIs applied to ``m`` (``fully_shard``, ``replicate`` ...)."""
     if not _available():
-        return None
-    try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        if isinstance(m, FullyShardedDataParallel):
-            return "FullyShardedDataParallel (FSDP)"
-    except ImportError:
-        pass
-    try:
-        from torch.distributed.fsdp import FSDPModule
-        if isinstance(m, FSDPModule):
-            return "fully_shard (FSDP2)"
-    except ImportError:
-        pass
+        return []
     try:
         from torch.distributed._composable.contract import _get_registry
-        reg = _get_registry(m)
-        if reg:
-            return f"torch.distributed composable API {sorted(reg)}"
     except ImportError:
-        pass
-    return None
+        return []
+    return sorted(_get_registry(m) or {})
 
 
 def replicas_of(model: nn.Module, who: str, own_backward: bool = False) -> Optional["Replicas"]:
@@ -121,8 +123,11 @@ def replicas_of(model: nn.Module, who: str, own_backward: bool = False) -> Optio
     parameters, and DDP with several devices per rank, ignored parameters or mixed precision; with
     ``own_backward`` (AG: the optimizer runs the backward passes, DDP's reducer stays idle) also
     ``static_graph``, delayed all-reduce and the Python reducer, which act in the backward."""
+    kinds = _wrapper_kinds()
     for name, m in model.named_modules():
-        what = _unsupported_wrapper(m)
+        what = next((what for cls, what in kinds if isinstance(m, cls)), None)
+        if what is None and _composable_apis(m):
+            what = f"the torch.distributed composable API {_composable_apis(m)}"
         if what is not None:
             raise ValueError(f"{who}: {what} at {name or 'the model'} is not supported; wrap the model in "
                              f"torch.nn.parallel.DistributedDataParallel instead")
@@ -174,7 +179,6 @@ class Replicas:
             raise ValueError(f"{who}: DistributedDataParallel with {', '.join(refuse)} is not supported")
         self.group = ddp.process_group
         self.world = dist.get_world_size(self.group)
-        self.rank = dist.get_rank(self.group)
         self._signature_for: Optional[list] = None
         self._probe, self._probes = torch.Generator(), 0  # the M × M probe vectors, equal on every rank
 
@@ -254,8 +258,6 @@ class Replicas:
             (M × M form; ΔZ divided by the world size because DDP averages the gradients), or None when some
             rank met a non-finite value; the message naming it (this rank's, or "on rank r") or None).
         """
-        from ._collect import LayerStats  # no import cycle at module level
-
         L = len(layers)
         local_m = [stats[layer].m if layer in stats else 0 for layer in layers]
         dims = [layer.dim() for layer in layers]

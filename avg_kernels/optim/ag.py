@@ -114,7 +114,9 @@ class AG(OptimizerWrapper):
 
     Args:
         model: the ``nn.Module`` the closure runs; its activations must be averaged ones
-            (``avg_kernels.nn.convert(model)`` or ``avg_kernels.nn`` modules/functional).
+            (``avg_kernels.nn.convert(model)`` or ``avg_kernels.nn`` modules/functional). A
+            ``DistributedDataParallel`` model: the passes run under ``no_sync()`` and g and ḡ are averaged over
+            the ranks (``_distributed``); its plain ``.module`` run through the DDP is refused at the first step.
         base: any ``torch.optim.Optimizer`` over parameters of ``model`` (SGD, RMSprop, Adam, ...). It is
             stepped exactly once per batch; LR schedulers may be attached to it or to this object
             (``param_groups`` is shared).

@@ -25,6 +25,10 @@ the collected statistics; a NaN or infinity raises ``NonFiniteError`` naming the
 the parameters, the base's state and ``steps`` unchanged and the statistics dropped (``skip_nonfinite=True``:
 the same, without the error, counted in ``skipped_steps``).
 
+DistributedDataParallel (build the optimizer on the DDP model): DDP averages the gradients; the statistics of
+all ranks are combined in ``step()`` (``_distributed.Replicas.global_stats``: D × D Grams summed, M × M X and ΔZ
+gathered, the form chosen on the global M), so every rank computes the same P.
+
 Copies: the forward hooks are picklable objects holding weak references (``_collect.LayerHook``); a pickled
 or deep-copied model carries inert stand-ins, so ``torch.save(model)`` works and a copy of the model never
 feeds this optimizer. ``copy.deepcopy(opt)`` / pickle copy the optimizer with its model and hook the copy's
