@@ -184,6 +184,12 @@ def check_ag(mode: str, kind: str, sizes=(3, 3), steps: int = 3, find_unused: bo
             close(flat_params(model), flat_params(ref), f"{mode} {kind}: step {t} vs one process")
         if opt.last.plain is not ropt.last.plain or opt.last.activation_calls == 0 and not opt.last.plain:
             raise AssertionError(f"{mode}: step {t} record {opt.last.as_dict()}")
+    if "bn" in kind:  # each step starts from rank 0's buffers (BatchNorm statistics and count), as DDP's forward does
+        before = [b.clone() for b in model.buffers()]
+        opt._replicas.broadcast_buffers()
+        same_on_every_rank(torch.cat([b.double().reshape(-1) for b in model.buffers()]), "buffers after the broadcast")
+        if rank == 0 and not all(torch.equal(a, b) for a, b in zip(before, model.buffers())):
+            raise AssertionError("the broadcast changed rank 0's buffers")
 
 
 def check_copt(name: str, kind: str, sizes=(4, 4), steps: int = 3, expect: dict = None, clip: float = 0.0,

@@ -411,15 +411,19 @@ def all_reduce_flat(tensors: list, group, like: Optional[list] = None, mean: boo
 
 
 def broadcast_flat(tensors: list, group, src_rank: int = 0) -> None:
-    """Every rank's ``tensors`` set, in place, to those of group rank ``src_rank``: one broadcast of a flat
-    buffer per (dtype, device)."""
+    """Every rank's ``tensors`` set, in place, to those of group rank ``src_rank``: one broadcast per device of
+    their bytes (buffers of several dtypes, e.g. BatchNorm's float statistics and int64 count, in one call)."""
     src = dist.get_global_rank(group, src_rank) if group is not None else src_rank
-    for (dtype, device), idx in _buckets(tensors).items():
-        flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx])
+    by_device: dict = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    for ts in by_device.values():
+        raw = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in ts]
+        flat = torch.cat(raw)
         dist.broadcast(flat, src=src, group=group)
         with torch.no_grad():
-            for i, v in zip(idx, flat.split([tensors[i].numel() for i in idx])):
-                tensors[i].copy_(v.view(tensors[i].shape))
+            for t, v in zip(ts, flat.split([r.numel() for r in raw])):
+                t.copy_(v.view(t.dtype).view(t.shape))
 
 
 _TRIU_MASKS: dict = {}
