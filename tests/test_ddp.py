@@ -13,12 +13,13 @@ import socket
 import pytest
 import torch
 
-import _ddp_worker
-
 dist = torch.distributed
-_UNAVAILABLE = ("torch.distributed is not available in this torch build" if not dist.is_available()
-                else "the gloo backend is not available" if not dist.is_gloo_available() else None)
-pytestmark = pytest.mark.skipif(_UNAVAILABLE is not None, reason=_UNAVAILABLE or "")
+if not dist.is_available():
+    pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
+if not dist.is_gloo_available():
+    pytest.skip("the gloo backend of torch.distributed is not available", allow_module_level=True)
+
+import _ddp_worker  # noqa: E402  (imports DistributedDataParallel: only where torch.distributed exists)
 
 WORLD = 2
 
