@@ -60,8 +60,9 @@ def refuse_if_called_through(ddp: Optional[nn.Module], model: nn.Module, optimiz
     if inner is model or (isinstance(inner, nn.Module) and any(m is model for m in inner.modules())):
         raise RuntimeError(
             f"{optimizer}: the model it was built on runs inside a DistributedDataParallel forward, but the "
-            f"optimizer was given the plain module (ddp.module, or a module inside it): it would not synchronise the ranks (they would "
-            f"drift apart silently). Build it on the DDP model itself, e.g. {optimizer}(ddp_model, ...)")
+            f"optimizer was given the plain module (ddp.module, or a module inside it): it would not synchronise "
+            f"the ranks (they would drift apart silently). Build it on the DDP model itself, e.g. "
+            f"{optimizer}(ddp_model, ...)")
 
 
 @contextlib.contextmanager
@@ -475,5 +476,5 @@ def all_gather_padded(tensors: list, sizes: list, group) -> list:
     return out
 
 
-__all__ = ["OuterDDPGuard", "Replicas", "active_ddp", "all_gather_padded", "all_reduce_flat", "all_reduce_triu", "broadcast_flat",
-           "refuse_if_called_through", "refusing_outer_ddp", "replicas_of"]
+__all__ = ["OuterDDPGuard", "Replicas", "active_ddp", "all_gather_padded", "all_reduce_flat", "all_reduce_triu",
+           "broadcast_flat", "refuse_if_called_through", "refusing_outer_ddp", "replicas_of"]
