@@ -295,6 +295,16 @@ def check_refusals() -> None:
     raises(ValueError, "FSDP", lambda: AG(sharded, sgd(sharded)))
     raises(ValueError, "FSDP", lambda: CSGD(sharded, lr=0.1))
     del copt
+    # the ranks' optimizers over different parameters or layers: refused at the first step, on every rank
+    model = build("mlp", convert=True)
+    ddp = DDP(model)
+    params = list(ddp.parameters())
+    opt = AG(ddp, torch.optim.SGD(params if rank == 0 else params[:-1], lr=0.1))
+    raises(RuntimeError, "ranks disagree", lambda: opt.step(lambda: F.cross_entropy(ddp(x), y)))
+    ddp = DDP(build("mlp", convert=False))
+    copt = CSGD(ddp, lr=0.1, exclude=["module.4"] if rank == 1 else [])
+    F.cross_entropy(ddp(x), y).backward()
+    raises(RuntimeError, "ranks disagree", copt.step)
 
 
 def check_nonfinite_agreement() -> None:

@@ -180,7 +180,7 @@ class Replicas:
             raise ValueError(f"{who}: DistributedDataParallel with {', '.join(refuse)} is not supported")
         self.group = ddp.process_group
         self.world = dist.get_world_size(self.group)
-        self._signature_for: Optional[list] = None
+        self._agreed: dict = {}  # what -> ids of the tensors or layers the ranks were checked to agree on
         self._probe, self._probes = torch.Generator(), 0  # the M × M probe vectors, equal on every rank
 
     # -- AG ------------------------------------------------------------------------------------------
@@ -220,6 +220,10 @@ class Replicas:
             takes the same decision on it).
         """
         self._check_signature(params)
+        for p, g in zip(params, grads):
+            if g is not None and g.layout != torch.strided:
+                raise RuntimeError(f"{self.who}: parameter of shape {tuple(p.shape)} has a {g.layout} gradient; "
+                                   f"only dense gradients are averaged over the ranks (sparse: not supported)")
         flag = None
         if loss is not None:
             flag = (~loss.detach().isfinite()).to(torch.float64).reshape(1).cpu()
@@ -230,18 +234,22 @@ class Replicas:
 
     def _check_signature(self, params: list) -> None:
         """Once per parameter list: every rank has the same parameters (count, shapes, dtypes), so the flat
-        buffers line up; one small all-gather."""
-        ids = [id(p) for p in params]
-        if ids == self._signature_for:
+        buffers line up."""
+        self._agree("parameters", params, [(tuple(p.shape), str(p.dtype)) for p in params],
+                    "count, total size, hash of the shapes", sum(p.numel() for p in params))
+
+    def _agree(self, what: str, items: list, description: list, columns: str, size: int) -> None:
+        """Raises unless every rank has the same ``items`` (by ``description``; checked once per list of
+        ``items``: one small all-gather)."""
+        ids = [id(t) for t in items]
+        if self._agreed.get(what) == ids:
             return
-        shapes = repr([(tuple(p.shape), str(p.dtype)) for p in params])
-        sig = torch.tensor([len(params), sum(p.numel() for p in params), _stable_hash(shapes)], dtype=torch.int64)
+        sig = torch.tensor([len(items), size, _stable_hash(repr(description))], dtype=torch.int64)
         rows = _all_gather_small(sig, self.group)
         if any(not torch.equal(r, rows[0]) for r in rows):
-            raise RuntimeError(f"{self.who}: the ranks disagree on the optimizer's parameters (count, total size, "
-                               f"shapes per rank: {[r.tolist() for r in rows]}); every rank must build the same model "
-                               f"and optimizer")
-        self._signature_for = ids
+            raise RuntimeError(f"{self.who}: the ranks disagree on the optimizer's {what} ({columns}, per rank: "
+                               f"{[r.tolist() for r in rows]}); every rank must build the same model and optimizer")
+        self._agreed[what] = ids
 
     # -- the C-optimizers ---------------------------------------------------------------------------------
     def global_stats(self, layers: list, stats: dict, gram_fn, bad: Optional[str] = None):
@@ -259,19 +267,16 @@ class Replicas:
             (M × M form; ΔZ divided by the world size because DDP averages the gradients), or None when some
             rank met a non-finite value; the message naming it (this rank's, or "on rank r") or None).
         """
-        L = len(layers)
-        local_m = [stats[layer].m if layer in stats else 0 for layer in layers]
         dims = [layer.dim() for layer in layers]
-        sig = _stable_hash(repr(dims))
-        row = torch.tensor([int(bad is not None), L, sig, *local_m], dtype=torch.int64)
-        table = torch.stack(_all_gather_small(row, self.group))  # (world, 3 + L)
-        if not torch.equal(table[:, 1:3], table[:1, 1:3].expand(self.world, 2)):
-            raise RuntimeError(f"{self.who}: the ranks disagree on the preconditioned layers (count and D per rank: "
-                               f"{table[:, 1:3].tolist()}); every rank must build the same model and optimizer")
+        self._agree("preconditioned layers", layers, [(layer.name, d) for layer, d in zip(layers, dims)],
+                    "count, total D, hash of the names and D", sum(dims))
+        local_m = [stats[layer].m if layer in stats else 0 for layer in layers]
+        row = torch.tensor([int(bad is not None), *local_m], dtype=torch.int64)
+        table = torch.stack(_all_gather_small(row, self.group))  # (world, 1 + L)
         flags = table[:, 0].tolist()
         if any(flags):
             return None, bad if bad is not None else f"a value on rank {flags.index(1)}"
-        ms = table[:, 3:]  # (world, L)
+        ms = table[:, 1:]  # (world, L)
         total = ms.sum(0).tolist()
         dxd, mxm = [], []
         for i, layer in enumerate(layers):
