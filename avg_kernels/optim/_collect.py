@@ -35,6 +35,10 @@ class LayerStats:
     dzs: list = field(default_factory=list)  # their output gradients (None until the backward)
     m: int = 0  # positions seen
     bias: bool = False  # the Gram/inputs include the trailing 1
+    # M × M form of several ranks (DDP, _distributed.Replicas.global_stats): X (groups, D, M) and ΔZ
+    # (groups, C_out/groups, M) of all ranks, already unfolded, in place of xs / dzs
+    X: Optional[torch.Tensor] = None
+    dz: Optional[torch.Tensor] = None
 
 
 class Collector:
@@ -51,6 +55,7 @@ class Collector:
         self.wanted = wanted
         self.stats: dict[Layer, LayerStats] = {}
         self._paused = 0
+        self.guard: Optional[Callable[[], None]] = None  # called at each counted use (raises to refuse it)
 
     def __getstate__(self) -> dict:
         """A copy starts with no statistics (the output gradients of the uses so far arrive here) and not
@@ -67,6 +72,8 @@ class Collector:
         M × M form needs it. Ignored unless ``counts(layer)`` and both weight and output require grad."""
         if not self.counts(layer):
             return
+        if self.guard is not None:
+            self.guard()
         if not layer.weight.requires_grad or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         st = self.stats.get(layer)

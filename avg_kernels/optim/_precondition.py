@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +82,7 @@ class Preconditioner:
     def __init__(self, backend: str):
         self.backend = backend
         self.inverses: dict[Layer, torch.Tensor] = {}
+        self.probe: Optional[Callable[[], torch.Generator]] = None  # DDP: probe vectors equal on every rank
 
     def solve(self, G: torch.Tensor, A: torch.Tensor, lam: float) -> torch.Tensor:
         """``ridge_solve``: G (A + λI)⁻¹, batched, G's dtype."""
@@ -113,10 +114,11 @@ class Preconditioner:
             bias = st.bias if st.m else layer.has_bias()
             G = layer.grad_matrix(bias)
             ct = torch.float64 if G.dtype == torch.float64 else torch.float32
-            if st.xs:
+            if st.xs or st.X is not None:
                 self.inverses.pop(layer, None)  # recomputed every step while the layer is in the M × M form
-                pending.append(MxMCase(layer, G, layer.output_grads(st.xs, st.dzs, ct), layer.unfold(st.xs, bias, ct),
-                                       bias))
+                dz, X = ((st.dz.to(ct), st.X.to(ct)) if st.X is not None  # several ranks' (_distributed)
+                         else (layer.output_grads(st.xs, st.dzs, ct), layer.unfold(st.xs, bias, ct)))
+                pending.append(MxMCase(layer, G, dz, X, bias))
             elif st.gram is not None:
                 fresh.setdefault((G.shape[-1], G.dtype, G.device), []).append(FreshDxD(layer, G, st.gram, bias))
             elif layer in self.inverses and self.inverses[layer].shape[-1] == G.shape[-1]:
@@ -130,7 +132,7 @@ class Preconditioner:
                     f"with grad enabled was recorded for it since the last step (eval mode, no_grad, paused(), a "
                     f"forward that bypasses the module, or the optimizer was built after the forward)")
         mxm: dict = {}  # (M, device, compute dtype) -> [MxMSystem]
-        for case, c in zip(pending, uniform_factors(pending)):
+        for case, c in zip(pending, uniform_factors(pending, self.probe() if self.probe is not None else None)):
             mxm.setdefault((case.X.shape[-1], case.X.device, case.X.dtype), []).append(
                 MxMSystem(case.layer, case.dz, self.column_gram(case.X), case.X, c, case.bias))
         for entries in merge_small_groups(list(fresh.values()), lam):
@@ -176,16 +178,20 @@ class Preconditioner:
             start += n
 
 
-def uniform_factors(cases: list[MxMCase]) -> list[float]:
+def uniform_factors(cases: list[MxMCase], generator: Optional[torch.Generator] = None) -> list[float]:
     """The M × M form uses ΔZ while the base optimizer sees .grad: they must agree (G = ΔZ Xᵀ) up to one
     uniform factor c per layer (gradient clipping, AMP unscaling), returned; anything else raises.
-    One random ±1 probe vector v per layer (O((C + M) D) work) and one device-to-host copy for all."""
+    One random ±1 probe vector v per layer (O((C + M) D) work) and one device-to-host copy for all;
+    ``generator`` (a CPU one) draws the vectors where given (DDP: equal on every rank), else the default one."""
     if not cases:
         return []
     rows = []
     for case in cases:
         X = case.X
-        v = (torch.randint(0, 2, (X.shape[1], 1), device=X.device) * 2 - 1).to(X.dtype)
+        if generator is None:
+            v = (torch.randint(0, 2, (X.shape[1], 1), device=X.device) * 2 - 1).to(X.dtype)
+        else:
+            v = (torch.randint(0, 2, (X.shape[1], 1), generator=generator) * 2 - 1).to(X.device, X.dtype)
         lhs = (case.grad.to(X.dtype) @ v).flatten()
         rhs = (case.dz @ (X.mT @ v)).flatten()
         rr = rhs.dot(rhs)

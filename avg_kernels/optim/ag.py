@@ -52,7 +52,7 @@ from .._contract import args
 from ..activations import EPS
 from ..nn._recording import GRAPH, PLAIN, BACKWARD, Recorder
 from ..ops import AG1_UPDATE, AG2_RESCALE, check_backend
-from . import _agn, _base_state
+from . import _agn, _base_state, _distributed
 from ._base_state import BaseState
 from ._linear_avg import LayerAveraging, report_kept
 from ._passes import DirectUse, ParamSites, Phases, RNGReplay, eager
@@ -124,7 +124,9 @@ class AG(OptimizerWrapper):
 
     Args:
         model: the ``nn.Module`` the closure runs; its activations must be averaged ones
-            (``avg_kernels.nn.convert(model)`` or ``avg_kernels.nn`` modules/functional).
+            (``avg_kernels.nn.convert(model)`` or ``avg_kernels.nn`` modules/functional). A
+            ``DistributedDataParallel`` model: the passes run under ``no_sync()`` and g and ḡ are averaged over
+            the ranks (``_distributed``); its plain ``.module`` run through the DDP is refused at the first step.
         base: any ``torch.optim.Optimizer`` over parameters of ``model`` (SGD, RMSprop, Adam, ...). It is
             stepped exactly once per batch; LR schedulers may be attached to it or to this object
             (``param_groups`` is shared).
@@ -209,6 +211,9 @@ class AG(OptimizerWrapper):
         self._prev: Optional[list[torch.Tensor]] = None  # AG-3-1: θ_{t-1}
         self._prev_for: list[int] = []
         self._checked = False
+        # DDP: g and ḡ averaged over the ranks, passes under no_sync (None for a plain model; _distributed)
+        self._replicas = _distributed.replicas_of(model, "AG", own_backward=True)
+        self._ddp_checked = self._replicas is not None
 
     # -- the wrapper's hooks -----------------------------------------------------------------------
     def _check_params(self, params, what: str) -> None:
@@ -295,8 +300,34 @@ class AG(OptimizerWrapper):
                       | {b.device.index or 0 for b in self.model.buffers() if b.device.type == "cuda"})
         ph = Phases(self.profile, bool(cuda))
         run = {"ag1": self._step_ag1, "ag2": self._step_ag2, "ag3-1": self._step_ag3, "agn": self._step_ag1}[self.mode]
-        info = run(closure, params, cuda, ph)
+        with self._distributed():
+            info = run(closure, params, cuda, ph)
         return info.loss
+
+    @contextlib.contextmanager
+    def _distributed(self):
+        """DDP model: DDP's checks, rank 0's buffers broadcast, the passes under ``no_sync``. Plain model: on
+        the first step, a forward through a DDP around it raises (``ddp.module`` was passed)."""
+        if self._replicas is not None:
+            self._replicas.check_usable()
+            self._replicas.broadcast_buffers()
+            with self._replicas.no_sync():
+                yield
+        elif not self._ddp_checked:
+            with _distributed.refusing_outer_ddp(self.model, "AG"):
+                yield
+            self._ddp_checked = True
+        else:
+            yield
+
+    def _mean_over_ranks(self, grads, params, ph: Phases, loss=None):
+        """DDP: ``grads`` averaged over the ranks, and ``loss`` NaN where any rank's loss is not finite (every
+        rank then decides alike); a plain model: as given."""
+        if self._replicas is None:
+            return grads, loss
+        grads, loss = self._replicas.mean_grads(grads, params, loss)
+        ph.mark("all_reduce")
+        return tuple(grads), loss
 
     def _done(self, info: AGStepInfo, ph: Phases) -> None:
         """The step's update is in place: count it and publish ``last`` (before the ℓ(θ_{t+1}) pass)."""
@@ -387,7 +418,8 @@ class AG(OptimizerWrapper):
                 rec.phase = BACKWARD
                 g = _grad(loss, theta, retain_graph=True)
                 ph.mark("backward_grad")
-                self._check_finite([("the loss ℓ(θ)", loss), *zip(params, g)], "the gradient g at θ")
+                g, loss_seen = self._mean_over_ranks(g, params, ph, loss)
+                self._check_finite([("the loss ℓ(θ)", loss_seen), *zip(params, g)], "the gradient g at θ")
                 for p, gi in zip(params, g):
                     p.grad = gi
                 # 2. the base step with g -> θ' (s_t -> s_{t+1})
@@ -404,11 +436,15 @@ class AG(OptimizerWrapper):
                 rec.phase = BACKWARD
                 gbar = _grad(loss, theta, retain_graph=self.mode == "agn" and self.iterations > 2)
                 ph.mark("backward_avg")
+                gbar, _ = self._mean_over_ranks(gbar, params, ph)
                 self._check_finite(list(zip(params, gbar)), "the averaged gradient ḡ (after the pass at θ')")
                 iterates = ()
                 if self.mode == "agn":  # iterations 2 … n − 1 over the same graph (paper 000 Alg. 4)
+                    def grad_k(loss_, inputs, retain_graph=False):  # every ḡ_k averaged over DDP's ranks too
+                        return self._mean_over_ranks(_grad(loss_, inputs, retain_graph), params, ph)[0]
+
                     gbar, iterates = _agn.refine(self, closure, params, sites, buffers, rng, rec, loss, theta, gbar,
-                                                 ph, _grad)
+                                                 ph, grad_k)
                 # 5. the update
                 updating = True
                 update(_Segment(params, [p.detach() for p in params], theta_data, gbar, pre_step), ph)
@@ -499,7 +535,8 @@ class AG(OptimizerWrapper):
                     g = _grad(loss, params)
                     ph.mark("backward_avg")
                     n_calls = len(rec.slots)
-                self._check_finite([("the loss ℓ(θ_t)", loss), *zip(params, g)],
+                g, loss_seen = self._mean_over_ranks(g, params, ph, loss)
+                self._check_finite([("the loss ℓ(θ_t)", loss_seen), *zip(params, g)],
                                    "the gradient at θ_t" if plain
                                    else "the averaged gradient ḡ (segment [θ_(t-1), θ_t])")
             except BaseException as exc:

@@ -25,6 +25,10 @@ the collected statistics; a NaN or infinity raises ``NonFiniteError`` naming the
 the parameters, the base's state and ``steps`` unchanged and the statistics dropped (``skip_nonfinite=True``:
 the same, without the error, counted in ``skipped_steps``).
 
+DistributedDataParallel (build the optimizer on the DDP model): DDP averages the gradients; the statistics of
+all ranks are combined in ``step()`` (``_distributed.Replicas.global_stats``: D × D Grams summed, M × M X and ΔZ
+gathered, the form chosen on the global M), so every rank computes the same P.
+
 Copies: the forward hooks are picklable objects holding weak references (``_collect.LayerHook``); a pickled
 or deep-copied model carries inert stand-ins, so ``torch.save(model)`` works and a copy of the model never
 feeds this optimizer. ``copy.deepcopy(opt)`` / pickle copy the optimizer with its model and hook the copy's
@@ -41,6 +45,7 @@ import torch
 from torch import nn
 
 from ..ops import check_backend
+from . import _distributed
 from ._collect import Collector, InertHook, ModuleHooks
 from ._layers import Layer, UnsupportedLayerError, find_layers
 from ._precondition import Preconditioner
@@ -105,6 +110,12 @@ class Consequentialism(OptimizerWrapper):
         self._collector = Collector(backend or "auto", self._needs_statistics)
         self._preconditioner = Preconditioner(backend or "auto")
         self._hooks = ModuleHooks(self._layers, self._collector)
+        # DDP: statistics of all ranks (_distributed); a plain model called through a DDP is refused
+        self._replicas = _distributed.replicas_of(model, type(self).__name__)
+        if self._replicas is None:
+            self._collector.guard = _distributed.OuterDDPGuard(model, type(self).__name__)
+        else:
+            self._preconditioner.probe = self._replicas.probe_generator
 
     def _needs_statistics(self, layer: Layer) -> bool:
         """Statistics are collected on refresh steps, and always for a layer without a kept factorisation."""
@@ -192,11 +203,24 @@ class Consequentialism(OptimizerWrapper):
     def precondition_(self) -> None:
         """Replaces the weight (and bias) gradients of the hooked layers by P and clears the statistics.
         Called by step(); public for inspection (a second call without new forwards raises)."""
+        self._apply(self._statistics(None)[0])
+
+    @torch.no_grad()
+    def _statistics(self, bad: Optional[str]):
+        """(the statistics since the last step, taken: with DDP those of all ranks, or None where some rank met
+        a non-finite value; what holds it (``bad``, or on which rank) or None). The collector starts afresh."""
         if not self._hooks.attached:
             raise RuntimeError("remove_hooks() was called: this optimizer can no longer collect statistics")
+        stats = self._collector.take()
+        if self._replicas is None:
+            return stats, bad
+        self._replicas.check_usable()
+        return self._replicas.global_stats(self._layers, stats, self._collector.gram, bad)
+
+    @torch.no_grad()
+    def _apply(self, stats) -> None:
         group = self.param_groups[0]
-        self._preconditioner.apply(self._layers, self._collector.take(), float(group["lam"]),
-                                   int(group["refresh_every"]))
+        self._preconditioner.apply(self._layers, stats, float(group["lam"]), int(group["refresh_every"]))
 
     def step(self, closure=None):
         """Evaluates ``closure`` (forward and backward) if given, preconditions, steps the base; returns
@@ -210,6 +234,9 @@ class Consequentialism(OptimizerWrapper):
             with torch.enable_grad():
                 loss = closure()
         bad = self._nonfinite(loss)
+        stats = None
+        if self._replicas is not None:  # every rank decides alike: one collective carries each rank's verdict
+            stats, bad = self._statistics(bad)
         if bad is not None:
             self.clear_statistics()
             if self.skip_nonfinite:
@@ -220,7 +247,10 @@ class Consequentialism(OptimizerWrapper):
                 f"the base optimizer's state, opt.steps = {self.steps}) and the statistics collected since the "
                 f"last step were dropped. Pass skip_nonfinite=True to skip such steps (counted in "
                 f"opt.skipped_steps), as torch.amp.GradScaler does")
-        self.precondition_()
+        if stats is None:
+            self.precondition_()
+        else:
+            self._apply(stats)
         self.base.step()
         self.steps += 1
         return loss
