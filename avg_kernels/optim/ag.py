@@ -47,6 +47,8 @@ from torch import nn
 from .._contract import args
 from ..activations import EPS
 from ..nn._recording import GRAPH, PLAIN, BACKWARD, Recorder
+from ..nn._fnmode import ActivationMode
+from . import _amp
 from ..ops import AG1_UPDATE, AG2_RESCALE, check_backend
 from . import _base_state
 from ._base_state import BaseState
@@ -69,7 +71,11 @@ class AGStepInfo:
     # times: seconds per phase when profiling; "loss_after" (the extra forward for ℓ(θ_{t+1}), not part of
     # the step's cost) and "loss_after_cpu" (its CPU time, time.process_time) are always recorded when
     # track_loss_after=True
-    activation_calls: int = 0  # averaged-activation calls paired in this step
+    activation_calls: int = 0  # averaged activations paired in this step (a recognised compound counts once)
+    compound_calls: int = 0  # of which hand-written forms averaged as one activation (x*sigmoid(x) ...)
+    # share of the averaged elements whose backward fell back to f'(x) because |x' − x| <= eps (None on a
+    # plain or skipped step); under bf16/fp16 autocast x and x' often round to the same value
+    fallback_fraction: Optional[float] = None
     plain: bool = False  # True for a plain base step (the first AG-3-1 step)
     skipped: bool = False  # True for a step skipped for a non-finite loss or gradient (skip_nonfinite=True)
     times: dict = field(default_factory=dict)  # seconds per phase (profile=True); "loss_after" is extra
@@ -91,6 +97,7 @@ class AGStepInfo:
         return {"mode": self.mode, "step": self.step, "loss": f(self.loss), "loss_new": f(self.loss_new),
                 "loss_prev": f(self.loss_prev), "loss_after": f(self.loss_after), "reduction": self.reduction,
                 "base_reduction": self.base_reduction, "activation_calls": self.activation_calls,
+                "compound_calls": self.compound_calls, "fallback_fraction": self.fallback_fraction,
                 "plain": self.plain, "skipped": self.skipped, "times": dict(self.times)}
 
 
@@ -184,6 +191,8 @@ class AG(OptimizerWrapper):
         self._prev: Optional[list[torch.Tensor]] = None  # AG-3-1: θ_{t-1}
         self._prev_for: list[int] = []
         self._checked = False
+        self._warned = False  # the first forward warned about what is not averaged
+        self._scaler = None  # the GradScaler of the step in progress
 
     # -- the wrapper's hooks -----------------------------------------------------------------------
     def _check_params(self, params, what: str) -> None:
@@ -251,19 +260,27 @@ class AG(OptimizerWrapper):
         state = super().__getstate__()
         by_id = {id(p): p for p in self._params()}
         state["_prev_for"] = [by_id.get(i) for i in self._prev_for]
-        state.update(_theta=[], _theta_for=[], _spare=[])
+        state.update(_theta=[], _theta_for=[], _spare=[], _scaler=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         state["_prev_for"] = [id(p) if p is not None else None for p in state["_prev_for"]]
+        state.setdefault("_warned", state.get("_checked", False))
+        state.setdefault("_scaler", None)
         super().__setstate__(state)
 
     # -- the step ----------------------------------------------------------------------------------
-    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
-        """One AG step on the batch the closure evaluates; returns ℓ(θ_t) (detached)."""
+    def step(self, closure: Callable[[], torch.Tensor], scaler=None) -> torch.Tensor:  # type: ignore[override]
+        """One AG step on the batch the closure evaluates; returns ℓ(θ_t) (detached).
+
+        ``scaler``: a ``torch.amp.GradScaler`` for fp16 training (``GradScaler.step`` refuses closures, so
+        the step takes it): every backward of the step scales the loss, the gradients are unscaled, and a
+        non-finite gradient skips the step (``last.skipped``) and backs the scale off at the caller's
+        ``scaler.update()``, which stays the caller's, once per step (see ``avg_kernels/optim/_amp.py``)."""
         if closure is None or not callable(closure):
             raise TypeError("AG.step(closure): the closure (running the forward, returning the loss, no "
                             "backward) is required")
+        self._scaler = _amp.check(scaler)
         params = [p for p in self._params() if p.requires_grad]
         cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"}
                       | {b.device.index or 0 for b in self.model.buffers() if b.device.type == "cuda"})
@@ -285,7 +302,7 @@ class AG(OptimizerWrapper):
         bad = nonfinite(named)
         if bad is None:
             return
-        if self.skip_nonfinite:
+        if self.skip_nonfinite or self._scaler is not None:  # with a scaler: skip, as GradScaler.step does
             self.skipped_steps += 1
             raise _Skip()
         if isinstance(bad, torch.Tensor):
@@ -352,6 +369,8 @@ class AG(OptimizerWrapper):
         rng = RNGReplay(cuda)
         ph.mark("copies")
         stepped, pre_step, updating, loss = False, None, False, None
+        # with a scaler a non-finite ḡ skips the step: keep s_t to put back (AG-1 too)
+        keep_pre_step_state = keep_pre_step_state or self._scaler is not None
         with Recorder(self.eps, self.backend) as rec:
             try:
                 # 1. forward at θ on the copies (graph kept), backward -> g
@@ -359,7 +378,9 @@ class AG(OptimizerWrapper):
                                         sites.swapped({id(p): t for p, t in zip(params, theta)}), swapped_params=True)
                 ph.mark("forward_graph")
                 rec.phase = BACKWARD
-                g = _grad(loss, theta, retain_graph=True)
+                g = self._grads(loss, theta, retain_graph=True)
+                if self._scaler is not None:
+                    g = _amp.unscale_recorded(self._scaler, self.base, params, g)
                 ph.mark("backward_grad")
                 self._check_finite([("the loss ℓ(θ)", loss), *zip(params, g)], "the gradient g at θ")
                 for p, gi in zip(params, g):
@@ -376,7 +397,11 @@ class AG(OptimizerWrapper):
                 ph.mark("forward_replay")
                 rec.check_unmodified()
                 rec.phase = BACKWARD
-                gbar = _grad(loss, theta)
+                gbar = self._grads(loss, theta)
+                if self._scaler is not None:
+                    gbar = _amp.unscale(self._scaler, gbar)
+                    if nonfinite(list(zip(params, gbar))) is not None:
+                        _amp.record_inf(self._scaler, self.base)
                 ph.mark("backward_avg")
                 self._check_finite(list(zip(params, gbar)), "the averaged gradient ḡ (after the pass at θ')")
                 # 5. the update
@@ -390,9 +415,8 @@ class AG(OptimizerWrapper):
                 return skipped
             for p, gi in zip(params, gbar):
                 p.grad = gi
-            n_calls = len(rec.slots)
+            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_new=loss_new, **_counts(rec))
             rec.clear()
-            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_new=loss_new, activation_calls=n_calls)
             self._done(info, ph)
             if self.track_loss_after:
                 self._loss_after_done(info, closure, sites, buffers, rng, rec, ph)
@@ -452,7 +476,7 @@ class AG(OptimizerWrapper):
             try:
                 if plain:
                     loss, g = self._plain_gradient(closure, params, rec, ph)
-                    loss_prev, n_calls = None, 0
+                    loss_prev, counts = None, {}
                 else:
                     loss = self._graph_pass(closure, params, rec, contextlib.nullcontext(), swapped_params=False)
                     ph.mark("forward_graph")
@@ -462,9 +486,11 @@ class AG(OptimizerWrapper):
                     ph.mark("forward_replay")
                     rec.check_unmodified()
                     rec.phase = BACKWARD
-                    g = _grad(loss, params)
+                    g = self._grads(loss, params)
+                    if self._scaler is not None:
+                        g = _amp.unscale_recorded(self._scaler, self.base, params, g)
                     ph.mark("backward_avg")
-                    n_calls = len(rec.slots)
+                    counts = _counts(rec)
                 self._check_finite([("the loss ℓ(θ_t)", loss), *zip(params, g)],
                                    "the gradient at θ_t" if plain
                                    else "the averaged gradient ḡ (segment [θ_(t-1), θ_t])")
@@ -485,8 +511,7 @@ class AG(OptimizerWrapper):
                 p.grad = gi
             self.base.step()
             ph.mark("base_step")
-            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_prev=loss_prev, activation_calls=n_calls,
-                              plain=plain)
+            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_prev=loss_prev, plain=plain, **counts)
             self._done(info, ph)
             if self.track_loss_after:
                 self._loss_after_done(info, closure, sites, buffers, rng, rec, ph)
@@ -519,14 +544,19 @@ class AG(OptimizerWrapper):
     def _plain_gradient(self, closure, params, rec: Recorder, ph: Phases):
         """An ordinary forward and backward (nothing recorded): (ℓ(θ), g)."""
         rec.phase = PLAIN
+        rec.plain_calls = 0
         for p in params:
             p.grad = None
-        with eager():
+        mode = self._mode(rec)
+        with eager(), mode:
             loss = closure()
         _check_plain_loss(loss, params)
+        self._first_pass_checks(rec, mode, rec.plain_calls)
         ph.mark("forward_graph")
         rec.phase = BACKWARD
-        g = _grad(loss, params)
+        g = self._grads(loss, params)
+        if self._scaler is not None:
+            g = _amp.unscale_recorded(self._scaler, self.base, params, g)
         ph.mark("backward_avg")
         return loss, g
 
@@ -536,7 +566,8 @@ class AG(OptimizerWrapper):
             p.grad = None
         rec.phase = GRAPH
         detector = self._direct_use_check(params) if swapped_params else contextlib.nullcontext()
-        with swap, eager(), detector:
+        mode = self._mode(rec)
+        with swap, eager(), detector, mode:
             loss = closure()
         if isinstance(detector, DirectUse):
             detector.check("θ (graph on copies of the parameters)")
@@ -550,16 +581,39 @@ class AG(OptimizerWrapper):
         if any(p.grad is not None for p in params) or any(t.grad is not None for t in self._theta):
             raise RuntimeError("the closure called backward(): an AG step owns the backward passes (it needs the "
                                "graph at θ twice); return the loss without calling backward()")
-        if self.require_activations and not rec.slots:
-            raise RuntimeError(
-                "the pass at θ made no averaged-activation call, so AG would average nothing. Convert the model "
-                "(avg_kernels.nn.convert(model)) or use avg_kernels.nn modules/functional in it; pass "
-                "require_activations=False to allow this")
+        self._first_pass_checks(rec, mode, len(rec.slots))
         return loss
 
+    def _mode(self, rec: Recorder) -> ActivationMode:
+        """The function mode of a pass: activation calls that bypass avg_kernels.nn go to ``rec`` (bare calls
+        and recognised hand-written forms, avg_kernels/nn/_fnmode.py); on the first step calls are
+        attributed to the model's modules (for the warning about what is not averaged)."""
+        return ActivationMode(rec, None if self._warned else self.model)
+
+    def _first_pass_checks(self, rec: Recorder, mode: ActivationMode, n_calls: int) -> None:
+        """After the forward at θ (or the first AG-3-1 step's plain forward): no averaged activation at all
+        is an error (``require_activations``); on the first step, what is not averaged is warned about."""
+        if self.require_activations and not n_calls:
+            found = "".join(f"\n  {where}: {what} -- {why}" for where, what, why in mode.findings)
+            raise RuntimeError(
+                "the pass at θ made no averaged-activation call, so AG would average nothing (the model computes "
+                "no activation of avg_kernels.activations.TABLE, as a module, a function call or a recognised "
+                "hand-written form)" + (f"; not averaged:{found}" if found else "") +
+                ". Pass require_activations=False to allow this")
+        if not self._warned:
+            self._warned = True
+            if self.check_unaveraged and mode.findings:
+                warnings.warn("AG step: these activation calls are NOT averaged:\n  " + "\n  ".join(
+                    f"{where}: {n} call(s) of {what} -- {why}" for (where, what, why), n in sorted(mode.findings.items())),
+                    UserWarning, stacklevel=_user_stacklevel())
+
+    def _grads(self, loss, inputs, retain_graph=False):
+        """The gradient of the loss (scaled by the step's GradScaler, if any: the caller unscales)."""
+        return _grad(loss if self._scaler is None else self._scaler.scale(loss), inputs, retain_graph=retain_graph)
+
     @torch.no_grad()
-    def _no_grad_pass(self, closure, sites: ParamSites, repl: dict, rng: RNGReplay) -> torch.Tensor:
-        with sites.swapped(repl), rng.replay(), eager():
+    def _no_grad_pass(self, closure, sites: ParamSites, repl: dict, rng: RNGReplay, mode=None) -> torch.Tensor:
+        with sites.swapped(repl), rng.replay(), eager(), (mode if mode is not None else contextlib.nullcontext()):
             loss = closure()
         return _loss_value(loss)
 
@@ -568,27 +622,13 @@ class AG(OptimizerWrapper):
         first step it also looks for unaveraged activation calls and parameters used while swapped out."""
         rec.start_replay(label)
         first = not self._checked
-        counter = None
-        if self.check_unaveraged and first:
-            from ..nn._convert import UnaveragedCallCounter
-
-            counter = UnaveragedCallCounter().attach(self.model)
         detector = self._direct_use_check(params) if (first and swapped_params) else contextlib.nullcontext()
-        try:
-            with (counter if counter is not None else contextlib.nullcontext()), detector:
-                loss = self._no_grad_pass(closure, sites, repl, rng)
-        finally:
-            if counter is not None:
-                counter.detach()
+        with detector:
+            loss = self._no_grad_pass(closure, sites, repl, rng, ActivationMode(rec))
         if isinstance(detector, DirectUse):
             detector.check(label)
         rec.finish_replay()
         self._checked = True
-        if counter is not None:
-            found = counter.findings()
-            if found:
-                warnings.warn("AG step: these activation calls bypass avg_kernels.nn and are NOT averaged:\n  "
-                              + "\n  ".join(str(f) for f in found), UserWarning, stacklevel=_user_stacklevel())
         return loss
 
     def _loss_after(self, closure, sites, buffers, rng, rec: Recorder, ph: Phases) -> torch.Tensor:
@@ -639,6 +679,14 @@ def _grad(loss, inputs, retain_graph=False):
                          "is then changed in place by the base optimizer's step. Read parameters through their "
                          "module.")
         raise
+
+
+def _counts(rec: Recorder) -> dict:
+    """AGStepInfo's activation counts and fallback share, after the replay paired the slots."""
+    averaged = rec.averaged()
+    fell, total = rec.fallback_counts()
+    return {"activation_calls": len(averaged), "compound_calls": sum(s.kind == "compound" for s in averaged),
+            "fallback_fraction": fell / total if total else None}
 
 
 def _loss_value(loss) -> torch.Tensor:
