@@ -165,7 +165,7 @@ class Recorder:
              kind: str = "module") -> torch.Tensor:
         """One averaged-activation call; ``where`` is a string or an object with ``_where()``. ``value``:
         f(x) as the model computed it (a compound form: its result is kept as the forward value);
-        ``kind``: "module", "bare" or "compound" (for reports)."""
+        ``kind``: "module", "functional", "bare" or "compound" (for reports)."""
         self.busy = True
         try:
             return self._call(x, k, where, value, kind)
