@@ -12,11 +12,12 @@ provenance of the tensors a forward computes (it is fed by ``avg_kernels.nn._fnm
   operands' cuts), nearest first;
 * a call of a form's *anchor* (``tanh``, ``sigmoid``, ``erf``) on ``u`` opens a candidate for the
   nearest live cut ``x`` of ``u`` with ``u == inner(x)`` (or ``x = u`` for ``x * sigmoid(x)``), checked
-  numerically on every element;
+  numerically (as below);
 * an arithmetic result that is a function of x and the anchor's output a alone (each operand has x or a
   among its cuts, or is itself such a function), made from two of them, and whose values are
-  ``outer(x, a)`` (every element, to 8 ulps of the lowest precision involved, at least 1e-6 relative)
-  completes the form: that result is the activation of ``x``.
+  ``outer(x, a)`` (to 8 ulps of the lowest precision involved, at least 1e-6 relative; on every element
+  up to 4096, else on 4096 evenly strided ones: the arithmetic is elementwise with scalar constants, so
+  every element goes through the same ops) completes the form: that result is the activation of ``x``.
 
 The check is structural (the cuts) AND numeric (the values), so a form is only recognised where the
 ops really compute it; other arrangements of the same arithmetic (``x * 0.5 * (1 + t)``,
@@ -80,11 +81,22 @@ ARITHMETIC = frozenset({
     "__div__", "__rdiv__", "__pow__", "__rpow__", "__neg__"})
 
 _MAX_CHECKS = 4  # outer checks per candidate (other arrangements of the same product)
+# Values are checked on at most _SAMPLE evenly strided elements: the ops are elementwise with scalar
+# constants (operands with more than one element must themselves be functions of x and a), so every
+# element goes through the same arithmetic; the sample confirms the constants and the arrangement.
+_SAMPLE = 4096
 _MAX_OPEN = 8  # anchors awaiting their form's last op (a form completes within a few ops of its anchor)
 
 
 def _tol(*ts: torch.Tensor) -> float:
     return max(max(8.0 * torch.finfo(t.dtype).eps for t in ts), 1e-6)
+
+
+def _sample(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """The same at most ``_SAMPLE`` evenly strided elements of each (equally shaped) tensor."""
+    n = ts[0].numel()
+    step = -(-n // _SAMPLE)
+    return [t.reshape(-1)[::step] if step > 1 else t.reshape(-1) for t in ts]
 
 
 def _matches(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, tol: float) -> bool:
@@ -172,7 +184,8 @@ class Recogniser:
                 if cand.checks >= _MAX_CHECKS or out.shape != x.shape:
                     continue
                 cand.checks += 1
-                if _matches(out, cand.form.outer(x, a), x, _tol(out, x, a)):
+                o, xs, as_ = _sample(out, x, a)
+                if _matches(o, cand.form.outer(xs, as_), xs, _tol(out, x, a)):
                     del self._open[ai]
                     return cand
         return None
@@ -192,7 +205,8 @@ class Recogniser:
                 cands.append(_Candidate(form, u, a, token))
                 continue
             for x in xs:
-                if _matches(u, form.inner(x), x, _tol(u, x)):
+                us, xs_ = _sample(u, x)
+                if _matches(us, form.inner(xs_), xs_, _tol(u, x)):
                     cands.append(_Candidate(form, x, a, token))
                     break
         if cands:

@@ -148,18 +148,23 @@ class Recorder:
         """The slots that are averaged activations (not the superseded inner calls of compound forms)."""
         return [s for s in self.slots if not s.superseded]
 
-    def fallback_counts(self) -> tuple[int, int]:
+    def fallback_counts(self, every_dtype: bool) -> Optional[tuple[int, int]]:
         """(elements with |x' − x| <= eps, elements) over the slots a backward reads: the share of the
-        averaged backward that is f'(x) (under bf16/fp16 x and x' often round to the same value)."""
+        averaged backward that is f'(x) (under bf16/fp16 x and x' often round to the same value). Counted
+        when a read slot is bf16/fp16 or ``every_dtype`` (four elementwise passes per slot); else None."""
+        read = [s for s in self.slots if not s.superseded and s.x is not None and s.x_new is not None]
+        if not read or not (every_dtype or any(s.dtype in (torch.bfloat16, torch.float16) for s in read)):
+            return None
         fell, total = [], 0
         with torch.no_grad():
-            for s in self.slots:
-                if s.superseded or s.x is None or s.x_new is None:
-                    continue
-                d = (s.x_new.to(torch.float32) - s.x.to(torch.float32)).abs()
+            for s in read:
+                if s.x.dtype in (torch.float32, torch.float64):
+                    d = torch.sub(s.x_new, s.x).abs_()
+                else:
+                    d = (s.x_new.to(torch.float32) - s.x.to(torch.float32)).abs_()
                 fell.append(torch.count_nonzero(d <= self.eps))
                 total += s.x.numel()
-        return (int(sum(int(f) for f in fell)) if fell else 0), total
+        return int(sum(int(f) for f in fell)), total
 
     def call(self, x: torch.Tensor, k: KernelAct, where: Union[str, object], value: Optional[torch.Tensor] = None,
              kind: str = "module") -> torch.Tensor:

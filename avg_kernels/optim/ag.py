@@ -73,8 +73,9 @@ class AGStepInfo:
     # track_loss_after=True
     activation_calls: int = 0  # averaged activations paired in this step (a recognised compound counts once)
     compound_calls: int = 0  # of which hand-written forms averaged as one activation (x*sigmoid(x) ...)
-    # share of the averaged elements whose backward fell back to f'(x) because |x' − x| <= eps (None on a
-    # plain or skipped step); under bf16/fp16 autocast x and x' often round to the same value
+    # share of the averaged elements whose backward fell back to f'(x) because |x' − x| <= eps: measured
+    # when an averaged input is bf16/fp16 (autocast: x and x' often round to the same value) or with
+    # track_fallback=True; None otherwise and on a plain or skipped step
     fallback_fraction: Optional[float] = None
     plain: bool = False  # True for a plain base step (the first AG-3-1 step)
     skipped: bool = False  # True for a step skipped for a non-finite loss or gradient (skip_nonfinite=True)
@@ -142,6 +143,8 @@ class AG(OptimizerWrapper):
             ``avg_kernels.nn`` (e.g. ``F.gelu`` in a forward) and warn about them.
         skip_nonfinite: a NaN/infinity in ℓ(θ), g or ḡ skips the step (``last.skipped``, counted in
             ``skipped_steps``) instead of raising ``NonFiniteError``.
+        track_fallback: measure ``last.fallback_fraction`` in every step (four elementwise passes over each
+            averaged input); without it, only where an averaged input is bf16/fp16 (autocast).
 
     A step that raises (or is skipped) leaves the parameters and buffers as before the step and is not
     counted; the exception note says what became of the base's state (see ``_undo``). A failure in the
@@ -161,7 +164,8 @@ class AG(OptimizerWrapper):
 
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, mode: str = "ag1", eps: float = EPS, *,
                  backend: Optional[str] = None, track_loss_after: bool = False, profile: bool = False,
-                 require_activations: bool = True, check_unaveraged: bool = True, skip_nonfinite: bool = False):
+                 require_activations: bool = True, check_unaveraged: bool = True, skip_nonfinite: bool = False,
+                 track_fallback: bool = False):
         if isinstance(base, AG):
             raise TypeError("base is already an AG optimizer; AG wraps a plain base optimizer")
         super().__init__(model, base, who="the model the closure runs", skip_nonfinite=skip_nonfinite)
@@ -184,6 +188,7 @@ class AG(OptimizerWrapper):
             raise TypeError(f"profile must be a bool or a clock function, got {type(profile).__name__}")
         self.profile = profile
         self.require_activations, self.check_unaveraged = bool(require_activations), bool(check_unaveraged)
+        self.track_fallback = bool(track_fallback)
         self.last: Optional[AGStepInfo] = None
         self._theta: list[torch.Tensor] = []  # AG-1/2: leaf copies of θ the graph is built on
         self._theta_for: list[int] = []
@@ -415,7 +420,8 @@ class AG(OptimizerWrapper):
                 return skipped
             for p, gi in zip(params, gbar):
                 p.grad = gi
-            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_new=loss_new, **_counts(rec))
+            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_new=loss_new,
+                              **_counts(rec, self.track_fallback))
             rec.clear()
             self._done(info, ph)
             if self.track_loss_after:
@@ -490,7 +496,7 @@ class AG(OptimizerWrapper):
                     if self._scaler is not None:
                         g = _amp.unscale_recorded(self._scaler, self.base, params, g)
                     ph.mark("backward_avg")
-                    counts = _counts(rec)
+                    counts = _counts(rec, self.track_fallback)
                 self._check_finite([("the loss ℓ(θ_t)", loss), *zip(params, g)],
                                    "the gradient at θ_t" if plain
                                    else "the averaged gradient ḡ (segment [θ_(t-1), θ_t])")
@@ -681,12 +687,12 @@ def _grad(loss, inputs, retain_graph=False):
         raise
 
 
-def _counts(rec: Recorder) -> dict:
+def _counts(rec: Recorder, every_dtype: bool) -> dict:
     """AGStepInfo's activation counts and fallback share, after the replay paired the slots."""
     averaged = rec.averaged()
-    fell, total = rec.fallback_counts()
+    fb = rec.fallback_counts(every_dtype)
     return {"activation_calls": len(averaged), "compound_calls": sum(s.kind == "compound" for s in averaged),
-            "fallback_fraction": fell / total if total else None}
+            "fallback_fraction": fb[0] / fb[1] if fb is not None and fb[1] else None}
 
 
 def _loss_value(loss) -> torch.Tensor:
