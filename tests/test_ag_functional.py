@@ -389,3 +389,30 @@ def test_scaler_argument_is_checked():
     opt = AG(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(TypeError, match="GradScaler"):
         opt.step(lambda: F.cross_entropy(model(x), y), scaler=object())
+
+
+# -- the recogniser ------------------------------------------------------------------------------------
+
+def _kinds_of(fn, x):
+    class Net(nn.Module):
+        def forward(self, t):
+            return fn(t)
+
+    rep = avg_kernels.nn.report(Net(), example_inputs=x)
+    return sorted((c.kind, c.what.split(" ")[0]) for c in rep.calls for _ in range(c.calls))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_forms_are_recognised_in_every_dtype_and_arrangement(dtype):
+    x = (torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * 30).to(dtype)
+    x[0, :3] = torch.tensor([60.0, -60.0, 0.0])  # fp16: x^3 overflows, as in the model's own ops
+    gelu = [("compound", "gelu(approximate='tanh')")]
+    assert _kinds_of(_gelu_tanh_hf, x) == gelu
+    assert _kinds_of(_gelu_tanh_fast, x) == gelu
+    assert _kinds_of(lambda h: (1.0 + torch.tanh(0.7978845608 * h + 0.0356774 * h ** 3)) * h * 0.5, x) == gelu
+    assert _kinds_of(lambda h: torch.sigmoid(h) * h, x) == [("compound", "silu")]
+    # other arithmetic around the same calls is not the form: the inner calls are averaged as bare calls
+    assert _kinds_of(lambda h: h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * h ** 3))), x) == \
+        [("bare", "tanh()")]
+    assert _kinds_of(lambda h: (h + 1.0) * torch.sigmoid(h), x) == [("bare", "sigmoid()")]
+    assert _kinds_of(lambda h: 0.5 * h * (1.0 + torch.tanh(h)), x) == [("bare", "tanh()")]

@@ -93,17 +93,18 @@ def _tol(*ts: torch.Tensor) -> float:
 
 
 def _sample(*ts: torch.Tensor) -> list[torch.Tensor]:
-    """The same at most ``_SAMPLE`` evenly strided elements of each (equally shaped) tensor."""
+    """The same at most ``_SAMPLE`` evenly strided elements of each (equally shaped) tensor, in float64
+    (the form's reference values are computed in float64: only the model's own rounding is compared)."""
     n = ts[0].numel()
     step = -(-n // _SAMPLE)
-    return [t.reshape(-1)[::step] if step > 1 else t.reshape(-1) for t in ts]
+    return [(t.reshape(-1)[::step] if step > 1 else t.reshape(-1)).detach().to(torch.float64) for t in ts]
 
 
-def _matches(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, tol: float) -> bool:
-    """Every element of ``got`` is ``want`` to ``tol`` relative to |got| + |want| + |x| (NaN = NaN)."""
-    wide = torch.float64 if torch.float64 in (got.dtype, want.dtype, x.dtype) else torch.float32
-    g, w, xx = got.to(wide), want.to(wide), x.to(wide)
-    ok = ((g - w).abs() <= tol * (g.abs() + w.abs() + xx.abs())) | (g == w) | (g.isnan() & w.isnan())
+def _matches(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor, tol: float, got_dtype: torch.dtype) -> bool:
+    """Every element of ``got`` is ``want`` to ``tol`` relative to |got| + |want| + |x| (float64 samples;
+    NaN = NaN; an infinity where ``want`` is beyond ``got_dtype``'s range is the model's own overflow)."""
+    ok = ((got - want).abs() <= tol * (got.abs() + want.abs() + x.abs())) | (got == want) | (got.isnan() & want.isnan())
+    ok |= got.isinf() & (want.abs() > torch.finfo(got_dtype).max) & (torch.sign(got) == torch.sign(want))
     return bool(ok.all())
 
 
@@ -185,7 +186,7 @@ class Recogniser:
                     continue
                 cand.checks += 1
                 o, xs, as_ = _sample(out, x, a)
-                if _matches(o, cand.form.outer(xs, as_), xs, _tol(out, x, a)):
+                if _matches(o, cand.form.outer(xs, as_), xs, _tol(out, x, a), out.dtype):
                     del self._open[ai]
                     return cand
         return None
@@ -206,7 +207,7 @@ class Recogniser:
                 continue
             for x in xs:
                 us, xs_ = _sample(u, x)
-                if _matches(us, form.inner(xs_), xs_, _tol(u, x)):
+                if _matches(us, form.inner(xs_), xs_, _tol(u, x), u.dtype):
                     cands.append(_Candidate(form, x, a, token))
                     break
         if cands:

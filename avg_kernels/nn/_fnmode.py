@@ -200,7 +200,12 @@ class ActivationMode(TorchFunctionMode):
                        "in-place activation calls run as written, not averaged (the averaged backward needs the "
                        "input); call it out of place")
             return func(*args, **kwargs)
-        k = spec.resolve(params)
+        try:
+            k = spec.resolve(params)
+        except (TypeError, ValueError):  # e.g. a tensor-valued negative_slope: the call runs as written
+            self._find(f"{name}() with parameters {params}", "parameters the averaged kernel does not take; not "
+                                                              "averaged")
+            return func(*args, **kwargs)
         rec = self.rec
         out = rec.call(x, k, Where(f"{name}()", self._module()), kind="bare")
         if k.name in ANCHORS:
