@@ -48,9 +48,8 @@ from .._contract import args
 from ..activations import EPS
 from ..nn._recording import GRAPH, PLAIN, BACKWARD, Recorder
 from ..nn._fnmode import ActivationMode
-from . import _amp
 from ..ops import AG1_UPDATE, AG2_RESCALE, check_backend
-from . import _base_state
+from . import _amp, _base_state
 from ._base_state import BaseState
 from ._passes import DirectUse, ParamSites, Phases, RNGReplay, eager
 from ._wrapper import NonFiniteError, OptimizerWrapper, nonfinite
@@ -121,8 +120,10 @@ class AG(OptimizerWrapper):
     """Average-gradient training over a base optimizer: AG-1, AG-2 or AG-3-1 (SPEC §4).
 
     Args:
-        model: the ``nn.Module`` the closure runs; its activations must be averaged ones
-            (``avg_kernels.nn.convert(model)`` or ``avg_kernels.nn`` modules/functional).
+        model: the ``nn.Module`` the closure runs. Every activation of ``avg_kernels.activations.TABLE`` its
+            forward computes is averaged: converted modules (``avg_kernels.nn.convert(model)``), function
+            calls (``F.gelu``, ``torch.tanh`` ...) and the hand-written forms of
+            ``avg_kernels.nn._compound.FORMS`` (see docs/ag_training.md, "What AG averages").
         base: any ``torch.optim.Optimizer`` over parameters of ``model`` (SGD, RMSprop, Adam, ...). It is
             stepped exactly once per batch; LR schedulers may be attached to it or to this object
             (``param_groups`` is shared).
@@ -137,10 +138,11 @@ class AG(OptimizerWrapper):
         profile: record per-phase times in ``last.times`` (synchronises CUDA between phases): True for wall
             time, or a clock function returning seconds (e.g. ``time.process_time``: CPU time, robust to other
             processes on a shared machine).
-        require_activations: raise when the pass at θ made no averaged-activation call (the model was
-            not converted, so AG would silently be the base optimizer with a sign/rescale step).
-        check_unaveraged: on the first step, trace the no-grad pass for activation functions that bypass
-            ``avg_kernels.nn`` (e.g. ``F.gelu`` in a forward) and warn about them.
+        require_activations: raise when a step's forward at θ makes no averaged-activation call, from the
+            first step on (AG-3-1's plain first step included): AG would silently be the base optimizer with
+            a sign/rescale step.
+        check_unaveraged: on the first step, warn about the activation calls the step cannot average (no
+            averaged kernel: ``F.mish``, QuickGELU ...; in-place calls), by module.
         skip_nonfinite: a NaN/infinity in ℓ(θ), g or ḡ skips the step (``last.skipped``, counted in
             ``skipped_steps``) instead of raising ``NonFiniteError``.
         track_fallback: measure ``last.fallback_fraction`` in every step (four elementwise passes over each
