@@ -272,7 +272,7 @@ def _hf(name):
 
 
 @pytest.mark.parametrize("name,kinds", [("gpt2", {"compound": 2}), ("llama", {"bare": 2}),
-                                        ("bert", {"bare": 3})])  # NewGELU; SiLUActivation; GELUActivation + tanh
+                                        ("bert", {"bare": 3})])  # NewGELU; SiLUActivation; GELUActivation x3
 def test_hf_models_average_every_activation(name, kinds):
     original = _hf(name)
     model = avg_kernels.nn.convert(copy.deepcopy(original), warn=False)

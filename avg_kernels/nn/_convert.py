@@ -256,7 +256,8 @@ def report(model: nn.Module, *, example_inputs: Any = None) -> ConvertReport:
                                                 "left alone by convert; the activation calls of its forward are "
                                                 "averaged as bare calls"))
         elif isinstance(m, UNSUPPORTED_KINDS):
-            static.append(NotAveraged(where, f"nn.{cls.__name__} module", "no averaged kernel for this activation; it keeps f'"))
+            static.append(NotAveraged(where, f"nn.{cls.__name__} module",
+                                      "no averaged kernel for this activation; it keeps f'"))
             continue
         if isinstance(m, RECURRENT):
             always.append(NotAveraged(where, f"nn.{cls.__name__}",
@@ -277,7 +278,8 @@ def report(model: nn.Module, *, example_inputs: Any = None) -> ConvertReport:
             if ok:
                 rep.static_calls.append(NotAveraged(where, text, "averaged by AG steps when called"))
             else:
-                static.append(NotAveraged(where, text, "in place or without an averaged kernel: not averaged if called"))
+                static.append(NotAveraged(where, text,
+                                          "in place or without an averaged kernel: not averaged if called"))
     rep.averaged = dict(averaged)
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)

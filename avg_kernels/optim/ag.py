@@ -611,9 +611,10 @@ class AG(OptimizerWrapper):
         if not self._warned:
             self._warned = True
             if self.check_unaveraged and mode.findings:
-                warnings.warn("AG step: these activation calls are NOT averaged:\n  " + "\n  ".join(
-                    f"{where}: {n} call(s) of {what} -- {why}" for (where, what, why), n in sorted(mode.findings.items())),
-                    UserWarning, stacklevel=_user_stacklevel())
+                lines = [f"{where}: {n} call(s) of {what} -- {why}"
+                         for (where, what, why), n in sorted(mode.findings.items())]
+                warnings.warn("AG step: these activation calls are NOT averaged:\n  " + "\n  ".join(lines),
+                              UserWarning, stacklevel=_user_stacklevel())
 
     def _grads(self, loss, inputs, retain_graph=False):
         """The gradient of the loss (scaled by the step's GradScaler, if any: the caller unscales)."""
