@@ -3,6 +3,13 @@ Alg. 1-2, paper 002 Alg. 1-2): the test oracle for avg_kernels.optim.AG, which r
 
 It works on an UNconverted model (plain torch.nn activations) and replaces each activation's backward
 through forward hooks in the second graph; x' is captured with forward pre-hooks in a separate pass.
+
+Functional activations (``torch.tanh(h)``, ``F.silu(h)``, ``h * torch.sigmoid(h)``, a hand-written
+tanh-GELU ...) are marked in the test model itself: its forward passes each one through
+``site(model, x, y, f)`` (x the activation's input, y the value the forward computed, f the activation as
+a function of x, in float64). Outside this reference ``model.site`` is None and ``site`` returns y, so
+the model is exactly the functional code an AG step sees; here ``model.site`` captures x' or returns a
+secant node with value y whose backward is the secant of f -- the WHOLE function for a compound form.
 Nothing here shares code with avg_kernels.nn / avg_kernels.optim.
 """
 from __future__ import annotations
@@ -16,6 +23,12 @@ ACT_TYPES = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiL
 
 def _acts(model):
     return [m for m in model.modules() if isinstance(m, ACT_TYPES)]
+
+
+def site(model: nn.Module, x: torch.Tensor, y: torch.Tensor, f) -> torch.Tensor:
+    """A functional activation call site of a test model (see the module docstring)."""
+    hook = getattr(model, "site", None)
+    return y if hook is None else hook(x, y, f)
 
 
 def _f(m: nn.Module):
@@ -57,9 +70,13 @@ def _forward_capture(model, x, rng):
     saved = [(b, b.clone()) for b in model.buffers()]
     inputs = []
     hooks = [m.register_forward_pre_hook(lambda mod, a: inputs.append(a[0].detach().clone())) for m in _acts(model)]
+    model.site = lambda t, y, f: (inputs.append(t.detach().clone()), y)[1]
     torch.set_rng_state(rng)
-    with torch.no_grad():
-        out = model(x)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        model.site = None
     for h in hooks:
         h.remove()
     for b, s in saved:
@@ -74,10 +91,12 @@ def _secant_loss(model, x, y, loss_fn, rng, x_new):
     for m in _acts(model):
         f = _f(m)
         hooks.append(m.register_forward_hook(lambda mod, a, out, f=f: _Secant.apply(a[0], out, x_new[next(calls)], f)))
+    model.site = lambda t, out, f: _Secant.apply(t, out, x_new[next(calls)], f)
     torch.set_rng_state(rng)
     try:
         return loss_fn(model(x), y)
     finally:
+        model.site = None
         for h in hooks:
             h.remove()
 

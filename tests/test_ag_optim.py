@@ -416,29 +416,43 @@ def test_closure_calling_backward_raises():
             opt.step(closure)
 
 
-def test_unconverted_model_is_rejected_unless_allowed():
+def test_unconverted_model_is_averaged_through_the_function_mode():
+    """An unconverted nn.Tanh calls torch.tanh, which the step's function mode averages as a bare call."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2))
     opt = AG(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(RuntimeError, match="no averaged-activation call"):
-        opt.step(lambda: model(torch.randn(3, 4)).sum())
-    opt = AG(model, torch.optim.SGD(model.parameters(), lr=0.1), require_activations=False, check_unaveraged=False)
+    opt.step(lambda: model(torch.randn(3, 4)).sum())
+    assert opt.last.activation_calls == 1
+
+
+@pytest.mark.parametrize("mode", ["ag1", "ag2", "ag3-1"])
+def test_model_without_averaged_activation_fails_at_the_first_step_unless_allowed(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Mish(), nn.Linear(5, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = AG(model, torch.optim.SGD(model.parameters(), lr=0.1), mode=mode)
+    with pytest.raises(RuntimeError, match=r"no averaged-activation call(.|\n)*F\.mish"):
+        opt.step(lambda: model(torch.randn(3, 4)).sum())  # the FIRST step, AG-3-1's plain one included
+    assert opt.steps == 0 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt = AG(model, torch.optim.SGD(model.parameters(), lr=0.1), mode=mode, require_activations=False,
+             check_unaveraged=False)
     opt.step(lambda: model(torch.randn(3, 4)).sum())
 
 
-def test_direct_activation_calls_are_warned_about_on_first_step():
+def test_unaveraged_activation_calls_are_warned_about_on_first_step():
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b, self.act = nn.Linear(4, 4), nn.Linear(4, 2), avg_kernels.nn.Tanh()
 
         def forward(self, x):
-            return self.b(F.gelu(self.act(self.a(x))))
+            return self.b(F.mish(F.gelu(self.act(self.a(x)))))
 
     model = Net()
     opt = AG(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.warns(UserWarning, match=r"<model>: 1 call\(s\) of gelu"):
+    with pytest.warns(UserWarning, match=r"<model>' \(Net\): 1 call\(s\) of F\.mish"):
         opt.step(lambda: model(torch.randn(3, 4)).sum())
+    assert opt.last.activation_calls == 2  # the module and the bare F.gelu
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step(lambda: model(torch.randn(3, 4)).sum())  # checked once

@@ -1,25 +1,28 @@
 """``convert(model)``: swap torch.nn activation modules for averaged ones, and say what was not swapped.
 
-A user must never believe AG is active where it is not (SPEC §4), so besides swapping, this module
-finds the activations an AG step would NOT average:
+A user must never believe AG is active where it is not (SPEC §4). AG steps average every supported
+activation the forward computes: converted modules, and through ``avg_kernels.nn._fnmode.ActivationMode``
+bare function calls (``F.gelu``, ``torch.tanh``, ``x.sigmoid()``, an attribute holding ``F.relu``, an
+unconverted module) and the hand-written forms of ``avg_kernels.nn._compound.FORMS``. ``report`` says
+what is averaged and what is not:
 
-* static: activation modules of kinds without an averaged kernel (``nn.Hardtanh``, ``nn.Mish`` ...),
-  subclasses of supported kinds with their own ``forward``, recurrent layers (tanh/sigmoid inside the
-  fused RNN kernels), ``forward`` methods whose source calls ``F.gelu``/``torch.tanh``/``x.relu()`` ...
-  directly, and modules holding such a function as an attribute (``nn.TransformerEncoderLayer``
-  stores ``F.relu``/``F.gelu`` in ``self.activation``);
-* dynamic (``example_inputs`` given, and on the first step of every ``avg_kernels.optim.AG``): a forward
-  under a ``TorchFunctionMode`` counts every call of a supported activation function that does not go
-  through ``avg_kernels.nn``, attributed to the innermost module that made it.
+* traced (``example_inputs`` given): one forward under that mode, as an AG step's pass at θ runs it,
+  lists every averaged call with its kind (module / bare / compound) and every call that is not
+  averaged, by name (activations without an averaged kernel: ``F.mish``, ``nn.Hardtanh``, QuickGELU
+  ...; in-place calls), attributed to the innermost module that made it. What the traced forward did
+  not compute is not reported (a never-taken branch is not a problem);
+* static (always): recurrent layers (tanh/sigmoid inside PyTorch's fused RNN kernels, invisible to
+  the mode); without a trace also activation modules of unsupported kinds, unsupported or in-place
+  activation calls in ``forward`` sources and attributes holding unsupported activation functions.
+  Supported calls found in sources (``forward calls F.gelu()``) are listed as ``static_calls``:
+  averaged by AG steps when called, not a problem.
 """
 from __future__ import annotations
 
 import inspect
 import io
 import logging
-import os
 import re
-import sys
 import textwrap
 import tokenize
 import warnings
@@ -28,10 +31,12 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
-
-from ..activations import TABLE
+from ..activations import EPS, TABLE
+from . import _recording
+from ._fnmode import UNSUPPORTED, ActivationMode
+from ._recording import GRAPH, Recorder
 from .modules import REPLACEMENTS, AveragedActivation
 
 log = logging.getLogger("avg_kernels.nn")
@@ -77,6 +82,11 @@ _SOURCE_PATTERNS = (
     re.compile(r"\btorch\." + _alternatives([n for spec in TABLE.values() for n in spec.torch_functions]) + r"\s*\("),
     re.compile(r"[\w\)\]]+\." + _alternatives(_METHODS) + r"\(\)"),
 )
+# Calls of activation functions without an averaged kernel (F.mish, torch.selu ...).
+_UNSUPPORTED_NAMES = sorted({n.lstrip("_").rstrip("_") for n in UNSUPPORTED})
+_UNSUPPORTED_PATTERN = re.compile(r"\b(?:(?:F|functional|nn\.functional|torch\.nn\.functional)|torch)\."
+                                  + _alternatives(_UNSUPPORTED_NAMES) + r"\s*\(")
+_UNSUPPORTED_ATTRS = {id(getattr(F, n)): f"F.{n}" for n in _UNSUPPORTED_NAMES if callable(getattr(F, n, None))}
 # Activation functions that a module may hold as an attribute (and call in forward) -> display name.
 _FUNCTION_ATTRS = {}
 for _spec in TABLE.values():
@@ -84,10 +94,6 @@ for _spec in TABLE.values():
     for _n in _spec.torch_functions:
         _FUNCTION_ATTRS[id(_torch_attr(_n))] = f"torch.{_n}"
 
-_OWN_FILES = {os.path.normcase(os.path.abspath(p)) for p in (
-    os.path.join(os.path.dirname(__file__), n) for n in ("modules.py", "functional.py", "_recording.py"))}
-_OWN_FILES.add(os.path.normcase(os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "activations.py"))))
-_TORCH_DIR = os.path.normcase(os.path.dirname(os.path.abspath(torch.__file__)))
 
 
 @dataclass
@@ -103,14 +109,39 @@ class NotAveraged:
 
 
 @dataclass
+class AveragedCall:
+    """One activation an AG step averages, seen in the traced forward."""
+
+    where: str  # the innermost module that made the call (or file:line)
+    what: str
+    # "module" (a converted module), "functional" (avg_kernels.nn.functional), "bare" (any other call of a
+    # supported activation function) or "compound" (a recognised hand-written form, averaged as one)
+    kind: str
+    calls: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.what} [{self.kind}]" + (f" x{self.calls}" if self.calls > 1 else "")
+
+
+@dataclass
 class ConvertReport:
-    """What ``convert`` swapped and what an AG step would still not average."""
+    """What ``convert`` swapped, what an AG step averages and what it would not average."""
 
     swapped: dict[str, int] = field(default_factory=dict)  # torch.nn class name -> modules swapped now
     averaged: dict[str, int] = field(default_factory=dict)  # averaged modules in the model, by class
     made_out_of_place: list[str] = field(default_factory=list)  # modules that had inplace=True
     not_averaged: list[NotAveraged] = field(default_factory=list)
     dynamic_checked: bool = False  # whether a forward was traced (example inputs)
+    calls: list[AveragedCall] = field(default_factory=list)  # traced: every averaged activation, by kind
+    # supported activation calls found in forward sources / attributes: averaged by AG steps when called
+    static_calls: list[NotAveraged] = field(default_factory=list)
+
+    def kinds(self) -> dict[str, int]:
+        """Traced averaged calls per kind: {"module": n, "bare": n, "compound": n}."""
+        out: Counter = Counter()
+        for c in self.calls:
+            out[c.kind] += c.calls
+        return dict(out)
 
     @property
     def complete(self) -> bool:
@@ -122,6 +153,12 @@ class ConvertReport:
             return ", ".join(f"{k} x{v}" for k, v in sorted(d.items())) or "none"
 
         lines = [f"avg_kernels.nn.convert: swapped {counts(self.swapped)}; averaged modules now: {counts(self.averaged)}"]
+        if self.dynamic_checked:
+            lines.append(f"  averaged in the traced forward ({counts(self.kinds())}):")
+            lines += [f"    {c}" for c in self.calls]
+        elif self.static_calls:
+            lines.append("  activation calls in forward sources/attributes (averaged by AG steps when called):")
+            lines += [f"    {n.where}: {n.what}" for n in self.static_calls]
         if self.made_out_of_place:
             lines.append(f"  inplace=True made out-of-place in: {', '.join(self.made_out_of_place)}")
         if self.not_averaged:
@@ -195,9 +232,13 @@ def revert(model: nn.Module) -> nn.Module:
 
 
 def report(model: nn.Module, *, example_inputs: Any = None) -> ConvertReport:
-    """What an AG step on ``model`` would average, and what it would not (see the module docstring)."""
+    """What an AG step on ``model`` would average, and what it would not (see the module docstring).
+
+    ``example_inputs``: a tensor or a tuple of positional arguments for one traced forward (under
+    ``torch.no_grad``; the RNG and every buffer are restored afterwards)."""
     rep = ConvertReport()
     averaged: Counter = Counter()
+    always, static = [], []  # problems reported in any case / only without a trace
     source_cache: dict[type, list[str]] = {}
     for name, m in model.named_modules():
         where = name or "<model>"
@@ -206,45 +247,53 @@ def report(model: nn.Module, *, example_inputs: Any = None) -> ConvertReport:
             averaged[cls.__name__] += 1
             continue
         if cls in REPLACEMENTS:
-            rep.not_averaged.append(NotAveraged(where, f"nn.{cls.__name__} module", "not converted (call convert(model))"))
+            rep.static_calls.append(NotAveraged(where, f"nn.{cls.__name__} module (not converted)",
+                                                f"averaged as a bare F.{REPLACEMENTS[cls].act} call"))
             continue
         sup = next((k for k in REPLACEMENTS if isinstance(m, k)), None)
         if sup is not None:
-            rep.not_averaged.append(NotAveraged(
-                where, f"{cls.__qualname__} (a subclass of nn.{sup.__name__})",
-                "subclasses may change forward, so convert leaves them alone; use an avg_kernels.nn module or "
-                "avg_kernels.nn.functional in its forward"))
-            continue
-        if isinstance(m, UNSUPPORTED_KINDS):
-            rep.not_averaged.append(NotAveraged(where, f"nn.{cls.__name__} module",
-                                                "no averaged kernel for this activation; it keeps f'"))
+            rep.static_calls.append(NotAveraged(where, f"{cls.__qualname__} (a subclass of nn.{sup.__name__})",
+                                                "left alone by convert; the activation calls of its forward are "
+                                                "averaged as bare calls"))
+        elif isinstance(m, UNSUPPORTED_KINDS):
+            static.append(NotAveraged(where, f"nn.{cls.__name__} module",
+                                      "no averaged kernel for this activation; it keeps f'"))
             continue
         if isinstance(m, RECURRENT):
-            rep.not_averaged.append(NotAveraged(where, f"nn.{cls.__name__}",
-                                                "its tanh/sigmoid run inside PyTorch's fused recurrent kernel; not averaged"))
+            always.append(NotAveraged(where, f"nn.{cls.__name__}",
+                                      "its tanh/sigmoid run inside PyTorch's fused recurrent kernel; not averaged"))
             continue
         for attr, value in vars(m).items():
             fn = getattr(value, "func", value)  # functools.partial
             if id(fn) in _FUNCTION_ATTRS:
-                rep.not_averaged.append(NotAveraged(
-                    where, f"{cls.__name__}.{attr} = {_FUNCTION_ATTRS[id(fn)]}",
-                    "an activation function held as an attribute and called by forward; not averaged"))
+                rep.static_calls.append(NotAveraged(where, f"{cls.__name__}.{attr} = {_FUNCTION_ATTRS[id(fn)]}",
+                                                    "an activation function held as an attribute"))
+            elif id(fn) in _UNSUPPORTED_ATTRS:
+                static.append(NotAveraged(where, f"{cls.__name__}.{attr} = {_UNSUPPORTED_ATTRS[id(fn)]}",
+                                          "an activation function without an averaged kernel; it keeps f'"))
         if cls not in source_cache:
             source_cache[cls] = _scan_forward(cls)
-        for call in source_cache[cls]:
-            rep.not_averaged.append(NotAveraged(
-                where, f"{cls.__qualname__}.forward calls {call}",
-                "a direct call is not averaged; use avg_kernels.nn.functional or a module"))
+        for call, ok in source_cache[cls]:
+            text = f"{cls.__qualname__}.forward calls {call}"
+            if ok:
+                rep.static_calls.append(NotAveraged(where, text, "averaged by AG steps when called"))
+            else:
+                static.append(NotAveraged(where, text,
+                                          "in place or without an averaged kernel: not averaged if called"))
     rep.averaged = dict(averaged)
     if example_inputs is not None:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        rep.not_averaged += _traced(model, args)
+        rep.calls, found = _traced(model, args)
+        rep.not_averaged = always + found  # what the forward computed; a never-taken branch is no problem
         rep.dynamic_checked = True
+    else:
+        rep.not_averaged = always + static
     return rep
 
 
-def _scan_forward(cls: type) -> list[str]:
-    """Direct activation-function calls in the source of ``cls.forward`` (comments and strings ignored)."""
+def _scan_forward(cls: type) -> list[tuple[str, bool]]:
+    """Activation-function calls in the source of ``cls.forward`` (comments and strings ignored), each with
+    whether an AG step averages it (a supported, out-of-place call)."""
     fwd = getattr(cls, "forward", None)
     if fwd is None or getattr(fwd, "__module__", "") == "torch.nn.modules.module":
         return []
@@ -269,82 +318,41 @@ def _scan_forward(cls: type) -> list[str]:
     else:
         code = src
     found = []
-    for pat in _SOURCE_PATTERNS:
+    for pat in (*_SOURCE_PATTERNS, _UNSUPPORTED_PATTERN):
         for mt in pat.finditer(code):
             text = mt.group(0).rstrip("(").strip()
             text = text + ("()" if not text.endswith(")") else "")
-            if text not in found:
-                found.append(text)
+            ok = pat is not _UNSUPPORTED_PATTERN and not text.rstrip("()").endswith("_")
+            if (text, ok) not in found:
+                found.append((text, ok))
     return found
 
 
-class UnaveragedCallCounter(TorchFunctionMode):
-    """Counts supported-activation function calls that bypass avg_kernels.nn, per innermost module.
-
-    Used as a context manager around a forward, with ``attach(model)`` called first so module
-    boundaries are known. Calls made from avg_kernels' own files are ignored.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.counts: Counter = Counter()
-        self._stack: list[str] = []
-        self._handles: list = []
-
-    def attach(self, model: nn.Module) -> "UnaveragedCallCounter":
-        for name, m in model.named_modules():
-            where = name or "<model>"
-            self._handles.append(m.register_forward_pre_hook(lambda mod, args, w=where: self._stack.append(w)))
-            self._handles.append(m.register_forward_hook(lambda mod, args, out: self._pop(), always_call=True))
-        return self
-
-    def _pop(self) -> None:
-        if self._stack:
-            self._stack.pop()
-
-    def detach(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        act = _FUNC_NAMES.get(getattr(func, "__name__", ""))
-        if act is not None and not _called_from_avg_kernels():
-            self.counts[(self._stack[-1] if self._stack else "<outside any module>", act)] += 1
-        return func(*args, **(kwargs or {}))
-
-    def findings(self) -> list[NotAveraged]:
-        return [NotAveraged(where, f"{n} call(s) of {act} during the forward",
-                            "a direct call is not averaged; use avg_kernels.nn.functional or a module")
-                for (where, act), n in sorted(self.counts.items())]
-
-
-def _called_from_avg_kernels() -> bool:
-    """Whether the torch function being dispatched was called by avg_kernels' own activation code
-    (skipping torch's frames and other modes' ``__torch_function__`` frames in between)."""
-    f = sys._getframe(2)
-    while f is not None:
-        fn = os.path.normcase(os.path.abspath(f.f_code.co_filename))
-        if fn in _OWN_FILES:
-            return True
-        if not (fn.startswith(_TORCH_DIR) or f.f_code.co_name == "__torch_function__"):
-            return False
-        f = f.f_back
-    return False
-
-
-def _traced(model: nn.Module, args: tuple) -> list[NotAveraged]:
-    """One no-grad forward with every buffer and the RNG restored afterwards."""
+def _traced(model: nn.Module, args: tuple) -> tuple[list[AveragedCall], list[NotAveraged]]:
+    """One no-grad forward under the activation mode, as an AG step's pass at θ runs it (a throw-away
+    recorder), with every buffer and the RNG restored afterwards: (averaged calls, not averaged)."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     devices = sorted({b.device.index for b in list(model.parameters()) + list(model.buffers())
                       if b.device.type == "cuda" and b.device.index is not None})
-    counter = UnaveragedCallCounter().attach(model)
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), counter:
-            model(*args)
+        with Recorder(EPS, None) as rec:
+            rec.phase = GRAPH
+            mode = ActivationMode(rec, model)
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), mode:
+                model(*args)
+            calls: Counter = Counter()
+            for slot in rec.averaged():
+                if isinstance(slot.where, AveragedActivation):
+                    key = (f"'{slot.where._avg_where or '?'}' ({type(slot.where).__name__})",
+                           f"{_recording.activations_name(slot.k)} module", "module")
+                else:
+                    key = (slot.where.place(), slot.where.what, slot.kind)
+                calls[key] += 1
     finally:
-        counter.detach()
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
-    return counter.findings()
+    averaged = [AveragedCall(w, what, kind, n) for (w, what, kind), n in calls.items()]
+    found = [NotAveraged(where, f"{n} call(s) of {what} during the forward", why)
+             for (where, what, why), n in sorted(mode.findings.items())]
+    return averaged, found

@@ -1,7 +1,10 @@
 """The recorder: how x' reaches a backward that was recorded before x' existed (SPEC §4).
 
 While an AG step runs, exactly one ``Recorder`` is active (module global ``ACTIVE``). Every averaged
-activation call (a converted module or ``avg_kernels.nn.functional``) asks it what to do:
+activation call asks it what to do: a converted module, ``avg_kernels.nn.functional``, and -- through
+``avg_kernels.nn._fnmode.ActivationMode``, active during the step's forward passes -- any other call of a
+supported activation function (``F.gelu``, ``torch.tanh``, ``x.sigmoid()`` ...: a *bare* call) and the
+hand-written forms of ``avg_kernels.nn._compound.FORMS`` (a *compound*: one slot for the whole form):
 
 * ``GRAPH`` (the forward at θ that builds the graph): the call registers a ``Slot`` (in call order) and
   runs ``_SlotAct``, an autograd Function that computes f(x) with PyTorch's own op and keeps the slot in
@@ -63,14 +66,19 @@ def _where_text(where) -> str:
 class Slot:
     """One averaged-activation call of the graph pass: what it saw, and x' once the replay filled it."""
 
-    __slots__ = ("index", "k", "where", "shape", "dtype", "device", "read", "x_new", "x_new_version", "recorder")
+    __slots__ = ("index", "k", "where", "kind", "shape", "dtype", "device", "read", "x", "x_new", "x_new_version",
+                 "recorder", "superseded")
 
-    def __init__(self, index: int, k: KernelAct, where, x: torch.Tensor, recorder: "Recorder"):
-        self.index, self.k, self.where, self.recorder = index, k, where, recorder
+    def __init__(self, index: int, k: KernelAct, where, x: torch.Tensor, recorder: "Recorder", kind: str):
+        self.index, self.k, self.where, self.recorder, self.kind = index, k, where, recorder, kind
         self.shape, self.dtype, self.device = x.shape, x.dtype, x.device
         self.read = False  # True when a backward will read the slot (the call is part of the graph)
+        self.x: Optional[torch.Tensor] = None  # the input at θ (read slots; the backward keeps it anyway)
         self.x_new: Optional[torch.Tensor] = None
         self.x_new_version = 0
+        # a bare tanh/sigmoid call that turned out to be the inner call of a compound form: paired as usual,
+        # but the compound's slot replaces its gradient path (not counted as an averaged activation)
+        self.superseded = False
 
     def describe(self) -> str:
         return f"{activations_name(self.k)} at {_where_text(self.where)}"
@@ -87,6 +95,8 @@ class Recorder:
         self.cursor = 0
         self.replay_label = "θ'"
         self.replays = 0  # replays started in this step (other slot kinds, e.g. Linear layers, reset by it)
+        self.busy = False  # inside ``call``: the activation's own torch calls are not calls of the model
+        self.plain_calls = 0  # activation calls seen in PLAIN phase (the first AG-3-1 step counts them)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> "Recorder":
@@ -107,7 +117,7 @@ class Recorder:
     def clear(self) -> None:
         """Empties every slot (a graph still alive then back-propagates with f' again)."""
         for s in self.slots:
-            s.x_new = None
+            s.x = s.x_new = None
         self.slots = []
         self.cursor = 0
 
@@ -136,14 +146,46 @@ class Recorder:
                     "backward needs it unchanged (use an out-of-place op in the model).")
 
     # -- the call ----------------------------------------------------------------------------------
-    def call(self, x: torch.Tensor, k: KernelAct, where: Union[str, object]) -> torch.Tensor:
-        """One averaged-activation call; ``where`` is a string or an object with ``_where()``."""
+    def averaged(self) -> list[Slot]:
+        """The slots that are averaged activations (not the superseded inner calls of compound forms)."""
+        return [s for s in self.slots if not s.superseded]
+
+    def fallback_counts(self, every_dtype: bool) -> Optional[tuple[int, int]]:
+        """(elements with |x' − x| <= eps, elements) over the slots a backward reads: the share of the
+        averaged backward that is f'(x) (under bf16/fp16 x and x' often round to the same value). Counted
+        when a read slot is bf16/fp16 or ``every_dtype`` (four elementwise passes per slot); else None."""
+        read = [s for s in self.slots if not s.superseded and s.x is not None and s.x_new is not None]
+        if not read or not (every_dtype or any(s.dtype in (torch.bfloat16, torch.float16) for s in read)):
+            return None
+        fell, total = [], 0
+        with torch.no_grad():
+            for s in read:
+                if s.x.dtype in (torch.float32, torch.float64):
+                    d = torch.sub(s.x_new, s.x).abs_()
+                else:
+                    d = (s.x_new.to(torch.float32) - s.x.to(torch.float32)).abs_()
+                fell.append(torch.count_nonzero(d <= self.eps))
+                total += s.x.numel()
+        return int(sum(int(f) for f in fell)), total
+
+    def call(self, x: torch.Tensor, k: KernelAct, where: Union[str, object], value: Optional[torch.Tensor] = None,
+             kind: str = "module") -> torch.Tensor:
+        """One averaged-activation call; ``where`` is a string or an object with ``_where()``. ``value``:
+        f(x) as the model computed it (a compound form: its result is kept as the forward value);
+        ``kind``: "module", "functional", "bare" or "compound" (for reports)."""
+        self.busy = True
+        try:
+            return self._call(x, k, where, value, kind)
+        finally:
+            self.busy = False
+
+    def _call(self, x, k, where, value, kind) -> torch.Tensor:
         phase = self.phase
         if phase == GRAPH:
-            slot = Slot(len(self.slots), k, where, x, self)
+            slot = Slot(len(self.slots), k, where, x, self, kind)
             self.slots.append(slot)
             if torch.is_grad_enabled() and x.requires_grad:
-                return _SlotAct.apply(x, slot)
+                return _SlotAct.apply(x, slot, value)
             if not torch.is_grad_enabled() and _inside_checkpoint():
                 raise CheckpointingError(
                     f"AG step: averaged-activation call {slot.index} ({slot.describe()}) runs inside "
@@ -151,7 +193,7 @@ class Recorder:
                     "which breaks the pairing of the two passes (and hides the parameters inside from the "
                     "step); AG steps reject it. Disable checkpointing for AG training.")
             # no backward reaches it (no grad needed, or a torch.no_grad() block): paired, never read
-            return activations.forward(x, k)
+            return activations.forward(x, k) if value is None else value
         if phase == REPLAY:
             i = self.cursor
             slots = self.slots
@@ -176,14 +218,15 @@ class Recorder:
                 x_new = x.detach()
                 s.x_new, s.x_new_version = x_new, x_new._version
             self.cursor = i + 1
-            return activations.forward(x, k)
+            return activations.forward(x, k) if value is None else value
         if phase == BACKWARD:
             raise CheckpointingError(
                 f"AG step: an averaged activation ({activations_name(k)} at {_where_text(where)}) ran during the "
                 "backward pass. This happens with activation checkpointing (torch.utils.checkpoint), which "
                 "recomputes the forward during backward and would break the pairing of the two passes; AG "
                 "steps reject it. Disable checkpointing for AG training.")
-        return activations.forward(x, k)
+        self.plain_calls += 1
+        return activations.forward(x, k) if value is None else value
 
 
 def _native_needs_output(k: KernelAct) -> bool:
@@ -194,15 +237,16 @@ class _SlotAct(torch.autograd.Function):
     """f(x) whose backward reads its slot when it runs (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, slot):  # noqa: D401 - autograd signature
+    def forward(ctx, x, slot, value=None):  # noqa: D401 - autograd signature
         k = slot.k
-        y = activations.forward(x, k)
+        y = activations.forward(x, k) if value is None else value.detach()
         if _native_needs_output(k):
             ctx.save_for_backward(x, y)
         else:
             ctx.save_for_backward(x)
         ctx.slot = slot
         slot.read = True
+        slot.x = x.detach()
         return y
 
     @staticmethod
@@ -212,7 +256,7 @@ class _SlotAct(torch.autograd.Function):
         slot = ctx.slot
         rec = slot.recorder
         return averaged_backward(grad, saved[0], saved[1] if len(saved) > 1 else None, slot.x_new, slot.k, rec.eps,
-                                 rec.backend, eager=True), None
+                                 rec.backend, eager=True), None, None
 
 
 def _inside_checkpoint() -> bool:

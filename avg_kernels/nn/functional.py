@@ -30,6 +30,13 @@ class _Caller:
         f = sys._getframe(2)
         self.name, self.file, self.line = name, f.f_code.co_filename, f.f_lineno
 
+    @property
+    def what(self) -> str:
+        return f"avg_kernels.nn.functional.{self.name}()"
+
+    def place(self) -> str:
+        return f"{self.file.replace(chr(92), '/').rsplit('/', 1)[-1]}:{self.line}"
+
     def _where(self) -> str:
         return f"avg_kernels.nn.functional.{self.name} called from {self.file}:{self.line}"
 
@@ -54,7 +61,7 @@ def _function(spec: Activation) -> Callable:
         rec = _recording.ACTIVE
         if rec is None:
             return torch_fn(input, **params)
-        return rec.call(input, fixed or spec.resolve(params), _caller(name))
+        return rec.call(input, fixed or spec.resolve(params), _caller(name), kind="functional")
 
     fn.__name__ = fn.__qualname__ = name
     fn.__module__ = __name__

@@ -51,8 +51,9 @@ from torch import nn
 from .._contract import args
 from ..activations import EPS
 from ..nn._recording import GRAPH, PLAIN, BACKWARD, Recorder
+from ..nn._fnmode import ActivationMode
 from ..ops import AG1_UPDATE, AG2_RESCALE, check_backend
-from . import _agn, _base_state, _distributed
+from . import _agn, _amp, _base_state, _distributed
 from ._base_state import BaseState
 from ._linear_avg import LayerAveraging, report_kept
 from ._passes import DirectUse, ParamSites, Phases, RNGReplay, eager
@@ -74,7 +75,12 @@ class AGStepInfo:
     # times: seconds per phase when profiling; "loss_after" (the extra forward for ℓ(θ_{t+1}), not part of
     # the step's cost) and "loss_after_cpu" (its CPU time, time.process_time) are always recorded when
     # track_loss_after=True
-    activation_calls: int = 0  # averaged-activation calls paired in this step
+    activation_calls: int = 0  # averaged activations paired in this step (a recognised compound counts once)
+    compound_calls: int = 0  # of which hand-written forms averaged as one activation (x*sigmoid(x) ...)
+    # share of the averaged elements whose backward fell back to f'(x) because |x' − x| <= eps: measured
+    # when an averaged input is bf16/fp16 (autocast: x and x' often round to the same value) or with
+    # track_fallback=True; None otherwise and on a plain or skipped step
+    fallback_fraction: Optional[float] = None
     loss_iterates: tuple = ()  # agn: ℓ(θ_1), …, ℓ(θ_{n−2}) on the batch (the replays after the one at θ')
     linear_calls: int = 0  # linear=True: Linear/Conv calls whose backward averaged (Eq. 11)
     linear_kept: tuple = ()  # linear=True: "name (Class)" of weight-bearing modules that kept θ's Jacobian
@@ -99,6 +105,7 @@ class AGStepInfo:
         return {"mode": self.mode, "step": self.step, "loss": f(self.loss), "loss_new": f(self.loss_new),
                 "loss_prev": f(self.loss_prev), "loss_after": f(self.loss_after), "reduction": self.reduction,
                 "base_reduction": self.base_reduction, "activation_calls": self.activation_calls,
+                "compound_calls": self.compound_calls, "fallback_fraction": self.fallback_fraction,
                 "plain": self.plain, "skipped": self.skipped, "times": dict(self.times),
                 "loss_iterates": [float(t) for t in self.loss_iterates], "linear_calls": self.linear_calls,
                 "linear_kept": list(self.linear_kept)}
@@ -123,9 +130,11 @@ class AG(OptimizerWrapper):
     """Average-gradient training over a base optimizer: AG-1, AG-2 or AG-3-1 (SPEC §4).
 
     Args:
-        model: the ``nn.Module`` the closure runs; its activations must be averaged ones
-            (``avg_kernels.nn.convert(model)`` or ``avg_kernels.nn`` modules/functional). A
-            ``DistributedDataParallel`` model: the passes run under ``no_sync()`` and g and ḡ are averaged over
+        model: the ``nn.Module`` the closure runs. Every activation of ``avg_kernels.activations.TABLE`` its
+            forward computes is averaged: converted modules (``avg_kernels.nn.convert(model)``), function
+            calls (``F.gelu``, ``torch.tanh`` ...) and the hand-written forms of
+            ``avg_kernels.nn._compound.FORMS`` (see docs/ag_training.md, "What AG averages").
+            A ``DistributedDataParallel`` model: the passes run under ``no_sync()`` and g and ḡ are averaged over
             the ranks (``_distributed``); its plain ``.module`` run through the DDP is refused at the first step.
         base: any ``torch.optim.Optimizer`` over parameters of ``model`` (SGD, RMSprop, Adam, ...). It is
             stepped exactly once per batch; LR schedulers may be attached to it or to this object
@@ -148,12 +157,15 @@ class AG(OptimizerWrapper):
         profile: record per-phase times in ``last.times`` (synchronises CUDA between phases): True for wall
             time, or a clock function returning seconds (e.g. ``time.process_time``: CPU time, robust to other
             processes on a shared machine).
-        require_activations: raise when the pass at θ made no averaged-activation call (the model was
-            not converted, so AG would silently be the base optimizer with a sign/rescale step).
-        check_unaveraged: on the first step, trace the no-grad pass for activation functions that bypass
-            ``avg_kernels.nn`` (e.g. ``F.gelu`` in a forward) and warn about them.
+        require_activations: raise when a step's forward at θ makes no averaged-activation call, from the
+            first step on (AG-3-1's plain first step included): AG would silently be the base optimizer with
+            a sign/rescale step.
+        check_unaveraged: on the first step, warn about the activation calls the step cannot average (no
+            averaged kernel: ``F.mish``, QuickGELU ...; in-place calls), by module.
         skip_nonfinite: a NaN/infinity in ℓ(θ), g or ḡ skips the step (``last.skipped``, counted in
             ``skipped_steps``) instead of raising ``NonFiniteError``.
+        track_fallback: measure ``last.fallback_fraction`` in every step (four elementwise passes over each
+            averaged input); without it, only where an averaged input is bf16/fp16 (autocast).
 
     A step that raises (or is skipped) leaves the parameters and buffers as before the step and is not
     counted; the exception note says what became of the base's state (see ``_undo``). A failure in the
@@ -174,7 +186,7 @@ class AG(OptimizerWrapper):
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, mode: str = "ag1", eps: float = EPS, *,
                  backend: Optional[str] = None, track_loss_after: bool = False, profile: bool = False,
                  require_activations: bool = True, check_unaveraged: bool = True, skip_nonfinite: bool = False,
-                 iterations: Optional[int] = None, linear: bool = False):
+                 iterations: Optional[int] = None, linear: bool = False, track_fallback: bool = False):
         if isinstance(base, AG):
             raise TypeError("base is already an AG optimizer; AG wraps a plain base optimizer")
         super().__init__(model, base, who="the model the closure runs", skip_nonfinite=skip_nonfinite)
@@ -204,6 +216,7 @@ class AG(OptimizerWrapper):
             raise TypeError(f"profile must be a bool or a clock function, got {type(profile).__name__}")
         self.profile = profile
         self.require_activations, self.check_unaveraged = bool(require_activations), bool(check_unaveraged)
+        self.track_fallback = bool(track_fallback)
         self.last: Optional[AGStepInfo] = None
         self._theta: list[torch.Tensor] = []  # AG-1/2: leaf copies of θ the graph is built on
         self._theta_for: list[int] = []
@@ -214,6 +227,8 @@ class AG(OptimizerWrapper):
         # DDP: g and ḡ averaged over the ranks, passes under no_sync (None for a plain model; _distributed)
         self._replicas = _distributed.replicas_of(model, "AG", own_backward=True)
         self._ddp_checked = self._replicas is not None
+        self._warned = False  # the first forward warned about what is not averaged
+        self._scaler = None  # the GradScaler of the step in progress
 
     # -- the wrapper's hooks -----------------------------------------------------------------------
     def _check_params(self, params, what: str) -> None:
@@ -282,19 +297,27 @@ class AG(OptimizerWrapper):
         state = super().__getstate__()
         by_id = {id(p): p for p in self._params()}
         state["_prev_for"] = [by_id.get(i) for i in self._prev_for]
-        state.update(_theta=[], _theta_for=[], _spare=[])
+        state.update(_theta=[], _theta_for=[], _spare=[], _scaler=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         state["_prev_for"] = [id(p) if p is not None else None for p in state["_prev_for"]]
+        state.setdefault("_warned", state.get("_checked", False))
+        state.setdefault("_scaler", None)
         super().__setstate__(state)
 
     # -- the step ----------------------------------------------------------------------------------
-    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
-        """One AG step on the batch the closure evaluates; returns ℓ(θ_t) (detached)."""
+    def step(self, closure: Callable[[], torch.Tensor], scaler=None) -> torch.Tensor:  # type: ignore[override]
+        """One AG step on the batch the closure evaluates; returns ℓ(θ_t) (detached).
+
+        ``scaler``: a ``torch.amp.GradScaler`` for fp16 training (``GradScaler.step`` refuses closures, so
+        the step takes it): every backward of the step scales the loss, the gradients are unscaled, and a
+        non-finite gradient skips the step (``last.skipped``) and backs the scale off at the caller's
+        ``scaler.update()``, which stays the caller's, once per step (see ``avg_kernels/optim/_amp.py``)."""
         if closure is None or not callable(closure):
             raise TypeError("AG.step(closure): the closure (running the forward, returning the loss, no "
                             "backward) is required")
+        self._scaler = _amp.check(scaler)
         params = [p for p in self._params() if p.requires_grad]
         cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"}
                       | {b.device.index or 0 for b in self.model.buffers() if b.device.type == "cuda"})
@@ -342,7 +365,7 @@ class AG(OptimizerWrapper):
         bad = nonfinite(named)
         if bad is None:
             return
-        if self.skip_nonfinite:
+        if self.skip_nonfinite or self._scaler is not None:  # with a scaler: skip, as GradScaler.step does
             self.skipped_steps += 1
             raise _Skip()
         if isinstance(bad, torch.Tensor):
@@ -409,6 +432,8 @@ class AG(OptimizerWrapper):
         rng = RNGReplay(cuda)
         ph.mark("copies")
         stepped, pre_step, updating, loss = False, None, False, None
+        # with a scaler a non-finite ḡ skips the step: keep s_t to put back (AG-1 too)
+        keep_pre_step_state = keep_pre_step_state or self._scaler is not None
         with Recorder(self.eps, self.backend) as rec, self._layer_averaging(rec) as lin:
             try:
                 # 1. forward at θ on the copies (graph kept), backward -> g
@@ -416,7 +441,9 @@ class AG(OptimizerWrapper):
                                         sites.swapped({id(p): t for p, t in zip(params, theta)}), swapped_params=True)
                 ph.mark("forward_graph")
                 rec.phase = BACKWARD
-                g = _grad(loss, theta, retain_graph=True)
+                g = self._grads(loss, theta, retain_graph=True)
+                if self._scaler is not None:
+                    g = _amp.unscale_recorded(self._scaler, self.base, params, g)
                 ph.mark("backward_grad")
                 g, loss_seen = self._mean_over_ranks(g, params, ph, loss)
                 self._check_finite([("the loss ℓ(θ)", loss_seen), *zip(params, g)], "the gradient g at θ")
@@ -434,14 +461,23 @@ class AG(OptimizerWrapper):
                 ph.mark("forward_replay")
                 rec.check_unmodified()
                 rec.phase = BACKWARD
-                gbar = _grad(loss, theta, retain_graph=self.mode == "agn" and self.iterations > 2)
+                gbar = self._grads(loss, theta, retain_graph=self.mode == "agn" and self.iterations > 2)
+                if self._scaler is not None:
+                    gbar = _amp.unscale(self._scaler, gbar)
+                    if nonfinite(list(zip(params, gbar))) is not None:
+                        _amp.record_inf(self._scaler, self.base)
                 ph.mark("backward_avg")
                 gbar, _ = self._mean_over_ranks(gbar, params, ph)
                 self._check_finite(list(zip(params, gbar)), "the averaged gradient ḡ (after the pass at θ')")
                 iterates = ()
                 if self.mode == "agn":  # iterations 2 … n − 1 over the same graph (paper 000 Alg. 4)
-                    def grad_k(loss_, inputs, retain_graph=False):  # every ḡ_k averaged over DDP's ranks too
-                        return self._mean_over_ranks(_grad(loss_, inputs, retain_graph), params, ph)[0]
+                    def grad_k(loss_, inputs, retain_graph=False):  # every ḡ_k unscaled and averaged as ḡ
+                        gk = self._grads(loss_, inputs, retain_graph)
+                        if self._scaler is not None:
+                            gk = _amp.unscale(self._scaler, gk)
+                            if nonfinite(list(zip(params, gk))) is not None:
+                                _amp.record_inf(self._scaler, self.base)
+                        return self._mean_over_ranks(gk, params, ph)[0]
 
                     gbar, iterates = _agn.refine(self, closure, params, sites, buffers, rng, rec, loss, theta, gbar,
                                                  ph, grad_k)
@@ -456,10 +492,10 @@ class AG(OptimizerWrapper):
                 return skipped
             for p, gi in zip(params, gbar):
                 p.grad = gi
-            n_calls = len(rec.slots)
+            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_new=loss_new,
+                              **_counts(rec, self.track_fallback))
             rec.clear()
-            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_new=loss_new, activation_calls=n_calls,
-                              loss_iterates=iterates)
+            info.loss_iterates = iterates
             if lin is not None:
                 info.linear_calls, info.linear_kept = lin.calls, lin.kept(params)
                 report_kept(self, info.linear_kept, _user_stacklevel() + 1)
@@ -522,7 +558,7 @@ class AG(OptimizerWrapper):
             try:
                 if plain:
                     loss, g = self._plain_gradient(closure, params, rec, ph)
-                    loss_prev, n_calls = None, 0
+                    loss_prev, counts = None, {}
                 else:
                     loss = self._graph_pass(closure, params, rec, contextlib.nullcontext(), swapped_params=False)
                     ph.mark("forward_graph")
@@ -532,9 +568,11 @@ class AG(OptimizerWrapper):
                     ph.mark("forward_replay")
                     rec.check_unmodified()
                     rec.phase = BACKWARD
-                    g = _grad(loss, params)
+                    g = self._grads(loss, params)
+                    if self._scaler is not None:
+                        g = _amp.unscale_recorded(self._scaler, self.base, params, g)
                     ph.mark("backward_avg")
-                    n_calls = len(rec.slots)
+                    counts = _counts(rec, self.track_fallback)
                 g, loss_seen = self._mean_over_ranks(g, params, ph, loss)
                 self._check_finite([("the loss ℓ(θ_t)", loss_seen), *zip(params, g)],
                                    "the gradient at θ_t" if plain
@@ -556,8 +594,7 @@ class AG(OptimizerWrapper):
                 p.grad = gi
             self.base.step()
             ph.mark("base_step")
-            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_prev=loss_prev, activation_calls=n_calls,
-                              plain=plain)
+            info = AGStepInfo(self.mode, self.steps, loss.detach(), loss_prev=loss_prev, plain=plain, **counts)
             self._done(info, ph)
             if self.track_loss_after:
                 self._loss_after_done(info, closure, sites, buffers, rng, rec, ph)
@@ -594,14 +631,19 @@ class AG(OptimizerWrapper):
     def _plain_gradient(self, closure, params, rec: Recorder, ph: Phases):
         """An ordinary forward and backward (nothing recorded): (ℓ(θ), g)."""
         rec.phase = PLAIN
+        rec.plain_calls = 0
         for p in params:
             p.grad = None
-        with eager():
+        mode = self._mode(rec)
+        with eager(), mode:
             loss = closure()
         _check_plain_loss(loss, params)
+        self._first_pass_checks(rec, mode, rec.plain_calls)
         ph.mark("forward_graph")
         rec.phase = BACKWARD
-        g = _grad(loss, params)
+        g = self._grads(loss, params)
+        if self._scaler is not None:
+            g = _amp.unscale_recorded(self._scaler, self.base, params, g)
         ph.mark("backward_avg")
         return loss, g
 
@@ -611,7 +653,8 @@ class AG(OptimizerWrapper):
             p.grad = None
         rec.phase = GRAPH
         detector = self._direct_use_check(params) if swapped_params else contextlib.nullcontext()
-        with swap, eager(), detector:
+        mode = self._mode(rec)
+        with swap, eager(), detector, mode:
             loss = closure()
         if isinstance(detector, DirectUse):
             detector.check("θ (graph on copies of the parameters)")
@@ -625,16 +668,40 @@ class AG(OptimizerWrapper):
         if any(p.grad is not None for p in params) or any(t.grad is not None for t in self._theta):
             raise RuntimeError("the closure called backward(): an AG step owns the backward passes (it needs the "
                                "graph at θ twice); return the loss without calling backward()")
-        if self.require_activations and not rec.slots:
-            raise RuntimeError(
-                "the pass at θ made no averaged-activation call, so AG would average nothing. Convert the model "
-                "(avg_kernels.nn.convert(model)) or use avg_kernels.nn modules/functional in it; pass "
-                "require_activations=False to allow this")
+        self._first_pass_checks(rec, mode, len(rec.slots))
         return loss
 
+    def _mode(self, rec: Recorder) -> ActivationMode:
+        """The function mode of a pass: activation calls that bypass avg_kernels.nn go to ``rec`` (bare calls
+        and recognised hand-written forms, avg_kernels/nn/_fnmode.py); on the first step calls are
+        attributed to the model's modules (for the warning about what is not averaged)."""
+        return ActivationMode(rec, None if self._warned else self.model)
+
+    def _first_pass_checks(self, rec: Recorder, mode: ActivationMode, n_calls: int) -> None:
+        """After the forward at θ (or the first AG-3-1 step's plain forward): no averaged activation at all
+        is an error (``require_activations``); on the first step, what is not averaged is warned about."""
+        if self.require_activations and not n_calls:
+            found = "".join(f"\n  {where}: {what} -- {why}" for where, what, why in mode.findings)
+            raise RuntimeError(
+                "the pass at θ made no averaged-activation call, so AG would average nothing (the model computes "
+                "no activation of avg_kernels.activations.TABLE, as a module, a function call or a recognised "
+                "hand-written form)" + (f"; not averaged:{found}" if found else "") +
+                ". Pass require_activations=False to allow this")
+        if not self._warned:
+            self._warned = True
+            if self.check_unaveraged and mode.findings:
+                lines = [f"{where}: {n} call(s) of {what} -- {why}"
+                         for (where, what, why), n in sorted(mode.findings.items())]
+                warnings.warn("AG step: these activation calls are NOT averaged:\n  " + "\n  ".join(lines),
+                              UserWarning, stacklevel=_user_stacklevel())
+
+    def _grads(self, loss, inputs, retain_graph=False):
+        """The gradient of the loss (scaled by the step's GradScaler, if any: the caller unscales)."""
+        return _grad(loss if self._scaler is None else self._scaler.scale(loss), inputs, retain_graph=retain_graph)
+
     @torch.no_grad()
-    def _no_grad_pass(self, closure, sites: ParamSites, repl: dict, rng: RNGReplay) -> torch.Tensor:
-        with sites.swapped(repl), rng.replay(), eager():
+    def _no_grad_pass(self, closure, sites: ParamSites, repl: dict, rng: RNGReplay, mode=None) -> torch.Tensor:
+        with sites.swapped(repl), rng.replay(), eager(), (mode if mode is not None else contextlib.nullcontext()):
             loss = closure()
         return _loss_value(loss)
 
@@ -643,27 +710,13 @@ class AG(OptimizerWrapper):
         first step it also looks for unaveraged activation calls and parameters used while swapped out."""
         rec.start_replay(label)
         first = not self._checked
-        counter = None
-        if self.check_unaveraged and first:
-            from ..nn._convert import UnaveragedCallCounter
-
-            counter = UnaveragedCallCounter().attach(self.model)
         detector = self._direct_use_check(params) if (first and swapped_params) else contextlib.nullcontext()
-        try:
-            with (counter if counter is not None else contextlib.nullcontext()), detector:
-                loss = self._no_grad_pass(closure, sites, repl, rng)
-        finally:
-            if counter is not None:
-                counter.detach()
+        with detector:
+            loss = self._no_grad_pass(closure, sites, repl, rng, ActivationMode(rec))
         if isinstance(detector, DirectUse):
             detector.check(label)
         rec.finish_replay()
         self._checked = True
-        if counter is not None:
-            found = counter.findings()
-            if found:
-                warnings.warn("AG step: these activation calls bypass avg_kernels.nn and are NOT averaged:\n  "
-                              + "\n  ".join(str(f) for f in found), UserWarning, stacklevel=_user_stacklevel())
         return loss
 
     def _loss_after(self, closure, sites, buffers, rng, rec: Recorder, ph: Phases) -> torch.Tensor:
@@ -714,6 +767,14 @@ def _grad(loss, inputs, retain_graph=False):
                          "is then changed in place by the base optimizer's step. Read parameters through their "
                          "module.")
         raise
+
+
+def _counts(rec: Recorder, every_dtype: bool) -> dict:
+    """AGStepInfo's activation counts and fallback share, after the replay paired the slots."""
+    averaged = rec.averaged()
+    fb = rec.fallback_counts(every_dtype)
+    return {"activation_calls": len(averaged), "compound_calls": sum(s.kind == "compound" for s in averaged),
+            "fallback_fraction": fb[0] / fb[1] if fb is not None and fb[1] else None}
 
 
 def _loss_value(loss) -> torch.Tensor:
