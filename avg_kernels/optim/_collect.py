@@ -35,6 +35,7 @@ class LayerStats:
     dzs: list = field(default_factory=list)  # their output gradients (None until the backward)
     m: int = 0  # positions seen
     bias: bool = False  # the Gram/inputs include the trailing 1
+    eps: float = 0.0  # unit roundoff of the lowest precision a use computed in (autocast: its output dtype)
 
 
 class Collector:
@@ -76,6 +77,7 @@ class Collector:
         if st.m and st.bias != bias:
             raise RuntimeError(f"layer {layer.name}: its bias changed requires_grad between two forwards of one step")
         st.bias = bias
+        st.eps = max(st.eps, _eps(x.dtype), _eps(output.dtype))
         x = layer.prepare_input(x.detach())
         m = layer.positions(x)
         if st.gram is None and st.m + m < layer.dim():  # M × M form (so far): keep x, catch ΔZ
@@ -116,6 +118,10 @@ class Collector:
             self._paused -= 1
 
 
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+
+
 def _output_grad_hook(st: LayerStats, slot: int):
     xs = st.xs  # the list of this step: a hook firing after take() or a switch to D × D finds another state
 
@@ -151,11 +157,19 @@ class InertHook:
     so that ``torch.save(model)`` / ``torch.load`` work; ``Consequentialism`` removes these from the modules
     it hooks when it is itself copied or unpickled.)"""
 
-    def __call__(self, module, inputs, output):
+    def __call__(self, *args):  # a forward hook (module, inputs, output) or pre-hook (module, inputs)
         return None
 
     def __repr__(self) -> str:
         return "InertHook()"
+
+
+def remove_inert_hooks(module) -> None:
+    """Removes the ``InertHook`` stand-ins from ``module``'s forward hooks and pre-hooks."""
+    for hooks in (module._forward_hooks, module._forward_pre_hooks):
+        for key in [k for k, h in hooks.items() if isinstance(h, InertHook)]:
+            del hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
 
 
 class LayerHook:

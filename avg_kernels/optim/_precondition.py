@@ -57,6 +57,7 @@ class MxMCase:
     dz: torch.Tensor  # ΔZ, (groups, C/groups, M), compute dtype
     X: torch.Tensor  # (groups, D, M), compute dtype
     bias: bool
+    eps: float = 0.0  # unit roundoff of the lowest precision the forward computed in (autocast)
 
 
 @dataclass(eq=False, slots=True)
@@ -82,6 +83,7 @@ class Preconditioner:
     def __init__(self, backend: str):
         self.backend = backend
         self.inverses: dict[Layer, torch.Tensor] = {}
+        self.last_form: dict[Layer, tuple] = {}  # layer -> (form, D or M) of its last preconditioning
 
     def solve(self, G: torch.Tensor, A: torch.Tensor, lam: float) -> torch.Tensor:
         """``ridge_solve``: G (A + λI)⁻¹, batched, G's dtype."""
@@ -93,7 +95,8 @@ class Preconditioner:
         return torch.cat([LINEAR_GRAM.eager(X[g], False, self.backend) for g in range(X.shape[0])])
 
     @torch.no_grad()
-    def apply(self, layers: list[Layer], stats: dict[Layer, LayerStats], lam: float, k: int) -> None:
+    def apply(self, layers: list[Layer], stats: dict[Layer, LayerStats], lam: float, k: int,
+              dz_scale: float = 1.0) -> None:
         """Replaces the weight (and bias) gradients of ``layers`` by P.
 
         Args:
@@ -101,6 +104,8 @@ class Preconditioner:
             stats: what ``Collector.take()`` returned for this step.
             lam: λ >= 0.
             k: refresh_every; k > 1 keeps the D × D factorisations.
+            dz_scale: factor of the collected ΔZ to the gradients' scale (1 / the GradScaler scale when the
+                step unscaled .grad itself; the M × M form's probe finds any other uniform factor).
         """
         fresh: dict = {}  # (D, dtype, device) -> [FreshDxD]
         reuse: dict = {}  # (D, dtype, device) -> [ReusedDxD]
@@ -115,20 +120,25 @@ class Preconditioner:
             ct = torch.float64 if G.dtype == torch.float64 else torch.float32
             if st.xs:
                 self.inverses.pop(layer, None)  # recomputed every step while the layer is in the M × M form
-                pending.append(MxMCase(layer, G, layer.output_grads(st.xs, st.dzs, ct), layer.unfold(st.xs, bias, ct),
-                                       bias))
+                dz = layer.output_grads(st.xs, st.dzs, ct)
+                pending.append(MxMCase(layer, G, dz if dz_scale == 1.0 else dz * dz_scale,
+                                       layer.unfold(st.xs, bias, ct), bias, st.eps))
+                self.last_form[layer] = ("M×M", st.m)
             elif st.gram is not None:
+                self.last_form[layer] = ("D×D", G.shape[-1])
                 fresh.setdefault((G.shape[-1], G.dtype, G.device), []).append(FreshDxD(layer, G, st.gram, bias))
             elif layer in self.inverses and self.inverses[layer].shape[-1] == G.shape[-1]:
+                self.last_form[layer] = ("D×D (kept factorisation)", G.shape[-1])
                 reuse.setdefault((G.shape[-1], G.dtype, G.device), []).append(
                     ReusedDxD(layer, G, self.inverses[layer], bias))
             elif not G.any():  # zero_grad(set_to_none=False) and the layer sat out this step: P = 0 = G
                 continue
             else:
                 raise RuntimeError(
-                    f"layer {layer.name} ({type(layer.module).__name__}) has a gradient but no training-mode forward "
-                    f"with grad enabled was recorded for it since the last step (eval mode, no_grad, paused(), a "
-                    f"forward that bypasses the module, or the optimizer was built after the forward)")
+                    f"layer {layer.name} ({type(layer.module).__name__ if layer.module is not None else layer.found}) "
+                    f"has a gradient but no training-mode forward with grad enabled was recorded for it since the last "
+                    f"step (eval mode, no_grad, paused(), a forward that bypasses the module or the model's own "
+                    f"forward, or the optimizer was built after the forward)")
         mxm: dict = {}  # (M, device, compute dtype) -> [MxMSystem]
         for case, c in zip(pending, uniform_factors(pending)):
             mxm.setdefault((case.X.shape[-1], case.X.device, case.X.dtype), []).append(
@@ -194,7 +204,8 @@ def uniform_factors(cases: list[MxMCase]) -> list[float]:
     host = torch.stack(rows).cpu().tolist()
     out = []
     for case, (c, res, norm) in zip(cases, host):
-        tol = 1e-3 if case.grad.dtype in (torch.float32, torch.float64) else 3e-2
+        # judged at the precision the gradient was computed in: autocast's output dtype (bf16/fp16) or .grad's
+        tol = max(1e-3 if case.grad.dtype in (torch.float32, torch.float64) else 3e-2, 4 * case.eps)
         if not math.isfinite(norm):
             raise FloatingPointError(f"layer {case.layer.name}: its gradient has a NaN or infinity")
         if not res <= tol * norm:
