@@ -389,3 +389,42 @@ def test_generic_wrapper_over_adam_with_grad_scaler_and_unscale_first():
     o2.step()
     for a, b in zip(m1.parameters(), m2.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_linear_conv_model_runs_without_the_functional_path():
+    """Only vectors (BatchNorm, biases) besides nn.Linear/nn.ConvNd modules: no model-level hooks, no mode (the
+    module path as before); the report says why BatchNorm's parameters get the plain update."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 16, 3))
+    opt = CSGD(model, lr=0.1)
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    F.cross_entropy(model(torch.randn(5, 1, 6, 6)), torch.tensor([0, 1, 2, 0, 1])).backward()
+    opt.step()
+    rep = opt.report().by_name
+    assert rep["1.weight"].reason.startswith("norm weight: a vector (1-D)")
+    assert [rep[n].parts[0].found for n in ("0.weight", "3.bias")] == ["module (Conv2d)", "module (Linear)"]
+
+
+class LowRank(nn.Module):
+    """W + B @ A used as one weight: every parameter is part of a computed weight, none a linear map of
+    the layer input by itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 6) / 3)
+        self.a = nn.Parameter(torch.randn(2, 6) / 3)
+        self.b = nn.Parameter(torch.randn(4, 2) / 3)
+
+    def forward(self, x):
+        return F.linear(x, self.w + self.b @ self.a)
+
+
+def test_a_computed_weight_is_left_to_the_base_and_reported():
+    model = LowRank()
+    opt = CSGD(model, lr=0.1)
+    model(torch.randn(8, 6)).pow(2).sum().backward()
+    before = _grads(model)
+    opt.precondition_()
+    assert all(torch.equal(p.grad, before[n]) for n, p in model.named_parameters())
+    rep = opt.report().by_name
+    assert "used by add" in rep["w"].reason
+    assert "applied to a parameter" in rep["a"].reason and "as the input" in rep["b"].reason

@@ -258,6 +258,9 @@ class _UseMode(TorchFunctionMode):
         others = [t for t in hits if t is not w and t is not b]
         for t in others:  # a parameter as the layer input: not a linear map of a layer input
             uses.add_role(uses.param_of(t), f"{name} (as the input)")
+        if p is not None and uses.param_of(x) is not None:  # a product of parameters (e.g. a LoRA B @ A)
+            uses.add_role(p, f"{name} (applied to a parameter, not to a layer input)")
+            return out
         if p is None:
             if b is not None and uses.param_of(b) is not None:
                 uses.add_role(uses.param_of(b), f"{name} (as the bias of an unwatched weight)")

@@ -108,6 +108,8 @@ def build_report(opt) -> Report:
             why = uses.why_not(pid)
             if why is None and pid in blocked_bias:
                 why = f"the bias of {blocked_bias[pid]}, whose weight is not preconditioned"
+            if why is None and pid not in uses.seen and p.dim() < 2:
+                why = "a vector (1-D): not the weight of a linear map of a layer input"
             if why is None:
                 why = ("not used in a recorded forward (no training-mode forward with grad enabled through the "
                        "model since the optimizer was built)") if pid not in uses.seen else \

@@ -140,8 +140,9 @@ class Consequentialism(OptimizerWrapper):
 
     def _hook_root(self) -> list:
         """The forward pre-hook and (always called) forward hook on the model that run the functional path
-        during its forwards; none when every parameter is on the module path."""
-        if not self._uses.watched:
+        during its forwards; none when no watched parameter can be the weight of a linear map (all are
+        vectors: BatchNorm/LayerNorm weights, biases), so a plain Linear/Conv model runs as before."""
+        if not any(p.dim() >= 2 for _, p in self._uses.watched.values()):
             return []
         return [self.model.register_forward_pre_hook(RootPreHook(self._uses)),
                 self.model.register_forward_hook(RootPostHook(self._uses), always_call=True)]
@@ -180,7 +181,7 @@ class Consequentialism(OptimizerWrapper):
         for p in params:
             if id(p) in names and id(p) not in on_module_path and id(p) not in excluded:
                 self._uses.watched.setdefault(id(p), (names[id(p)], p))
-        if self._uses.watched and not self._root_handles and self._hooks.attached:
+        if not self._root_handles and self._hooks.attached:
             self._root_handles = self._hook_root()
 
     def _repr_fields(self) -> list[str]:
