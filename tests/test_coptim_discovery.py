@@ -428,3 +428,27 @@ def test_a_computed_weight_is_left_to_the_base_and_reported():
     rep = opt.report().by_name
     assert "used by add" in rep["w"].reason
     assert "applied to a parameter" in rep["a"].reason and "as the input" in rep["b"].reason
+
+
+def test_many_system_groups_are_not_padded_into_the_small_merge():
+    """A depthwise conv's per-channel systems (D = 9, one row each) keep their own ridge_solve call instead of
+    being padded to the merged small layers' largest D and row count; the result still matches float64."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Conv2d(2, 24, 3, padding=1), nn.Tanh(), nn.Conv2d(24, 24, 3, padding=1, groups=24),
+                          nn.Tanh(), nn.Conv2d(24, 6, 1), nn.Flatten(), nn.Linear(6 * 16, 3)).double()
+    opt = CSGD(model, lr=0.1, lam=LAM)
+    shapes = []
+    solve = opt._preconditioner.solve
+    opt._preconditioner.solve = lambda G, A, lam: shapes.append(tuple(G.shape)) or solve(G, A, lam)
+    x = torch.randn(16, 2, 4, 4, dtype=torch.float64)
+    h = torch.tanh(model[0](x)).detach()
+    model(x).pow(2).sum().backward()
+    before = _grads(model)
+    opt.precondition_()
+    assert (24, 1, 10) in shapes  # the depthwise layer alone: 24 systems of D = 9 + bias
+    assert (2, 24, 25) in shapes  # conv 1 (D = 19) and the pointwise conv (D = 25) merged, padded to 25
+    u = F.unfold(h, 3, padding=1).view(16, 24, 9, 16).permute(1, 2, 0, 3).reshape(24, 9, 256)
+    X = torch.cat([u, torch.ones(24, 1, 256, dtype=torch.float64)], 1)
+    G = torch.cat([before["2.weight"].reshape(24, 1, 9), before["2.bias"].reshape(24, 1, 1)], 2)
+    P = G @ torch.linalg.inv(X @ X.mT + LAM * torch.eye(10, dtype=torch.float64))
+    torch.testing.assert_close(model[2].weight.grad.reshape(24, 1, 9), P[:, :, :9], rtol=1e-7, atol=1e-10)
