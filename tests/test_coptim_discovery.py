@@ -10,6 +10,7 @@ exact arithmetic)."""
 from __future__ import annotations
 
 import copy
+import pickle
 import warnings
 
 import pytest
@@ -281,14 +282,16 @@ def test_copy_and_state_dict_with_functional_layers():
 
     train(m1, o1, [0])
     m2, o2 = copy.deepcopy((m1, o1))
+    m4, o4 = pickle.loads(pickle.dumps((m1, o1)))
     sd = o1.state_dict()
     assert set(sd["consequentialism"]["inverses"]) == {"in_proj_weight", "out_proj.weight"}
     m3 = copy.deepcopy(m1)
     o3 = CSGD(m3, lr=0.1, lam=LAM, momentum=0.9, refresh_every=2)
-    o3.load_state_dict(copy.deepcopy(sd))  # (SGD would share the momentum tensors) its functional layers are not known before a forward: attached when found
-    for m, o in ((m1, o1), (m2, o2), (m3, o3)):
+    # its functional layers are not known before a forward: their factorisations are attached when found
+    o3.load_state_dict(copy.deepcopy(sd))  # (a copy: SGD would share the momentum tensors)
+    for m, o in ((m1, o1), (m2, o2), (m3, o3), (m4, o4)):
         train(m, o, [1, 2])
-    for m in (m2, m3):
+    for m in (m2, m3, m4):
         for a, b in zip(m1.parameters(), m.parameters()):
             assert torch.equal(a, b)
 

@@ -4,8 +4,9 @@
   form) or, while the layer has seen fewer positions M than D, the inputs themselves (references, no
   copy) and the gradients w.r.t. the outputs (M × M form).
 * ``Collector``: the ``LayerStats`` of every layer, fed by ``record(layer, x, output)`` once per use of a
-  layer's weight. It decides whether a use counts (grad enabled, not paused, the layer wants statistics
-  this step) and is consumed by ``take()``. It does not know how uses are found.
+  layer's weight, by either way of finding uses (``ModuleHooks`` here, ``_functional.Uses`` for weights
+  found by their use in torch functions). It decides whether a use counts (grad enabled, not paused, the
+  layer wants statistics this step) and is consumed by ``take()``. It does not know how uses are found.
 * ``ModuleHooks``: finds uses through forward hooks on each layer's module (training-mode forwards):
   ``LayerHook`` objects, picklable, with weak references; a pickled or deep-copied model carries an
   ``InertHook`` in their place.

@@ -155,7 +155,8 @@ class Uses:
     def problem(self, p: torch.Tensor, why: str) -> None:
         self.problems.setdefault(id(p), why)
 
-    def layer(self, p: torch.Tensor, transposed: bool, rows, pb, bias_rows, found: str, conv: tuple = ()) -> Optional[Layer]:
+    def layer(self, p: torch.Tensor, transposed: bool, rows, pb, bias_rows, found: str,
+              conv: tuple = ()) -> Optional[Layer]:
         """The Layer for this use (made on first sight); None when it conflicts with another use of ``p``."""
         key = (id(p), transposed, rows, id(pb) if pb is not None else None, bias_rows, conv)
         layer = self.layers.get(key)
@@ -332,7 +333,8 @@ def _parse(func, args, kwargs):
         return x, w, None, "matmul" if func is not torch.mm and func is not torch.Tensor.mm else "mm", (), 1
     n = _CONV[func]
     x, w, b = arg(0, "input"), arg(1, "weight"), arg(2, "bias")
-    stride, padding, dilation, groups = arg(3, "stride", 1), arg(4, "padding", 0), arg(5, "dilation", 1), arg(6, "groups", 1)
+    stride, padding = arg(3, "stride", 1), arg(4, "padding", 0)
+    dilation, groups = arg(5, "dilation", 1), arg(6, "groups", 1)
     if not isinstance(w, torch.Tensor) or w.dim() != n + 2:
         return None
     k = tuple(w.shape[2:])

@@ -48,8 +48,8 @@ class ManualPad:
 class Layer:
     """One preconditioned layer: its weight (and bias) and, for convolutions, the im2col geometry."""
 
-    name: str
-    module: nn.Module
+    name: str  # the module's name (module path) or the weight's, with [start:stop] for a slice of rows
+    module: Optional[nn.Module]  # the hooked module (module path); None on the functional path
     weight: nn.Parameter
     bias: Optional[nn.Parameter]
     conv_dims: int  # 0 for Linear, 1, 2 or 3 for ConvNd

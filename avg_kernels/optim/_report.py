@@ -40,8 +40,10 @@ class ParamEntry:
         head = f"{self.name} {tuple(self.shape)}" + (f" (also {', '.join(self.aliases)})" if self.aliases else "")
         if not self.preconditioned:
             return f"{head}: not preconditioned: {self.reason}"
-        parts = "; ".join(f"{p.role} of {p.layer} ({p.found}, {p.form or 'not stepped yet'}"
-                          f"{'' if p.size is None else (' D=' if p.form and p.form.startswith('D') else ' M=') + str(p.size)})"
+        def size(p):
+            return "" if p.size is None else f" {'D' if p.form.startswith('D') else 'M'}={p.size}"
+
+        parts = "; ".join(f"{p.role} of {p.layer} ({p.found}, {p.form or 'not stepped yet'}{size(p)})"
                           for p in self.parts)
         return f"{head}: preconditioned, group {self.group}: {parts}"
 

@@ -24,9 +24,9 @@ on two different scales.
 
 The parts: ``_layers`` (what a layer is, the module path), ``_functional`` (the functional path), ``_collect``
 (statistics of every use of a layer between two steps, fed by either path), ``_precondition`` (the two forms,
-batched solves, the uniform-factor probe), ``_report`` (``report()``). What is collected: every forward of a layer made in training mode with grad
-enabled adds to its statistics (several add up: gradient accumulation, a layer used twice); eval-mode,
-no-grad and ``paused()`` forwards are ignored; ``step()`` consumes and clears.
+batched solves, the uniform-factor probe), ``_report`` (``report()``). What is collected: every forward of a
+layer made in training mode with grad enabled adds to its statistics (several add up: gradient accumulation, a
+layer used twice); eval-mode, no-grad and ``paused()`` forwards are ignored; ``step()`` consumes and clears.
 
 ``refresh_every = k > 1``: the D × D factorisation is refreshed on steps 0, k, 2k, ... only (Grams are
 collected only for those steps) and ``(A + λI)⁻¹`` is kept and reused in between, as K-FAC libraries
