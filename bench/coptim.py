@@ -5,7 +5,10 @@ A step = ``zero_grad`` + forward + backward + ``step()`` on a fixed batch, float
 * the demo CNN (``avg_kernels.demo.model.model_b``, depth 4: paper 000's Model B on 8x8 digits), batch 64;
 * a ResNet-18-shaped CNN (BasicBlocks [2, 2, 2, 2], widths 64-512, BatchNorm, 7x7/2 stem + max-pool),
   3x64x64 inputs, 10 classes, batch 32: conv1 and layer1-2 have M = N·H·W >= D (D x D form), layer3-4 and
-  the classifier M < D (M x M form).
+  the classifier M < D (M x M form);
+* a MobileNet-style CNN (MobileNet v1's depthwise-separable blocks: 3x3 depthwise conv with groups =
+  channels, D = 9 per group, + BatchNorm + ReLU, then a 1x1 pointwise conv + BatchNorm + ReLU; widths
+  32-512, a 3x3/2 stem), 3x64x64 inputs, batch 32 (issue 12 item 5: the depthwise Grams).
 
 Implementations (timed interleaved):
 
@@ -71,6 +74,22 @@ def resnet18(classes: int = 10) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def _separable(cin: int, cout: int, stride: int) -> list:
+    return [nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin), nn.ReLU(),
+            nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+def mobilenet(classes: int = 10) -> nn.Module:
+    """MobileNet v1's layer pattern (Howard et al. 2017) at reduced depth: a 3x3/2 stem, seven depthwise-
+    separable blocks (widths 32-512), global pooling, a Linear head."""
+    layers = [nn.Conv2d(3, 32, 3, 2, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU()]
+    for cin, cout, stride in ((32, 64, 1), (64, 128, 2), (128, 128, 1), (128, 256, 2), (256, 256, 1),
+                              (256, 512, 2), (512, 512, 1)):
+        layers += _separable(cin, cout, stride)
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes)]
+    return nn.Sequential(*layers)
+
+
 def _models(mode: str):
     """name -> (factory, input shape, batch, k for the refresh-every-k variant, seconds per measurement).
 
@@ -79,11 +98,12 @@ def _models(mode: str):
     return {
         "demo CNN (model_b, depth 4)": (lambda: model_b(image_size=8, depth=4), (1, 8, 8), 64, 10, 4.0),
         "ResNet-18-shaped CNN": (resnet18, (3, 64, 64), 32, 5 if mode == "quick" else 10, None),
+        "MobileNet-style CNN (depthwise-separable)": (mobilenet, (3, 64, 64), 32, 5 if mode == "quick" else 10, None),
     }
 
 
 def add_arguments(group) -> None:
-    group.add_argument("--coptim-models", default=None, help="comma-separated subset of: demo, resnet")
+    group.add_argument("--coptim-models", default=None, help="comma-separated subset of: demo, resnet, mobilenet")
 
 
 def _trainer(model, opt, x, y):
@@ -153,7 +173,7 @@ def run(ctx: Context) -> Report:
         keys = [k.strip() for k in ctx.args.coptim_models.split(",")]
         models = {n: v for n, v in models.items() if any(n.lower().startswith(k) for k in keys)}
         if not models:
-            raise SystemExit("--coptim-models: expected some of demo, resnet")
+            raise SystemExit("--coptim-models: expected some of demo, resnet, mobilenet")
     rows: list[Row] = []
     notes_extra = []
     bar = ctx.bar(len(models), f"{NAME} on {dev.type}")

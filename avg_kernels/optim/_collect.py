@@ -4,8 +4,9 @@
   form) or, while the layer has seen fewer positions M than D, the inputs themselves (references, no
   copy) and the gradients w.r.t. the outputs (M × M form).
 * ``Collector``: the ``LayerStats`` of every layer, fed by ``record(layer, x, output)`` once per use of a
-  layer's weight. It decides whether a use counts (grad enabled, not paused, the layer wants statistics
-  this step) and is consumed by ``take()``. It does not know how uses are found.
+  layer's weight, by either way of finding uses (``ModuleHooks`` here, ``_functional.Uses`` for weights
+  found by their use in torch functions). It decides whether a use counts (grad enabled, not paused, the
+  layer wants statistics this step) and is consumed by ``take()``. It does not know how uses are found.
 * ``ModuleHooks``: finds uses through forward hooks on each layer's module (training-mode forwards):
   ``LayerHook`` objects, picklable, with weak references; a pickled or deep-copied model carries an
   ``InertHook`` in their place.
@@ -39,6 +40,7 @@ class LayerStats:
     # (groups, C_out/groups, M) of all ranks, already unfolded, in place of xs / dzs
     X: Optional[torch.Tensor] = None
     dz: Optional[torch.Tensor] = None
+    eps: float = 0.0  # unit roundoff of the lowest precision a use computed in (autocast: its output dtype)
 
 
 class Collector:
@@ -83,6 +85,7 @@ class Collector:
         if st.m and st.bias != bias:
             raise RuntimeError(f"layer {layer.name}: its bias changed requires_grad between two forwards of one step")
         st.bias = bias
+        st.eps = max(st.eps, _eps(x.dtype), _eps(output.dtype))
         x = layer.prepare_input(x.detach())
         m = layer.positions(x)
         if st.gram is None and st.m + m < layer.dim():  # M × M form (so far): keep x, catch ΔZ
@@ -123,6 +126,10 @@ class Collector:
             self._paused -= 1
 
 
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+
+
 def _output_grad_hook(st: LayerStats, slot: int):
     xs = st.xs  # the list of this step: a hook firing after take() or a switch to D × D finds another state
 
@@ -158,11 +165,19 @@ class InertHook:
     so that ``torch.save(model)`` / ``torch.load`` work; ``Consequentialism`` removes these from the modules
     it hooks when it is itself copied or unpickled.)"""
 
-    def __call__(self, module, inputs, output):
+    def __call__(self, *args):  # a forward hook (module, inputs, output) or pre-hook (module, inputs)
         return None
 
     def __repr__(self) -> str:
         return "InertHook()"
+
+
+def remove_inert_hooks(module) -> None:
+    """Removes the ``InertHook`` stand-ins from ``module``'s forward hooks and pre-hooks."""
+    for hooks in (module._forward_hooks, module._forward_pre_hooks):
+        for key in [k for k, h in hooks.items() if isinstance(h, InertHook)]:
+            del hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
 
 
 class LayerHook:

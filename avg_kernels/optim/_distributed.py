@@ -297,7 +297,7 @@ class Replicas:
             else:
                 gram = torch.zeros(layer.groups, dims[i], dims[i], dtype=dtype, device=layer.weight.device)
             grams.append(gram)
-            out[layer] = LayerStats(m=total[i], bias=bias)
+            out[layer] = LayerStats(m=total[i], bias=bias, eps=st.eps if st is not None else 0.0)
         for i, gram in zip(dxd, all_reduce_triu(grams, self.group)):
             out[layers[i]].gram = gram
         if mxm:
@@ -315,7 +315,7 @@ class Replicas:
                     dz = torch.zeros(g, c_out // g, 0, dtype=ct, device=layer.weight.device)
                 parts += [X, dz]
                 sizes += [ms[:, i].tolist()] * 2
-                out[layer] = LayerStats(m=total[i], bias=bias)
+                out[layer] = LayerStats(m=total[i], bias=bias, eps=st.eps if st is not None else 0.0)
             gathered = all_gather_padded(parts, sizes, self.group)
             for k, i in enumerate(mxm):
                 st = out[layers[i]]

@@ -8,8 +8,14 @@ A ``Layer`` knows how its tensors map onto the matrices of SPEC §3 (per group g
 * ``output_grads``: ΔZ, (groups, C_out/groups, M), columns in X's order;
 * ``write_grad``: P (the same shape as G) back into ``.grad``.
 
-Found today by module class (``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``); the statistics are fed per use
-of a layer (``_collect``), so another way of finding uses can feed the same ``Layer`` records.
+Two ways of finding layers feed the same ``Layer`` records (``_collect`` takes one use at a time):
+
+* ``find_layers`` (here): modules of exactly the classes ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d``
+  whose parameters are registered once, hooked per module (``found = "module"``);
+* ``_functional``: every other parameter is watched during the model's forward, and a layer is made for each
+  weight (or slice of rows of it) used as z = W u by ``F.linear`` / ``F.conv*`` / ``addmm`` / ``mm`` / ``matmul``
+  (subclasses of Linear/Conv, ``nn.MultiheadAttention``, HF ``Conv1D`` ...). Such a layer may view its weight
+  transposed (``transposed``: stored (in, out), as HF ``Conv1D``) and use only some rows of it (``rows``).
 """
 from __future__ import annotations
 
@@ -42,8 +48,8 @@ class ManualPad:
 class Layer:
     """One preconditioned layer: its weight (and bias) and, for convolutions, the im2col geometry."""
 
-    name: str
-    module: nn.Module
+    name: str  # the module's name (module path) or the weight's, with [start:stop] for a slice of rows
+    module: Optional[nn.Module]  # the hooked module (module path); None on the functional path
     weight: nn.Parameter
     bias: Optional[nn.Parameter]
     conv_dims: int  # 0 for Linear, 1, 2 or 3 for ConvNd
@@ -53,15 +59,39 @@ class Layer:
     dilation: tuple = ()
     padding: tuple = ()  # symmetric zero padding handed to the Gram/unfold (zeros when manual_pad is set)
     manual_pad: Optional[ManualPad] = None
+    transposed: bool = False  # Linear only: the map is weight.T (weight stored (in, out), HF Conv1D, x @ W)
+    rows: Optional[tuple] = None  # Linear only: (start, stop) rows of the map used (a q/k/v slice); None: all
+    bias_rows: Optional[tuple] = None  # (start, stop) of the bias used; None: all of it
+    found: str = "module"  # how the layer was found: "module" or the function ("linear", "addmm", "conv2d", ...)
     d_in: int = field(init=False)  # C_in/groups · ∏kernel (Linear: in_features)
     c_out: int = field(init=False)
     gram_args: list = field(init=False)  # im2col_gram's (kernel_size, stride, padding, dilation, groups)
 
     def __post_init__(self):
-        self.c_out = self.weight.shape[0]
-        self.d_in = self.weight.numel() // max(1, self.c_out)
+        if self.is_view():
+            w = self.weight.T if self.transposed else self.weight
+            r0, r1 = self.rows if self.rows is not None else (0, w.shape[0])
+            self.c_out, self.d_in = r1 - r0, w.shape[1]
+        else:
+            self.c_out = self.weight.shape[0]
+            self.d_in = self.weight.numel() // max(1, self.c_out)
         self.gram_args = [list(self.kernel_size), list(self.stride), list(self.padding), list(self.dilation),
                           self.groups]
+
+    def is_view(self) -> bool:
+        """Whether the map is a transposed view or a row slice of the weight (then ``grad_matrix`` and
+        ``write_grad`` work on that view of ``.grad``)."""
+        return self.transposed or self.rows is not None or self.bias_rows is not None
+
+    def weight_view(self, t: torch.Tensor) -> torch.Tensor:
+        """The part of ``t`` (the weight or its gradient) that is the map: (C_out, D_in), a view."""
+        if self.transposed:
+            t = t.T
+        return t if self.rows is None else t[self.rows[0]:self.rows[1]]
+
+    def bias_view(self, t: torch.Tensor) -> torch.Tensor:
+        """The part of ``t`` (the bias or its gradient) this layer adds: (C_out,), a view."""
+        return t if self.bias_rows is None else t[self.bias_rows[0]:self.bias_rows[1]]
 
     def has_bias(self) -> bool:
         """Whether the bias is trained (then it is the trailing column of G and P)."""
@@ -88,6 +118,12 @@ class Layer:
     def grad_matrix(self, bias: bool) -> torch.Tensor:
         """G: (groups, C_out/groups, D), ``W.grad.view(C_out, -1)`` with the bias gradient as last column."""
         c_out = self.c_out
+        if self.is_view():
+            g = self.weight_view(self.weight.grad)
+            if bias:
+                gb = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
+                g = torch.cat([g, self.bias_view(gb).reshape(c_out, 1).to(g.dtype)], dim=1)
+            return g.reshape(1, c_out, -1)
         g = self.weight.grad.reshape(c_out, -1)
         if bias:
             gb = self.bias.grad if self.bias.grad is not None else torch.zeros_like(self.bias)
@@ -98,6 +134,13 @@ class Layer:
         """Writes P (G's shape, any float dtype) into the weight's (and bias's) ``.grad``."""
         w, d_in = self.weight, self.d_in
         P = P.reshape(self.c_out, -1)
+        if self.is_view():
+            self.weight_view(w.grad).copy_(P[:, :d_in])
+            if bias:
+                if self.bias.grad is None:
+                    self.bias.grad = torch.zeros_like(self.bias)
+                self.bias_view(self.bias.grad).copy_(P[:, d_in])
+            return
         if w.grad.is_contiguous():
             w.grad.view(self.c_out, d_in).copy_(P[:, :d_in] if bias else P)
         else:
@@ -135,7 +178,7 @@ class Layer:
     def output_grads(self, xs: list, dzs: list, ct: torch.dtype) -> torch.Tensor:
         """ΔZ of the uses with prepared inputs ``xs`` and output gradients ``dzs``: (groups, C_out/groups, M)
         in ``ct``, zeros for a use whose output gradient never arrived (None)."""
-        c_out, g = self.weight.shape[0], self.groups
+        c_out, g = self.c_out, self.groups
         parts = []
         for x, dz in zip(xs, dzs):
             m = self.positions(x)
@@ -175,13 +218,28 @@ def _excluded_modules(model: nn.Module, exclude) -> set:
 class Found:
     """What ``find_layers`` found."""
 
-    layers: list  # the Layers to precondition, in ``model.named_modules()`` order
+    layers: list  # the module-path Layers, in ``model.named_modules()`` order
     left_out: dict  # id of each parameter of a layer-kind module left out because the base does not
     #                 optimise it -> that module's name (add_param_group must not add it silently)
+    watched: dict  # id -> (name, parameter): the base's other parameters, whose uses the functional path finds
+    excluded: dict  # id of each parameter of an excluded module -> that module's name
+
+
+def param_names(model: nn.Module) -> dict:
+    """id of each parameter -> every name it is registered under (a tied parameter has several)."""
+    names: dict = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return names
 
 
 def find_layers(model: nn.Module, exclude, owned: set) -> Found:
-    """The ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` layers of ``model`` to precondition.
+    """The modules of ``model`` preconditioned through module hooks, and the parameters left to the functional
+    path (``_functional``), which finds their uses as linear maps during the forward.
+
+    Module path: modules of exactly the classes ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.Conv3d`` whose
+    weight and bias are registered nowhere else. A subclass (its forward may differ, e.g. attention's
+    ``out_proj`` is never called) or a module with a tied parameter is left to the functional path.
 
     Args:
         model: the module searched (``named_modules()``).
@@ -190,11 +248,16 @@ def find_layers(model: nn.Module, exclude, owned: set) -> Found:
             someone else's and left out; one it holds only partly is an error.
 
     Raises ``UnsupportedLayerError`` for a layer-kind module (Linear, ConvNd) that is owned and not
-    excluded but cannot be preconditioned correctly (transposed convolutions, another ConvNd subclass, lazy
-    and not initialised, a computed weight, complex, shared parameters, only partly owned).
+    excluded but cannot be preconditioned correctly (transposed convolutions, lazy and not initialised, a
+    computed weight, complex, a weight shared by two such modules, only partly owned).
     """
     excluded = _excluded_modules(model, exclude)
-    layers, left_out, owner = [], {}, {}
+    names = param_names(model)
+    layers, left_out, owner, module_path = [], {}, {}, set()
+    excluded_params = {}
+    for name, mod in model.named_modules():
+        if mod in excluded:
+            excluded_params.update((id(p), name) for p in mod.parameters())
     for name, mod in model.named_modules():
         if mod in excluded or not isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)):
             continue
@@ -213,9 +276,6 @@ def find_layers(model: nn.Module, exclude, owned: set) -> Found:
             # flipped kernel and a (C_in, C_out/groups, ...) weight layout: not an im2col Gram of x as it is
             raise UnsupportedLayerError(f"{where}: transposed convolutions are not supported (their weight "
                                         f"gradient is not an im2col Gram of the input as stored){hint}")
-        if not isinstance(mod, _SUPPORTED):
-            raise UnsupportedLayerError(f"{where}: the C-optimizers precondition nn.Linear, nn.Conv1d, "
-                                        f"nn.Conv2d and nn.Conv3d layers only{hint}")
         if isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params():
             raise UnsupportedLayerError(f"{where} is not initialised yet: run one forward before building "
                                         f"the optimizer")
@@ -231,10 +291,14 @@ def find_layers(model: nn.Module, exclude, owned: set) -> Found:
                 raise UnsupportedLayerError(f"{where}: its {pname} is shared with layer {owner[id(p)]}; shared "
                                             f"parameters are not supported{hint}")
             owner[id(p)] = name
+        tied = any(p is not None and len(names[id(p)]) > 1 for p in (mod.weight, mod.bias))
+        if type(mod) not in _SUPPORTED or tied or any(id(p) in excluded_params for p in params):
+            continue  # the functional path finds how its weight is used
+        module_path.update(id(p) for p in params)
         if isinstance(mod, nn.Linear):
             layers.append(Layer(name, mod, mod.weight, mod.bias, 0))
             continue
-        n = next(v for cls, v in _CONV_DIMS.items() if isinstance(mod, cls))
+        n = _CONV_DIMS[type(mod)]
         k, s, d = (_as_tuple(v, n) for v in (mod.kernel_size, mod.stride, mod.dilation))
         rp = tuple(mod._reversed_padding_repeated_twice)  # F.pad argument, last dim first
         lows, highs = [rp[2 * (n - 1 - i)] for i in range(n)], [rp[2 * (n - 1 - i) + 1] for i in range(n)]
@@ -244,4 +308,8 @@ def find_layers(model: nn.Module, exclude, owned: set) -> Found:
             mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
             layers.append(Layer(name, mod, mod.weight, mod.bias, n, mod.groups, k, s, d, (0,) * n,
                                 ManualPad(rp, mode)))
-    return Found(layers, left_out)
+    watched = {}
+    for n, p in model.named_parameters():
+        if id(p) in owned and id(p) not in module_path and id(p) not in excluded_params and id(p) not in left_out:
+            watched[id(p)] = (n, p)
+    return Found(layers, left_out, watched, excluded_params)

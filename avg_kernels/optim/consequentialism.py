@@ -1,20 +1,32 @@
 """Consequentialism optimizers (paper 003, SPEC §3): ``Consequentialism(model, base)`` over any
 torch.optim optimizer, and its constructors C-SGD / C-Nesterov (``CSGD(nesterov=True)``) and C-Adam (``CAdam``).
 
-Every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` layer's weight gradient (the bias as a trailing column)
-is replaced by the preconditioned gradient
+Every weight used as a linear map z = W u of a layer input (found by the weight, not the module class: SPEC
+§3) has its gradient (the bias as a trailing column) replaced by the preconditioned gradient
 
     P = G (X Xᵀ + λI)⁻¹             (D × D form, G = ΔZ Xᵀ the ordinary gradient, from ``.grad``)
       = ΔZ (XᵀX + λI)⁻¹ Xᵀ          (M × M form, used when the layer saw fewer positions M than D)
 
 before the base optimizer's own, unchanged step (momentum, Nesterov, weight decay added to P, maximize,
-...). Other parameters pass through unchanged.
+...). Other parameters pass through unchanged; ``report()`` lists every parameter and why.
 
-The parts: ``_layers`` (what a layer is, finding them), ``_collect`` (statistics of every use of a layer
-between two steps: forward hooks feed a collector), ``_precondition`` (the two forms, batched solves, the
-uniform-factor probe). What is collected: every forward of a layer made in training mode with grad
-enabled adds to its statistics (several add up: gradient accumulation, a layer used twice); eval-mode,
-no-grad and ``paused()`` forwards are ignored; ``step()`` consumes and clears.
+What is a layer: ``nn.Linear`` / ``nn.Conv1d/2d/3d`` modules (exactly these classes, parameters not tied) are
+hooked per module (the *module path*); every other parameter the base holds is watched during the model's
+forward (the *functional path*, ``_functional``): ``F.linear`` / ``F.conv*`` / ``addmm`` / ``mm`` / ``matmul`` / ``@``
+on it, its transpose or a slice of its rows is a layer (``nn.MultiheadAttention``'s packed ``in_proj_weight``,
+one Gram per q/k/v slice, and its functional ``out_proj``; HF ``Conv1D``; Linear/Conv subclasses). A
+parameter used in another role as well (GPT-2's tied ``wte`` / ``lm_head``: an embedding and a linear map), or
+as two overlapping maps, is left to the plain base update, warned about once and reported: its gradient mixes
+the roles, and ``G (A + λI)⁻¹`` with the head's Gram alone would precondition the embedding's share with the
+head's statistics; preconditioning only the head's share would need that share ``ΔZ Xᵀ`` computed apart
+every step (a second vocabulary-sized product) and would give the base one parameter whose entries are
+on two different scales.
+
+The parts: ``_layers`` (what a layer is, the module path), ``_functional`` (the functional path), ``_collect``
+(statistics of every use of a layer between two steps, fed by either path), ``_precondition`` (the two forms,
+batched solves, the uniform-factor probe), ``_report`` (``report()``). What is collected: every forward of a
+layer made in training mode with grad enabled adds to its statistics (several add up: gradient accumulation, a
+layer used twice); eval-mode, no-grad and ``paused()`` forwards are ignored; ``step()`` consumes and clears.
 
 ``refresh_every = k > 1``: the D × D factorisation is refreshed on steps 0, k, 2k, ... only (Grams are
 collected only for those steps) and ``(A + λI)⁻¹`` is kept and reused in between, as K-FAC libraries
@@ -28,6 +40,11 @@ the same, without the error, counted in ``skipped_steps``).
 DistributedDataParallel (build the optimizer on the DDP model): DDP averages the gradients; the statistics of
 all ranks are combined in ``step()`` (``_distributed.Replicas.global_stats``: D × D Grams summed, M × M X and ΔZ
 gathered, the form chosen on the global M), so every rank computes the same P.
+
+Mixed precision: under ``torch.autocast`` (bf16, fp16) the Grams accumulate in float32 and the M × M
+form's consistency check judges at the precision the layer computed in. ``torch.amp.GradScaler``:
+``scaler.step(opt)`` hands the scale and its inf check to ``step()`` (``_step_supports_amp_scaling``), which
+unscales the gradients and the collected ΔZ, and drops the statistics of a step the scaler skips.
 
 Copies: the forward hooks are picklable objects holding weak references (``_collect.LayerHook``); a pickled
 or deep-copied model carries inert stand-ins, so ``torch.save(model)`` works and a copy of the model never
@@ -45,9 +62,13 @@ import torch
 from torch import nn
 
 from ..ops import check_backend
+import warnings
+
 from . import _distributed
-from ._collect import Collector, InertHook, ModuleHooks
+from ._collect import Collector, ModuleHooks, remove_inert_hooks
+from ._functional import RootPostHook, RootPreHook, Uses
 from ._layers import Layer, UnsupportedLayerError, find_layers
+from ._report import Report, build_report
 from ._precondition import Preconditioner
 from ._wrapper import NonFiniteError, OptimizerWrapper, check_model, nonfinite
 
@@ -66,9 +87,11 @@ class Consequentialism(OptimizerWrapper):
         loss_fn(model(x), y).backward(); opt.step()      # an ordinary training loop
 
     Args:
-        model: the module whose nn.Linear / nn.Conv1d / nn.Conv2d layers are hooked (stride, padding incl.
-            'same' and non-zero padding modes, dilation, groups, bias). Layers none of whose parameters
-            ``base`` optimises are left alone; a layer ``base`` optimises only partly raises.
+        model: the module whose layers are preconditioned: nn.Linear / nn.ConvNd modules (stride, padding incl.
+            'same' and non-zero padding modes, dilation, groups, bias) and every other weight its forward uses
+            as a linear map (see the module docstring; ``report()`` says what was found). Layers none of whose
+            parameters ``base`` optimises are left alone; a layer ``base`` optimises only partly raises, and so
+            does a module that cannot be preconditioned (ConvTranspose, weight norm, lazy): exclude it.
         base: any ``torch.optim.Optimizer`` whose ``step()`` needs no closure (not LBFGS, not AG). Weight
             decay in it is added to the preconditioned gradient. ``param_groups``, ``state`` and ``defaults``
             are shared with it: LR schedulers may be attached to either object.
@@ -86,6 +109,9 @@ class Consequentialism(OptimizerWrapper):
     """
 
     state_key = "consequentialism"
+    #: ``torch.amp.GradScaler.step`` hands the scale and the inf check to ``step()`` instead of unscaling and
+    #: skipping by itself: a skipped step must drop its statistics too
+    _step_supports_amp_scaling = True
 
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, lam: float = 1e-3, *, refresh_every: int = 1,
                  exclude: Iterable[Union[nn.Module, str]] = (), backend: Optional[str] = None,
@@ -105,8 +131,10 @@ class Consequentialism(OptimizerWrapper):
         self.defaults.update(lam=float(lam), refresh_every=refresh_every)
         self.backend = backend
         found = find_layers(model, exclude, {id(p) for p in self._params()})
-        self._layers: list[Layer] = found.layers
+        self._layers: list[Layer] = found.layers  # the module path
         self._left_out: dict[int, str] = found.left_out
+        self._excluded: list = [(p, name) for name, mod in model.named_modules() for p in mod.parameters(recurse=False)
+                                if id(p) in found.excluded]
         self._collector = Collector(backend or "auto", self._needs_statistics)
         self._preconditioner = Preconditioner(backend or "auto")
         self._hooks = ModuleHooks(self._layers, self._collector)
@@ -116,6 +144,28 @@ class Consequentialism(OptimizerWrapper):
             self._collector.guard = _distributed.OuterDDPGuard(model, type(self).__name__)
         else:
             self._preconditioner.probe = self._replicas.probe_generator
+        self._pending_inverses: dict[str, torch.Tensor] = {}  # loaded factorisations of layers not seen yet
+        self._warned: set = set()  # names of parameters warned about
+        self._uses = Uses(found.watched, self._collector, self._new_functional_layer)
+        self._root_handles = self._hook_root()
+
+    def _hook_root(self) -> list:
+        """The forward pre-hook and (always called) forward hook on the model that run the functional path
+        during its forwards; none when no watched parameter can be the weight of a linear map (all are
+        vectors: BatchNorm/LayerNorm weights, biases), so a plain Linear/Conv model runs as before."""
+        if not any(p.dim() >= 2 for _, p in self._uses.watched.values()):
+            return []
+        return [self.model.register_forward_pre_hook(RootPreHook(self._uses)),
+                self.model.register_forward_hook(RootPostHook(self._uses), always_call=True)]
+
+    def _new_functional_layer(self, layer: Layer) -> None:
+        inv = self._pending_inverses.pop(layer.name, None)
+        if inv is not None:
+            self._preconditioner.inverses[layer] = inv.to(device=layer.weight.device)
+
+    def _all_layers(self) -> list[Layer]:
+        """The layers preconditioned now: the module path's, then the functional path's that are active."""
+        return self._layers + self._uses.active_layers()
 
     def _needs_statistics(self, layer: Layer) -> bool:
         """Statistics are collected on refresh steps, and always for a layer without a kept factorisation."""
@@ -134,6 +184,17 @@ class Consequentialism(OptimizerWrapper):
                     f"does not precondition (the base optimizer did not hold it when the optimizer was built): "
                     f"build the optimizer after adding it to the base, or exclude the layer")
 
+    def _params_added(self, params) -> None:
+        """Parameters given to the base later are watched by the functional path like the others."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        on_module_path = {id(p) for layer in self._layers for p in (layer.weight, layer.bias) if p is not None}
+        excluded = {id(p) for p, _ in self._excluded}
+        for p in params:
+            if id(p) in names and id(p) not in on_module_path and id(p) not in excluded:
+                self._uses.watched.setdefault(id(p), (names[id(p)], p))
+        if not self._root_handles and self._hooks.attached:
+            self._root_handles = self._hook_root()
+
     def _repr_fields(self) -> list[str]:
         group = self.param_groups[0]
         return [f"lam={group['lam']:g}", f"refresh_every={group['refresh_every']}"]
@@ -145,20 +206,25 @@ class Consequentialism(OptimizerWrapper):
     def _check_own_state(self, own) -> None:
         if own is None:
             return
-        names = {layer.name for layer in self._layers}
+        names = {layer.name for layer in self._all_layers()}
+        watched = {n for n, _ in self._uses.watched.values()}
         for name in own.get("inverses", {}):
-            if name not in names:
+            if name not in names and name.split("[")[0] not in watched:
                 raise ValueError(f"load_state_dict: the saved state has a factorisation for layer {name!r}, "
                                  f"which this optimizer does not precondition")
 
     def _load_own_state(self, own) -> None:
         inverses = {}
         super()._load_own_state(own)
+        self._pending_inverses = {}
         if own is not None:
-            by_name = {layer.name: layer for layer in self._layers}
+            by_name = {layer.name: layer for layer in self._all_layers()}
             for name, v in own.get("inverses", {}).items():
-                layer = by_name[name]
-                inverses[layer] = v.to(device=layer.weight.device)
+                layer = by_name.get(name)
+                if layer is None:  # a functional layer this optimizer has not seen used yet
+                    self._pending_inverses[name] = v
+                else:
+                    inverses[layer] = v.to(device=layer.weight.device)
         self._preconditioner.inverses = inverses
         self.clear_statistics()
 
@@ -166,6 +232,7 @@ class Consequentialism(OptimizerWrapper):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_hooks"] = self._hooks.attached  # the copy hooks its own layers (__setstate__)
+        state["_root_handles"] = bool(self._root_handles)
         state["_left_out"] = sorted(set(self._left_out.values()))  # ids do not survive a copy: by name
         return state
 
@@ -176,11 +243,11 @@ class Consequentialism(OptimizerWrapper):
         modules = dict(self.model.named_modules())
         self._left_out = {id(p): name for name in left_out for p in modules[name].parameters()}
         for layer in self._layers:  # the stand-ins the original's hooks became in this copy of the model
-            hooks = layer.module._forward_hooks
-            for key in [k for k, h in hooks.items() if isinstance(h, InertHook)]:
-                del hooks[key]
+            remove_inert_hooks(layer.module)
+        remove_inert_hooks(self.model)
         self._hooks = ModuleHooks(self._layers if attached else [], self._collector)
         self._hooks.attached = attached
+        self._root_handles = self._hook_root() if self._root_handles else []
 
     # -- collection --------------------------------------------------------------------------------
     def clear_statistics(self) -> None:
@@ -196,14 +263,18 @@ class Consequentialism(OptimizerWrapper):
     def remove_hooks(self) -> None:
         """Removes the forward hooks from the model (step() then raises: nothing can be collected)."""
         self._hooks.remove()
+        for h in self._root_handles:
+            h.remove()
+        self._root_handles = []
         self.clear_statistics()
 
     # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def precondition_(self) -> None:
+    def precondition_(self, dz_scale: float = 1.0) -> None:
         """Replaces the weight (and bias) gradients of the hooked layers by P and clears the statistics.
-        Called by step(); public for inspection (a second call without new forwards raises)."""
-        self._apply(self._statistics(None)[0])
+        Called by step(); public for inspection (a second call without new forwards raises). ``dz_scale``:
+        the factor from the output gradients collected to ``.grad`` (1 / the loss scale after unscaling)."""
+        self._apply(self._statistics(None)[0], dz_scale)
 
     @torch.no_grad()
     def _statistics(self, bad: Optional[str]):
@@ -215,12 +286,45 @@ class Consequentialism(OptimizerWrapper):
         if self._replicas is None:
             return stats, bad
         self._replicas.check_usable()
-        return self._replicas.global_stats(self._layers, stats, self._collector.gram, bad)
+        return self._replicas.global_stats(self._all_layers(), stats, self._collector.gram, bad)
 
     @torch.no_grad()
-    def _apply(self, stats) -> None:
+    def _apply(self, stats, dz_scale: float = 1.0) -> None:
         group = self.param_groups[0]
-        self._preconditioner.apply(self._layers, stats, float(group["lam"]), int(group["refresh_every"]))
+        layers = self._all_layers()
+        active = set(layers)
+        for layer in [k for k in self._preconditioner.inverses if k not in active]:  # blocked since kept
+            del self._preconditioner.inverses[layer]
+        self._warn_not_preconditioned()
+        self._preconditioner.apply(layers, stats, float(group["lam"]), int(group["refresh_every"]),
+                                   dz_scale)
+
+    def _warn_not_preconditioned(self) -> None:
+        """Warns once per parameter that has a gradient and is left to the base update although it was used
+        as a linear map (a tied or otherwise multi-role weight, a form not preconditioned), or was never seen
+        in a recorded forward (see ``report()``)."""
+        uses = self._uses
+        if not uses.watched:
+            return
+        for pid, (name, p) in uses.watched.items():
+            if p.grad is None or name in self._warned:
+                continue
+            why = uses.problems.get(pid)
+            if why is None and uses.roles.get(pid) and any(
+                    layer.weight is p or layer.bias is p for layer in uses.layers.values()):
+                why = uses.why_not(pid)
+            if why is None and pid not in uses.seen and self._root_handles:
+                why = ("it has a gradient but was never passed to a torch function in a recorded forward of the "
+                       "model (a forward that bypasses the model's own forward?)")
+            if why is not None:
+                self._warned.add(name)
+                warnings.warn(f"{type(self).__name__}: parameter {name!r} is not preconditioned (plain base "
+                              f"update): {why}. opt.report() lists every parameter", stacklevel=4)
+
+    def report(self) -> Report:
+        """Every parameter of the model: preconditioned (how it was found, the form D×D or M×M of its last
+        step with D or M, its param group) or not, and why (see ``_report.Report``)."""
+        return build_report(self)
 
     def step(self, closure=None):
         """Evaluates ``closure`` (forward and backward) if given, preconditions, steps the base; returns
@@ -228,11 +332,32 @@ class Consequentialism(OptimizerWrapper):
 
         A NaN or infinity in the loss, a gradient of the base's parameters or the collected statistics
         raises ``NonFiniteError`` (``skip_nonfinite=True``: skips) before anything changes; either way the
-        statistics are dropped and the step is not counted."""
+        statistics are dropped and the step is not counted.
+
+        ``torch.amp.GradScaler``: ``scaler.step(opt)`` calls this with ``opt.grad_scale`` (the scale, None
+        when ``scaler.unscale_(opt)`` ran already) and ``opt.found_inf`` set (``_step_supports_amp_scaling``):
+        a step the scaler skips (an inf found) drops the statistics collected for it and counts in
+        ``skipped_steps``; otherwise the gradients are unscaled here, and the M × M form's probe finds the
+        scale left in the captured ΔZ as its uniform factor."""
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if found_inf is not None and bool(found_inf.sum() > 0):
+            self.clear_statistics()
+            self.skipped_steps += 1
+            return loss
+        dz_scale = 1.0
+        if grad_scale is not None:
+            inv = grad_scale.double().reciprocal().float()
+            dz_scale = float(inv)
+            by_device: dict = {}
+            for p in self._params():
+                if p.grad is not None:
+                    by_device.setdefault(p.grad.device, []).append(p.grad)
+            for device, grads in by_device.items():
+                torch._foreach_mul_(grads, inv.to(device))
         bad = self._nonfinite(loss)
         stats = None
         if self._replicas is not None:  # every rank decides alike: one collective carries each rank's verdict
@@ -248,13 +373,12 @@ class Consequentialism(OptimizerWrapper):
                 f"last step were dropped. Pass skip_nonfinite=True to skip such steps (counted in "
                 f"opt.skipped_steps), as torch.amp.GradScaler does")
         if stats is None:
-            self.precondition_()
+            self.precondition_(dz_scale)
         else:
-            self._apply(stats)
+            self._apply(stats, dz_scale)
         self.base.step()
         self.steps += 1
         return loss
-
 
     def _nonfinite(self, loss) -> Optional[str]:
         """What holds a NaN or infinity (the loss, a parameter's gradient, a layer's statistics), or None."""
