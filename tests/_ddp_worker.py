@@ -404,6 +404,41 @@ def check_copt_amp(name: str, steps: int = 3, skip_at: int = 1) -> None:
         raise AssertionError(f"{name} amp: {opt.steps} steps taken, expected {steps - 1}")
 
 
+def check_ag_amp(mode: str, steps: int = 3, skip_at: int = 2) -> None:
+    """AG over DDP under fp16 autocast with ``opt.step(closure, scaler=)`` (ag2, ag3-1): bitwise equal parameters
+    on every rank; at step ``skip_at`` rank 1's scaled gradients alone overflow (its loss × 1e36): every rank skips;
+    the other steps equal to one process to fp16 rounding (AG-2 / AG-3-1: AG-1's sign(ḡ) of rounding-level
+    elements would differ at fp16 rounding)."""
+    from avg_kernels.optim import AG
+
+    rank = dist.get_rank()
+    model = build("mlp", convert=True, dtype=torch.float32)
+    ref = copy.deepcopy(model)
+    ddp = DDP(model)
+    opt = AG(ddp, torch.optim.Adam(ddp.parameters(), lr=1e-2), mode=mode)
+    ropt = AG(ref, torch.optim.Adam(ref.parameters(), lr=1e-2), mode=mode)
+    scaler, rscaler = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in range(2))
+
+    def loss_of(m, xx, yy, bump=1.0):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return F.cross_entropy(m(xx).float(), yy) * bump
+
+    for t, (x, y, parts) in enumerate(batches("mlp", [3, 3], steps, dtype=torch.float32)):
+        xr, yr = parts[rank]
+        skip = t == skip_at
+        before = flat_params(model).clone()
+        opt.step(lambda: loss_of(ddp, xr, yr, 1e36 if skip and rank == 1 else 1.0), scaler=scaler)
+        scaler.update()
+        same_on_every_rank(flat_params(model), f"{mode} amp: parameters after step {t}")
+        if skip:
+            if not (opt.last.skipped and torch.equal(before, flat_params(model))):
+                raise AssertionError(f"{mode} amp: rank {rank} did not skip step {t}: {opt.last.as_dict()}")
+            continue
+        ropt.step(lambda: loss_of(ref, x, y), scaler=rscaler)
+        rscaler.update()
+        close(flat_params(model), flat_params(ref), f"{mode} amp: step {t} vs one process", rtol=2e-3, atol=1e-4)
+
+
 MLP_FORMS = {"0": "dxd", "2": "mxm", "4": "mxm"}
 BRANCHY_FN_FORMS = {"a.weight": "dxd", "extra.weight": "mxm", "b.weight": "mxm"}
 CNN_FORMS = {"conv1": "dxd", "conv2": "mxm", "fc": "mxm"}
@@ -529,6 +564,8 @@ CHECKS = {
     # b's second role seen on rank 0 only: b left to the base on every rank (as in one process)
     "csgd-branchy_role": lambda: check_copt("csgd", "branchy_role", steps=2,
                                             expect={"a.weight": "dxd", "extra.weight": "mxm"}),
+    "ag2-amp-scaler": lambda: check_ag_amp("ag2"),
+    "ag3-1-amp-scaler": lambda: check_ag_amp("ag3-1"),
     "csgd-amp-scaler": lambda: check_copt_amp("csgd"),
     "cadam-amp-scaler": lambda: check_copt_amp("cadam"),
     "refusals": check_refusals,
