@@ -5,9 +5,8 @@ on the concatenated batch (AG-1: up to sign flips of rounding-level ḡ); the M 
 per-rank batches; a non-finite loss on one rank only; AG on a model as written (functional and compound
 activations), agn and linear=True; C-optimizers on layers found by their weight (MultiheadAttention slices,
 HF Conv1D's addmm; on some ranks only, or first at another step), AG and C-optimizers under fp16 autocast
-with GradScaler; what is
-refused (the plain module behind a DDP, FSDP,
-DataParallel, a DDP inside the model, static_graph for AG). NCCL (GPU) is not tested here."""
+with GradScaler; what is refused (the plain module behind a DDP, FSDP, DataParallel, a DDP inside the model,
+static_graph for AG). NCCL (GPU) is not tested here."""
 from __future__ import annotations
 
 import json
