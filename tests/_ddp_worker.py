@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import sys
 import traceback
@@ -64,19 +65,99 @@ class Branchy(nn.Module):
         return self.b(h)
 
 
+def gelu_tanh_hf(h):
+    """HF NewGELU written by hand (AG recognises it as one tanh-GELU: a compound form)."""
+    return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+
+
+FN_ACTIVATIONS = 4  # FnNet's averaged activations per forward (a compound counts once)
+
+
+class FnNet(nn.Module):
+    """Linear layers with functional activations only (for AG unconverted): F.silu, torch.tanh, the hand-written
+    tanh-GELU (compound) and x * sigmoid(x) (compound SiLU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.ModuleList([nn.Linear(6, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16)])
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = F.silu(self.l[0](x))
+        h = torch.tanh(self.l[1](h))
+        h = gelu_tanh_hf(self.l[2](h))
+        h = self.l[3](h)
+        return self.out(h * torch.sigmoid(h))
+
+
+class Conv1D(nn.Module):
+    """HF GPT-2's Conv1D as written there: weight (in, out), addmm (found by the C-optimizers' functional path)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.3)
+        self.bias = nn.Parameter(torch.randn(n_out) * 0.1)
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(*x.size()[:-1], self.weight.size(-1))
+
+
+class AttnNet(nn.Module):
+    """Self-attention, Conv1D + tanh, attention with distinct q / k / v (batch_first, E = 8: D = 9 for every
+    in_proj slice, out_proj and Conv1D), the mean over the T = 3 positions, Linear(8 -> 3). Every layer is found
+    by the C-optimizers' functional path (the in_proj_weight row slices by F.linear inside
+    F.multi_head_attention_forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.att1 = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.proj = Conv1D(8, 8)
+        self.att2 = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.att1(x, x, x, need_weights=False)[0]
+        g = torch.tanh(self.proj(h.contiguous()))  # batch_first MHA returns a transposed view
+        h = self.att2(g, x, h, need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+class BranchyFn(Branchy):
+    """Branchy with HF-style Conv1D layers (found by the functional path at the forward that first uses them:
+    ``extra`` on the ranks that take the branch only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.extra, self.b = Conv1D(6, 16), Conv1D(16, 16), Conv1D(16, 3)
+
+
+class BranchyRole(BranchyFn):
+    """BranchyFn whose branch also uses b's weight outside a linear map (a second role: b is left to the base)."""
+
+    def forward(self, x, branch: bool = True):
+        h = torch.tanh(self.a(x))
+        if branch:
+            h = torch.sigmoid(self.extra(h)) + 0.01 * self.b.weight.sum()
+        return self.b(h)
+
+
 MODELS = {"mlp": (mlp, (6,)), "cnn": (CNN, (2, 6, 6)), "cnn_bn": (lambda: CNN(bn=True), (2, 6, 6)),
-          "branchy": (Branchy, (6,))}
+          "branchy": (Branchy, (6,)), "fn": (FnNet, (6,)), "attn": (AttnNet, (3, 8)),
+          "branchy_fn": (BranchyFn, (6,)), "branchy_role": (BranchyRole, (6,))}
 
 
-def forward_rank(kind: str, model, x, rank: int):
-    """This rank's forward (Branchy: the branch on rank 0 only)."""
-    return model(x, branch=rank == 0) if kind == "branchy" else model(x)
+def forward_rank(kind: str, model, x, rank: int, branch=None):
+    """This rank's forward (Branchy: the branch where ``branch(rank)``, default on rank 0 only)."""
+    if kind.startswith("branchy"):
+        return model(x, branch=rank == 0 if branch is None else branch(rank))
+    return model(x)
 
 
-def forward_all(kind: str, model, x, parts):
+def forward_all(kind: str, model, x, parts, branch=None):
     """The single process's forward of the concatenated batch (Branchy: each rank's part as that rank runs it)."""
-    if kind == "branchy":
-        return torch.cat([model(xp, branch=r == 0) for r, (xp, _) in enumerate(parts)])
+    if kind.startswith("branchy"):
+        return torch.cat([forward_rank(kind, model, xp, r, branch) for r, (xp, _) in enumerate(parts)])
     return model(x)
 
 
@@ -153,19 +234,21 @@ def close_up_to_sign_flips(model, ref, step: int, rtol=1e-9, atol=1e-12, tiny=1e
 
 
 def check_ag(mode: str, kind: str, sizes=(3, 3), steps: int = 3, find_unused: bool = False,
-             dtype=torch.float64) -> None:
+             dtype=torch.float64, convert: bool = True, **options) -> None:
     """AG over DDP: parameters bitwise equal on every rank after each step, and equal to one process on the
     concatenated batch (mean loss with equal batches; with unequal ones the sum divided by the world size,
-    which is what averaging the ranks' gradients of their sums is)."""
+    which is what averaging the ranks' gradients of their sums is). ``convert=False``: the model as written
+    (functional activations averaged by AG's activation mode); ``options``: more AG arguments (iterations,
+    linear)."""
     from avg_kernels.optim import AG
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = build(kind, convert=True, dtype=dtype)
+    model = build(kind, convert=convert, dtype=dtype)
     ref = copy.deepcopy(model)
     ddp = DDP(model, find_unused_parameters=find_unused or kind == "branchy")
     tol = {} if dtype == torch.float64 else {"rtol": 2e-5, "atol": 2e-6}
-    opt = AG(ddp, torch.optim.RMSprop(ddp.parameters(), lr=1e-2), mode=mode)
-    ropt = AG(ref, torch.optim.RMSprop(ref.parameters(), lr=1e-2), mode=mode)
+    opt = AG(ddp, torch.optim.RMSprop(ddp.parameters(), lr=1e-2), mode=mode, **options)
+    ropt = AG(ref, torch.optim.RMSprop(ref.parameters(), lr=1e-2), mode=mode, **options)
     equal = len(set(sizes)) == 1
 
     def loss_fn(out, y, parts):
@@ -180,12 +263,15 @@ def check_ag(mode: str, kind: str, sizes=(3, 3), steps: int = 3, find_unused: bo
                            f"{mode} {kind}: the gradient (ḡ) of step {t}")
         if "bn" in kind:
             continue  # per-rank batch statistics: not the single process's
-        if mode == "ag1":
+        if mode in ("ag1", "agn"):  # both step by sign(ḡ)
             close_up_to_sign_flips(model, ref, t, **tol, tiny=1e-9 if dtype == torch.float64 else 1e-4)
         else:
             close(flat_params(model), flat_params(ref), f"{mode} {kind}: step {t} vs one process", **tol)
         if opt.last.plain is not ropt.last.plain or opt.last.activation_calls == 0 and not opt.last.plain:
             raise AssertionError(f"{mode}: step {t} record {opt.last.as_dict()}")
+        if kind == "fn" and not opt.last.plain and opt.last.activation_calls != FN_ACTIVATIONS:
+            raise AssertionError(f"{mode} fn: {opt.last.activation_calls} activations averaged in step {t}, expected "
+                                 f"{FN_ACTIVATIONS} (silu, tanh and the two compounds)")
     if "bn" in kind:  # each step starts from rank 0's buffers (BatchNorm statistics and count), as DDP's forward does
         before = [b.clone() for b in model.buffers()]
         opt._replicas.broadcast_buffers()
@@ -195,7 +281,7 @@ def check_ag(mode: str, kind: str, sizes=(3, 3), steps: int = 3, find_unused: bo
 
 
 def check_copt(name: str, kind: str, sizes=(4, 4), steps: int = 3, expect: dict = None, clip: float = 0.0,
-               refresh_every: int = 1) -> None:
+               refresh_every: int = 1, branch=None) -> None:
     """C-SGD / C-Adam over DDP: bitwise equal parameters on every rank, equal to one process; ``expect``: the
     form (dxd / mxm) each layer must take in the run over DDP; ``clip``: clip the gradient norm to that
     (the M × M form then applies a uniform factor, found by a random probe that must be equal on every
@@ -205,7 +291,7 @@ def check_copt(name: str, kind: str, sizes=(4, 4), steps: int = 3, expect: dict 
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build(kind, convert=False)
     ref = copy.deepcopy(model)
-    ddp = DDP(model, find_unused_parameters=kind == "branchy")
+    ddp = DDP(model, find_unused_parameters=kind.startswith("branchy"))
     make = {"csgd": lambda m: CSGD(m, lr=0.05, lam=1e-2, momentum=0.9, refresh_every=refresh_every),
             "cadam": lambda m: CAdam(m, lr=1e-2, lam=1e-2, refresh_every=refresh_every)}[name]
     opt, ropt = make(ddp), make(ref)
@@ -225,12 +311,13 @@ def check_copt(name: str, kind: str, sizes=(4, 4), steps: int = 3, expect: dict 
         xr, yr = parts[rank]
         opt.zero_grad()
         ropt.zero_grad()
+        br = None if branch is None else (lambda r, t=t: branch(t, r))
         if equal:
-            F.cross_entropy(forward_rank(kind, ddp, xr, rank), yr).backward()
-            F.cross_entropy(forward_all(kind, ref, x, parts), y).backward()
+            F.cross_entropy(forward_rank(kind, ddp, xr, rank, br), yr).backward()
+            F.cross_entropy(forward_all(kind, ref, x, parts, br), y).backward()
         else:
-            F.cross_entropy(forward_rank(kind, ddp, xr, rank), yr, reduction="sum").backward()
-            (F.cross_entropy(forward_all(kind, ref, x, parts), y, reduction="sum") / world).backward()
+            F.cross_entropy(forward_rank(kind, ddp, xr, rank, br), yr, reduction="sum").backward()
+            (F.cross_entropy(forward_all(kind, ref, x, parts, br), y, reduction="sum") / world).backward()
         if clip:
             for m in (model, ref):
                 if float(torch.nn.utils.clip_grad_norm_(m.parameters(), clip)) <= clip:
@@ -238,15 +325,122 @@ def check_copt(name: str, kind: str, sizes=(4, 4), steps: int = 3, expect: dict 
         opt.step()
         ropt.step()
         same_on_every_rank(flat_params(model), f"{name} {kind}: parameters after step {t}")
-        same_on_every_rank(torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
+        same_on_every_rank(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]),
                            f"{name} {kind}: preconditioned gradients of step {t}")  # before rounding into θ
         close(flat_params(model), flat_params(ref), f"{name} {kind} {sizes}: step {t} vs one process", rtol=1e-8,
               atol=1e-10)
     if expect is not None and forms != expect:
         raise AssertionError(f"{name} {kind}: forms {forms}, expected {expect}")
+    if kind == "attn":  # found at the first forward inside DDP's: the same layers, in the same order, on every rank
+        found = [layer.name.removeprefix("module.") for layer in opt._all_layers()]
+        names_on_every_rank(found, f"{name} attn: the layers found")
+        if sorted(found) != sorted(ATTN_LAYERS):
+            raise AssertionError(f"{name} attn: layers found {found}, expected {ATTN_LAYERS}")
+        rep = opt.report()
+        missed = [e.name for e in rep if not e.preconditioned]
+        if missed:
+            raise AssertionError(f"{name} attn: not preconditioned: {missed}\n{rep}")
+
+
+def names_on_every_rank(names: list, what: str) -> None:
+    """Raises unless every rank has the same list of names."""
+    got = [None] * dist.get_world_size()
+    dist.all_gather_object(got, names)
+    if any(g != names for g in got):
+        raise AssertionError(f"{what}: per rank {got}")
+
+
+# self-attention: one F.linear over the packed in_proj_weight; distinct q / k / v: one per row slice
+ATTN_LAYERS = (["att1.in_proj_weight", "att1.out_proj.weight", "proj.weight"]
+               + [f"att2.in_proj_weight[{a}:{a + 8}]" for a in (0, 8, 16)] + ["att2.out_proj.weight", "head"])
+
+
+def attn_forms(d: int) -> dict:
+    """AttnNet's forms with ``d`` rows per rank (T = 3 positions each): the D = 9 layers on positions take the
+    D × D form once the global 2 × 3 d >= 9, the head (one row per sample) the M × M form."""
+    return {**{n: "dxd" if 2 * 3 * d >= 9 else "mxm" for n in ATTN_LAYERS[:-1]}, "head": "mxm"}
+
+
+def check_copt_amp(name: str, steps: int = 3, skip_at: int = 1) -> None:
+    """C-SGD / C-Adam over DDP under fp16 autocast with torch.amp.GradScaler("cpu") (scaler.step(opt)): bitwise
+    equal parameters on every rank; at step ``skip_at`` rank 1's loss alone is infinite: the averaged gradient
+    is non-finite on every rank, every rank skips (parameters unchanged, the step's statistics dropped); the
+    other steps equal to one process on the concatenated batch to fp16 rounding."""
+    from avg_kernels.optim import CAdam, CSGD
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = build("mlp", convert=False, dtype=torch.float32)
+    ref = copy.deepcopy(model)
+    ddp = DDP(model)
+    make = {"csgd": lambda m: CSGD(m, lr=0.05, lam=1e-2, momentum=0.9),
+            "cadam": lambda m: CAdam(m, lr=1e-2, lam=1e-2)}[name]
+    opt, ropt = make(ddp), make(ref)
+    scaler, rscaler = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in range(2))
+    for t, (x, y, parts) in enumerate(batches("mlp", [4, 4], steps, dtype=torch.float32)):
+        xr, yr = parts[rank]
+        skip = t == skip_at
+        before = flat_params(model).clone()
+        for m, o, sc, xx, yy in ((ddp, opt, scaler, xr, yr), (ref, ropt, rscaler, x, y)):
+            if skip and m is ref:
+                continue
+            o.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(m(xx).float(), yy)
+            if skip and rank == 1:
+                loss = loss * float("inf")
+            sc.scale(loss).backward()
+            sc.step(o)
+            sc.update()
+        same_on_every_rank(flat_params(model), f"{name} amp: parameters after step {t}")
+        if skip:
+            if not (opt.skipped_steps == 1 and opt.steps == t and torch.equal(before, flat_params(model))
+                    and opt._collector.stats == {}):
+                raise AssertionError(f"{name} amp: rank {rank} did not skip step {t} (skipped {opt.skipped_steps}, "
+                                     f"steps {opt.steps})")
+            rscaler.update(scaler.get_scale())  # the reference follows the scale the skip halved
+        else:
+            close(flat_params(model), flat_params(ref), f"{name} amp: step {t} vs one process", rtol=2e-3, atol=1e-4)
+    if opt.steps != steps - 1:
+        raise AssertionError(f"{name} amp: {opt.steps} steps taken, expected {steps - 1}")
+
+
+def check_ag_amp(mode: str, steps: int = 3, skip_at: int = 2) -> None:
+    """AG over DDP under fp16 autocast with ``opt.step(closure, scaler=)`` (ag2, ag3-1): bitwise equal parameters
+    on every rank; at step ``skip_at`` rank 1's scaled gradients alone overflow (its loss × 1e36): every rank skips;
+    the other steps equal to one process to fp16 rounding (AG-2 / AG-3-1: AG-1's sign(ḡ) of rounding-level
+    elements would differ at fp16 rounding)."""
+    from avg_kernels.optim import AG
+
+    rank = dist.get_rank()
+    model = build("mlp", convert=True, dtype=torch.float32)
+    ref = copy.deepcopy(model)
+    ddp = DDP(model)
+    opt = AG(ddp, torch.optim.Adam(ddp.parameters(), lr=1e-2), mode=mode)
+    ropt = AG(ref, torch.optim.Adam(ref.parameters(), lr=1e-2), mode=mode)
+    scaler, rscaler = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in range(2))
+
+    def loss_of(m, xx, yy, bump=1.0):
+        with torch.autocast("cpu", dtype=torch.float16):
+            return F.cross_entropy(m(xx).float(), yy) * bump
+
+    for t, (x, y, parts) in enumerate(batches("mlp", [3, 3], steps, dtype=torch.float32)):
+        xr, yr = parts[rank]
+        skip = t == skip_at
+        before = flat_params(model).clone()
+        opt.step(lambda: loss_of(ddp, xr, yr, 1e36 if skip and rank == 1 else 1.0), scaler=scaler)
+        scaler.update()
+        same_on_every_rank(flat_params(model), f"{mode} amp: parameters after step {t}")
+        if skip:
+            if not (opt.last.skipped and torch.equal(before, flat_params(model))):
+                raise AssertionError(f"{mode} amp: rank {rank} did not skip step {t}: {opt.last.as_dict()}")
+            continue
+        ropt.step(lambda: loss_of(ref, x, y), scaler=rscaler)
+        rscaler.update()
+        close(flat_params(model), flat_params(ref), f"{mode} amp: step {t} vs one process", rtol=2e-3, atol=1e-4)
 
 
 MLP_FORMS = {"0": "dxd", "2": "mxm", "4": "mxm"}
+BRANCHY_FN_FORMS = {"a.weight": "dxd", "extra.weight": "mxm", "b.weight": "mxm"}
 CNN_FORMS = {"conv1": "dxd", "conv2": "mxm", "fc": "mxm"}
 
 
@@ -354,6 +548,26 @@ CHECKS = {
                                                 expect={"a": "dxd", "extra": "dxd", "b": "dxd"}),
     "csgd-cnn-clipped": lambda: check_copt("csgd", "cnn", sizes=(2, 2), steps=2, expect=CNN_FORMS, clip=1e-2),
     "cadam-cnn-refresh2": lambda: check_copt("cadam", "cnn", sizes=(2, 2), steps=3, refresh_every=2),
+    # AG on the model as written: functional and compound activations averaged by AG's activation mode
+    "ag1-fn-unconverted": lambda: check_ag("ag1", "fn", convert=False),
+    "ag3-1-fn-unconverted": lambda: check_ag("ag3-1", "fn", convert=False),
+    "agn3-mlp": lambda: check_ag("agn", "mlp", iterations=3),
+    "ag1-linear-mlp": lambda: check_ag("ag1", "mlp", linear=True),
+    "agn3-fn-unconverted": lambda: check_ag("agn", "fn", convert=False, iterations=3, steps=2),
+    # C-optimizers on layers found by their weight (MultiheadAttention slices, HF Conv1D's addmm)
+    "csgd-attn-dxd": lambda: check_copt("csgd", "attn", sizes=(2, 2), steps=2, expect=attn_forms(2)),
+    "cadam-attn-mxm": lambda: check_copt("cadam", "attn", sizes=(1, 1), steps=2, expect=attn_forms(1)),
+    # functional layers found on some ranks only (``extra``: rank 0's branch), or at another step on each rank
+    "csgd-branchy_fn": lambda: check_copt("csgd", "branchy_fn", steps=2, expect=BRANCHY_FN_FORMS),
+    "cadam-branchy_fn-late": lambda: check_copt("cadam", "branchy_fn", steps=3, branch=lambda t, r: t == r + 1,
+                                                expect=BRANCHY_FN_FORMS),
+    # b's second role seen on rank 0 only: b left to the base on every rank (as in one process)
+    "csgd-branchy_role": lambda: check_copt("csgd", "branchy_role", steps=2,
+                                            expect={"a.weight": "dxd", "extra.weight": "mxm"}),
+    "ag2-amp-scaler": lambda: check_ag_amp("ag2"),
+    "ag3-1-amp-scaler": lambda: check_ag_amp("ag3-1"),
+    "csgd-amp-scaler": lambda: check_copt_amp("csgd"),
+    "cadam-amp-scaler": lambda: check_copt_amp("cadam"),
     "refusals": check_refusals,
     "nonfinite": check_nonfinite_agreement,
 }

@@ -2,8 +2,11 @@
 started once for the module (tests/_ddp_worker.py runs every check on both ranks); each test reports one
 check. Bitwise equal parameters on every rank after every step; equal to rounding to one process training
 on the concatenated batch (AG-1: up to sign flips of rounding-level ḡ); the M × M and D × D forms; unequal
-per-rank batches; a non-finite loss on one rank only; what is refused (the plain module behind a DDP, FSDP,
-DataParallel, a DDP inside the model, static_graph for AG). NCCL (GPU) is not tested here."""
+per-rank batches; a non-finite loss on one rank only; AG on a model as written (functional and compound
+activations), agn and linear=True; C-optimizers on layers found by their weight (MultiheadAttention slices,
+HF Conv1D's addmm; on some ranks only, or first at another step), AG and C-optimizers under fp16 autocast
+with GradScaler; what is refused (the plain module behind a DDP, FSDP, DataParallel, a DDP inside the model,
+static_graph for AG). NCCL (GPU) is not tested here."""
 from __future__ import annotations
 
 import json

@@ -11,9 +11,10 @@ cross-rank blocks).
 * ``Replicas``: the DDP-wrapped model's process group and what AG and the C-optimizers do with it:
   ``mean_grads`` (AG: g and ḡ averaged in one flat all-reduce per dtype/device), ``broadcast_buffers``,
   ``no_sync`` (AG's passes do not drive DDP's reducer), ``global_stats`` (the C-optimizers' per-layer
-  statistics of all ranks: one small all-gather of each rank's positions M per layer and non-finite flag,
-  ONE all-reduce of the D × D Grams' upper triangles, one all-gather of the M × M layers' X and ΔZ, padded
-  to equal size).
+  statistics of all ranks: two small all-gathers (each rank's non-finite flag and layer-list signature, then
+  its positions M per layer; the ranks' functional layers aligned where the signatures differ), ONE
+  all-reduce of the D × D Grams' upper triangles, one all-gather of the M × M layers' X and ΔZ, padded to
+  equal size).
 * ``replicas_of(model, who)``: the ``Replicas`` of a DDP-wrapped model, None for a plain model; raises for
   wrappers and setups not supported (FSDP, DataParallel, a DDP inside the model, DDP options that move the
   reduction elsewhere, several devices per rank).
@@ -252,7 +253,20 @@ class Replicas:
         self._agreed[what] = ids
 
     # -- the C-optimizers ---------------------------------------------------------------------------------
-    def global_stats(self, layers: list, stats: dict, gram_fn, bad: Optional[str] = None):
+    def gather_objects(self, obj) -> list:
+        """``obj`` (picklable) of every rank, in rank order (``dist.all_gather_object``)."""
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def _layer_table(self, layers: list, bad: Optional[str]) -> torch.Tensor:
+        """(world, 4): every rank's [non-finite flag, layer count, total D, hash of the names and D]."""
+        dims = [layer.dim() for layer in layers]
+        row = torch.tensor([int(bad is not None), len(layers), sum(dims),
+                            _stable_hash(repr([(layer.name, d) for layer, d in zip(layers, dims)]))], dtype=torch.int64)
+        return torch.stack(_all_gather_small(row, self.group))
+
+    def global_stats(self, layers: list, stats: dict, gram_fn, bad: Optional[str] = None, align=None):
         """The statistics of all ranks' uses of ``layers`` since the last step, as one process training on
         the concatenated batch would have collected them.
 
@@ -261,22 +275,31 @@ class Replicas:
             stats: this rank's ``Collector.take()`` (Layer -> ``LayerStats``).
             gram_fn: ``Collector.gram`` (layer, prepared input, bias) -> its (groups, D, D) Gram.
             bad: what holds a NaN or infinity on this rank (``Consequentialism._nonfinite``), or None.
+            align: called (on every rank) when the ranks' layers differ: takes the other ranks' functional
+                layers (found at a forward, so possibly on some ranks only, or in another order) and returns
+                this rank's layers after that; None: a difference raises.
         Returns:
             (stats of every layer with a use on any rank: the summed Gram where the global M >= D (D × D
             form), else the gathered X (groups, D, M) and ΔZ / world (groups, C_out/groups, M) in ``X`` / ``dz``
             (M × M form; ΔZ divided by the world size because DDP averages the gradients), or None when some
             rank met a non-finite value; the message naming it (this rank's, or "on rank r") or None).
         """
-        dims = [layer.dim() for layer in layers]
-        self._agree("preconditioned layers", layers, [(layer.name, d) for layer, d in zip(layers, dims)],
-                    "count, total D, hash of the names and D", sum(dims))
-        local_m = [stats[layer].m if layer in stats else 0 for layer in layers]
-        row = torch.tensor([int(bad is not None), *local_m], dtype=torch.int64)
-        table = torch.stack(_all_gather_small(row, self.group))  # (world, 1 + L)
+        # checked at every step, not once per list: a functional layer appears at the forward that first
+        # uses it, which may be on one rank only (a rank that skipped the check would mismatch collectives)
+        table = self._layer_table(layers, bad)
+        if any(not torch.equal(r[1:], table[0, 1:]) for r in table) and align is not None:
+            layers = align()
+            table = self._layer_table(layers, bad)
+        if any(not torch.equal(r[1:], table[0, 1:]) for r in table):
+            raise RuntimeError(f"{self.who}: the ranks disagree on the optimizer's preconditioned layers (count, "
+                               f"total D, hash of the names and D, per rank: {table[:, 1:].tolist()}); every rank "
+                               f"must build the same model and optimizer")
         flags = table[:, 0].tolist()
         if any(flags):
             return None, bad if bad is not None else f"a value on rank {flags.index(1)}"
-        ms = table[:, 1:]  # (world, L)
+        dims = [layer.dim() for layer in layers]
+        local_m = torch.tensor([stats[layer].m if layer in stats else 0 for layer in layers], dtype=torch.int64)
+        ms = torch.stack(_all_gather_small(local_m, self.group))  # (world, L)
         total = ms.sum(0).tolist()
         dxd, mxm = [], []
         for i, layer in enumerate(layers):

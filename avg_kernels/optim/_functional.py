@@ -184,6 +184,40 @@ class Uses:
             self.on_new_layer(layer)
         return layer
 
+    # -- DDP: the same functional layers on every rank ------------------------------------------------------
+    def shared_state(self) -> tuple:
+        """What this rank found, by parameter name (picklable, for the other ranks' ``adopt``): its functional
+        layers in discovery order as (weight, transposed, rows, bias, bias_rows, conv, found), and why each
+        blocked parameter is not preconditioned."""
+        def name(p):
+            return None if p is None else self.watched[id(p)][0]
+        layers = [(name(layer.weight), key[1], key[2], name(layer.bias), key[4], key[5], layer.found)
+                  for key, layer in self.layers.items()]
+        blocked = {n: self.why_not(pid) or "not preconditioned" for pid, (n, p) in self.watched.items()
+                   if self.blocked(p)}
+        return layers, blocked
+
+    def adopt(self, states: list) -> None:
+        """Makes this rank's functional layers those of all ranks (``states``: every rank's ``shared_state``, in
+        rank order): the union of the layers, ordered as rank 0 found them, then each next rank's new ones; a
+        parameter blocked on some rank blocked here too (else one rank would precondition what another left
+        to the base). A layer only another rank used counts as seen."""
+        by_name = {n: p for n, p in self.watched.values()}
+        order = []
+        for found, _ in states:
+            order += [d for d in found if d not in order]
+        keys = []
+        for w, transposed, rows, b, bias_rows, conv, found in order:
+            p, pb = by_name[w], by_name[b] if b is not None else None
+            self.layer(p, transposed, rows, pb, bias_rows, found, conv)
+            self.seen.update(id(t) for t in (p, pb) if t is not None)
+            keys.append((id(p), transposed, rows, id(pb) if pb is not None else None, bias_rows, conv))
+        self.layers = {key: self.layers[key] for key in keys if key in self.layers}
+        for r, (_, blocked) in enumerate(states):
+            for n, why in blocked.items():
+                if not self.blocked(by_name[n]):
+                    self.problem(by_name[n], f"{why} (on rank {r})")
+
     # -- copying ----------------------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         """Keyed by id inside; carried by parameter object (a deep copy maps them to the copy's)."""

@@ -286,7 +286,14 @@ class Consequentialism(OptimizerWrapper):
         if self._replicas is None:
             return stats, bad
         self._replicas.check_usable()
-        return self._replicas.global_stats(self._all_layers(), stats, self._collector.gram, bad)
+        return self._replicas.global_stats(self._all_layers(), stats, self._collector.gram, bad,
+                                           align=self._align_functional_layers)
+
+    def _align_functional_layers(self) -> list[Layer]:
+        """DDP: every rank takes the functional layers any rank found, in one order, and leaves to the base a
+        parameter any rank left to it (``Uses.adopt``); returns the layers now (equal on every rank)."""
+        self._uses.adopt(self._replicas.gather_objects(self._uses.shared_state()))
+        return self._all_layers()
 
     @torch.no_grad()
     def _apply(self, stats, dz_scale: float = 1.0) -> None:
