@@ -81,7 +81,7 @@ COLUMNS = [  # (header, cell(method entry) -> str, shown when any cell is not "�
         f"({_opt(a['base_s_to_base_best'], '{:.3g}')})"),
     ("RD (batch-loss gain at matched step)", lambda a: _pm(a["RD"], a["RD_sem"], "{:.3g}")),
     ("step L1 vs base", lambda a: _opt(a.get("step_l1_vs_base"), "{:.3f}")),
-    ("ms/step", lambda a: _opt(a["step_ms"], "{:.3g}")),
+    ("ms/step (median)", lambda a: _opt(a["step_ms"], "{:.3g}")),
 ]
 
 
@@ -105,13 +105,14 @@ def markdown(doc: dict) -> str:
     lines = [f"# {doc['title']}", "", *machine_lines(doc["machine"]),
              f"- preset `{doc['preset']}`, data {doc['data']} ({doc['n_train']} training images), seeds {doc['seeds']}, "
              f"{doc['budget']['epochs']} epochs of batch {doc['budget']['batch']}, full-train loss at "
-             f"{doc['budget']['evals']} evenly spaced points; wall time of this run {doc['wall_s']:.0f} s",
+             f"{doc['budget']['evals']} evenly spaced points; this run took {doc['wall_s']:.0f} s wall, "
+             f"{doc.get('cpu_s', float('nan')):.0f} s CPU",
              f"- paper: {doc['paper']}", ""]
     lines += [f"- {n}" for n in doc["notes"]]
     lines += ["", "Mean ± SEM over seeds. Columns: final/best = full training set cross-entropy at the end / the "
               "smallest over the run; rel. sample eff. = paper 002 §4.1(a) against the base method, over the "
               "evaluation points; epochs (training seconds) until the seeds' mean loss reaches the base's best mean "
-              "loss; RD = (Σ r_AG − Σ r_base)/|Σ r_base| on the same batches and parameters (AG's step has the base "
+              "loss (training seconds: CPU time of the steps on a CPU device, wall time on a GPU); RD = (Σ r_AG − Σ r_base)/|Σ r_base| on the same batches and parameters (AG's step has the base "
               "step's L1 length); step L1 vs base = mean ‖Δθ‖₁ against the base method's own run.", ""]
     for s in doc["settings"]:
         lines += [f"## {s['title']}", "", *table(s), ""]
@@ -148,7 +149,8 @@ def plot(doc: dict, path: Path) -> None:
                 ax.fill_between(x, (mean - sem).clamp_min(1e-6).tolist(), (mean + sem).tolist(), color=style["color"],
                                 alpha=0.15)
         row[0].set_xlabel("samples seen")
-        row[1].set_xlabel("training wall time (s)")
+        row[1].set_xlabel("training time (s): " + ("CPU time of the steps, 1 thread" if doc.get("device", "cpu") == "cpu"
+                                                  else "wall time"))
         for ax in row:
             ax.set_yscale("log")
             ax.set_ylabel("full training loss")

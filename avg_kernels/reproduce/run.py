@@ -102,7 +102,7 @@ def main(args) -> int:
     budget = study.budgets[preset]
     seeds = list(range(n_seeds))
     out = Path(args.out)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -112,12 +112,13 @@ def main(args) -> int:
     else:
         total = sum(n_seeds for s in settings for m in s.methods if not m.unavailable)
     bar = tqdm(total=total, desc=study.name, unit="run", disable=args.no_progress) if tqdm else None
-    base = {"study": study.name, "title": study.title, "paper": study.paper, "preset": preset, "data": info["name"],
+    base = {"device": device.type, "study": study.name, "title": study.title, "paper": study.paper, "preset": preset, "data": info["name"],
             "n_train": len(train.y), "seeds": seeds, "budget": vars(budget) if hasattr(budget, "__dict__") else
             budget.__dict__, "notes": [*study.notes, *notes]}
     if args.tune:
         results = [engine.tune_setting(study, s, train, test, budget, seeds, bar) for s in settings]
-        doc = {**base, "settings": results, "wall_s": time.perf_counter() - t0, "machine": report.machine()}
+        doc = {**base, "settings": results, "wall_s": time.perf_counter() - t0,
+               "cpu_s": time.process_time() - c0, "machine": report.machine()}
         if bar:
             bar.close()
         out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +148,11 @@ def main(args) -> int:
     prov = table.get(study.name, {}).get("_from")
     if prov:
         base["notes"].append(f"learning rates from `{engine.RATES_FILE.name}`: {prov}")
-    doc = {**base, "settings": results, "wall_s": time.perf_counter() - t0, "machine": report.machine()}
+    if preset == "full" and "--full" not in (prov or ""):
+        base["notes"].append("these rates were tuned at the --quick budget (smaller models, fewer epochs); "
+                             "`--tune --full` tunes them for this budget")
+    doc = {**base, "settings": results, "wall_s": time.perf_counter() - t0,
+               "cpu_s": time.process_time() - c0, "machine": report.machine()}
     paths = report.write(doc, out, study.name)
     print(report.markdown(doc))
     print("wrote " + ", ".join(map(str, paths)))

@@ -45,6 +45,7 @@ def run(method: Method, make_model: Callable[[], nn.Module], lr: float, train: S
     """Trains ``make_model()`` (built under ``torch.manual_seed(seed)``) with ``method`` at rate ``lr``.
 
     Returns {"evals": [{"step", "samples", "wall_s", "train_loss", "train_acc"}], "final": {...},
+    (``wall_s``: training time so far, see ``clock`` below)
     "diverged_at": step or None, "step_ms": median ms/step, **trainer.summary()}. A non-finite batch or
     evaluation loss stops the run (``diverged_at``); later evaluations are absent.
     """
@@ -58,6 +59,10 @@ def run(method: Method, make_model: Callable[[], nn.Module], lr: float, train: S
     if budget.max_steps is not None:
         total = min(total, budget.max_steps)
     at = sorted({round(total * k / budget.evals) for k in range(1, budget.evals + 1)} | {total})
+    # training time: CPU time of the steps on a CPU device (the studies run one thread, where it equals the wall
+    # time of an idle machine; on a shared machine wall time measures the load), wall time on a GPU
+    cpu = train.x.device.type == "cpu"
+    clock = time.process_time if cpu else time.perf_counter
     evals, times = [], []
     wall, step, seen, diverged = 0.0, 0, 0, None
 
@@ -71,12 +76,12 @@ def run(method: Method, make_model: Callable[[], nn.Module], lr: float, train: S
         perm = torch.randperm(n, generator=order)
         for i in range(0, n, budget.batch):
             idx = perm[i:i + budget.batch]
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
                 loss = trainer.step(train.x[idx], train.y[idx])
             except FloatingPointError:  # the optimizers raise NonFiniteError (a FloatingPointError) on NaN/inf
                 loss = math.nan
-            dt = time.perf_counter() - t0 - trainer.untimed_s
+            dt = clock() - t0 - (trainer.untimed_cpu_s if cpu else trainer.untimed_s)
             wall += dt
             times.append(dt)
             step += 1
