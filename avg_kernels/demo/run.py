@@ -230,6 +230,9 @@ def plan(args, names) -> list[tuple[str, float | None, str]]:
             out.append((n, None, n))
             continue
         base_lr = REGISTRY[m.base].default_lr
+        if args.protocol == "both" and own == base_lr:  # the grid chose the base's rate: one run shows both
+            out.append((n, base_lr, f"{n} @base rate = own rate"))
+            continue
         if args.protocol in ("both", "base"):
             out.append((n, base_lr, f"{n} @base rate"))
         if args.protocol in ("both", "own"):

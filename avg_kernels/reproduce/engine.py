@@ -117,12 +117,22 @@ def seconds_to(runs: list[dict], target: float) -> Optional[float]:
     return None
 
 
+def early(run: dict, fraction: float = 0.1) -> Optional[float]:
+    """Full-train loss at the evaluation point nearest ``fraction`` of the run's steps (None: diverged before)."""
+    evals = run["evals"]
+    total = evals[-1]["step"] if run["diverged_at"] is None else None
+    if not total:
+        return None
+    return min(evals, key=lambda e: abs(e["step"] - fraction * total))["train_loss"]
+
+
 def aggregate(runs: list[dict], base_runs: Optional[list[dict]], n_train: int) -> dict:
     """Mean ± SEM over seeds, and the comparisons with the base method's runs (same seeds)."""
     agg = {"seeds": len(runs), "diverged": sum(r["diverged_at"] is not None for r in runs)}
     for key, get in (("final_loss", lambda r: r["final"]["train_loss"] if r["diverged_at"] is None else None),
                      ("best_loss", lambda r: min(e["train_loss"] for e in r["evals"])),
                      ("test_acc", lambda r: r["final"].get("test_acc")),
+                     ("early_loss", lambda r: early(r)),
                      ("RD", lambda r: r.get("RD")),
                      ("step_ms", lambda r: r["step_ms"])):
         agg[key], agg[key + "_sem"] = mean_sem([get(r) for r in runs])

@@ -70,6 +70,7 @@ def _opt(v, fmt="{:.3g}") -> str:
 COLUMNS = [  # (header, cell(method entry) -> str, shown when any cell is not "–")
     ("final train loss", lambda a: _pm(a["final_loss"], a["final_loss_sem"])),
     ("best train loss", lambda a: _pm(a["best_loss"], a["best_loss_sem"])),
+    ("train loss at 10 % of the steps", lambda a: _pm(a.get("early_loss"), a.get("early_loss_sem"))),
     ("test acc", lambda a: _pm(a["test_acc"], a["test_acc_sem"], "{:.3f}")),
     ("diverged", lambda a: f"{a['diverged']}/{a['seeds']}" if a["diverged"] else "–"),
     ("rel. sample eff. vs base", lambda a: _opt(a.get("rel_sample_eff"), "{:.2f}")),
@@ -162,6 +163,21 @@ def plot(doc: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def rerender(json_path: Path) -> list[Path]:
+    """Recomputes the aggregates of a written record from its runs and rewrites its .md/.png (the runs, the
+    command and the machine stay those of the run)."""
+    from .engine import aggregate
+
+    doc = json.loads(Path(json_path).read_text())
+    for s in doc["settings"]:
+        by = {e["method"]: e for e in s["methods"]}
+        for e in s["methods"]:
+            if "runs" in e:
+                base = by.get(e["base"]) if e["base"] else None
+                e["agg"] = aggregate(e["runs"], base.get("runs") if base else None, doc["n_train"])
+    return write(doc, Path(json_path).parent, Path(json_path).stem)
 
 
 def write(doc: dict, out: Path, stem: str) -> list[Path]:

@@ -103,6 +103,7 @@ def main(args) -> int:
     seeds = list(range(n_seeds))
     out = Path(args.out)
     t0, c0 = time.perf_counter(), time.process_time()
+    where = report.machine()  # at the start: the commit that runs
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -118,7 +119,7 @@ def main(args) -> int:
     if args.tune:
         results = [engine.tune_setting(study, s, train, test, budget, seeds, bar) for s in settings]
         doc = {**base, "settings": results, "wall_s": time.perf_counter() - t0,
-               "cpu_s": time.process_time() - c0, "machine": report.machine()}
+               "cpu_s": time.process_time() - c0, "machine": where}
         if bar:
             bar.close()
         out.mkdir(parents=True, exist_ok=True)
@@ -152,7 +153,7 @@ def main(args) -> int:
         base["notes"].append("these rates were tuned at the --quick budget (smaller models, fewer epochs); "
                              "`--tune --full` tunes them for this budget")
     doc = {**base, "settings": results, "wall_s": time.perf_counter() - t0,
-               "cpu_s": time.process_time() - c0, "machine": report.machine()}
+               "cpu_s": time.process_time() - c0, "machine": where}
     paths = report.write(doc, out, study.name)
     print(report.markdown(doc))
     print("wrote " + ", ".join(map(str, paths)))
