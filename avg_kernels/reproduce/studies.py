@@ -41,7 +41,7 @@ def _p003_mlp(preset: str, info: dict) -> list[Setting]:
         out.append(Setting(key, f"8 hidden ReLU layers × {width}, batch 32, {title}", methods,
                            lambda m, d=d: mlp(d, width, 8, info["classes"]),
                            lambda tr, te, m, prep=prep: prep(tr, te),
-                           tune={"sgd": ("sgd", [0.01, 0.03, 0.1, 0.3]), "csgd": ("csgd", [0.03, 0.1, 0.3, 1.0])}))
+                           tune={"sgd": ("sgd", [0.01, 0.03, 0.1, 0.3]), "csgd": ("csgd", [0.1, 0.3, 1.0, 2.0, 4.0])}))
     return out
 
 
@@ -74,7 +74,7 @@ def _p003_resnet(preset: str, info: dict) -> list[Setting]:
         Method("adam-bn", M.plain("adam"), "adam-bn", tags={"bn": True}),
     ]
     depth = 6 * blocks + 2
-    grids = {"sgd": [0.003, 0.01, 0.03, 0.1], "adam": [3e-4, 1e-3, 3e-3, 1e-2], "c": [0.01, 0.03, 0.1, 0.3]}
+    grids = {"sgd": [0.003, 0.01, 0.03, 0.1, 0.3], "adam": [1e-3, 3e-3, 1e-2, 3e-2], "c": [0.03, 0.1, 0.3, 1.0, 3.0]}
     tune = {m.name: (m.name, grids["c"] if m.tags.get("c") else grids["adam" if "adam" in m.name else "sgd"])
             for m in methods}
     return [Setting("resnet", f"ResNet-{depth} (widths {widths}), batch 128, λ = 0.03, momentum 0.95; C-methods without "
@@ -103,7 +103,7 @@ def _p000(preset: str, info: dict) -> list[Setting]:
     sup = M.ag_support()
     own_n = next(m for m in methods if m.name.startswith("ag5-iter") and m.name.endswith("own rate"))
     methods = [Method(m.name, m.build, "agn" if m is own_n else m.rate, m.base, m.unavailable, m.tags) for m in methods]
-    grid = [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]  # the same grid for every method: no method is favoured
+    grid = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]  # the same grid for every method: no method is favoured
     tune = {"rmsprop": ("rmsprop", grid), "ag1": ("ag1/rmsprop @own rate", grid)}
     if sup["agn"]:
         tune["agn"] = ("ag5-iter/rmsprop @own rate", grid)
