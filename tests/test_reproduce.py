@@ -96,3 +96,20 @@ def test_ag_support_reflects_this_build():
 
     sup = M.ag_support()
     assert (sup["agn"] is not None) == ("agn" in MODES and "agn" not in sup["why"])
+
+
+def test_a_failed_solve_ends_the_run_as_diverged():
+    """A LinAlgError from a step (a ridge solve on blown-up activations) is a diverged run, with its reason."""
+    import torch
+
+    from avg_kernels.data import Split
+    from avg_kernels.reproduce.train import Budget, run
+
+    class Failing(M.PlainTrainer):
+        def step(self, x, y):
+            raise torch.linalg.LinAlgError("linalg.eigh: failed to converge")
+
+    method = M.Method("failing", lambda model, lr: Failing(model, torch.optim.SGD(model.parameters(), lr=lr)), "sgd")
+    data = Split(torch.rand(8, 4), torch.randint(0, 3, (8,)))
+    r = run(method, lambda: torch.nn.Linear(4, 3), 0.1, data, None, Budget(epochs=1, batch=4, evals=1), 0)
+    assert r["diverged_at"] == 1 and r["failure"].startswith("LinAlgError: linalg.eigh")

@@ -64,7 +64,7 @@ def run(method: Method, make_model: Callable[[], nn.Module], lr: float, train: S
     cpu = train.x.device.type == "cpu"
     clock = time.process_time if cpu else time.perf_counter
     evals, times = [], []
-    wall, step, seen, diverged = 0.0, 0, 0, None
+    wall, step, seen, diverged, failure = 0.0, 0, 0, None, None
 
     def record():
         tl, ta = evaluate(model, train)
@@ -79,8 +79,10 @@ def run(method: Method, make_model: Callable[[], nn.Module], lr: float, train: S
             t0 = clock()
             try:
                 loss = trainer.step(train.x[idx], train.y[idx])
-            except FloatingPointError:  # the optimizers raise NonFiniteError (a FloatingPointError) on NaN/inf
-                loss = math.nan
+            except (FloatingPointError, torch.linalg.LinAlgError) as exc:
+                # NonFiniteError (a FloatingPointError) on NaN/inf; a ridge solve on the Gram of blown-up
+                # activations can fail to converge first: both end the run as diverged, with the reason
+                loss, failure = math.nan, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             dt = clock() - t0 - (trainer.untimed_cpu_s if cpu else trainer.untimed_s)
             wall += dt
             times.append(dt)
@@ -99,5 +101,5 @@ def run(method: Method, make_model: Callable[[], nn.Module], lr: float, train: S
         te_loss, te_acc = evaluate(model, test)
         final = {**final, "test_loss": te_loss, "test_acc": te_acc}
     times.sort()
-    return {"evals": evals, "final": final, "diverged_at": diverged, "steps": step,
+    return {"evals": evals, "final": final, "diverged_at": diverged, "failure": failure, "steps": step,
             "step_ms": 1e3 * times[len(times) // 2] if times else None, **trainer.summary()}
