@@ -47,7 +47,8 @@ def run(method: Method, make_model: Callable[[], nn.Module], lr: float, train: S
     Returns {"evals": [{"step", "samples", "wall_s", "train_loss", "train_acc"}], "final": {...},
     (``wall_s``: training time so far, see ``clock`` below)
     "diverged_at": step or None, "step_ms": median ms/step, **trainer.summary()}. A non-finite batch or
-    evaluation loss stops the run (``diverged_at``); later evaluations are absent.
+    evaluation loss stops the run (``diverged_at``), as does a step's ``LinAlgError``; later evaluations are
+    absent; ``failure`` names the error that ended a run, if one did.
     """
     torch.manual_seed(seed)
     model = make_model()
