@@ -193,6 +193,8 @@ class BuildExt(cpp_extension.BuildExtension):
 levels = [lvl for lvl in LEVELS.LEVELS if lvl == "default" or X86]
 setup(
     packages=find_packages(include=["avg_kernels", "avg_kernels.*"]),
+    # the committed learning-rate tables of `reproduce` and `demo` (read at run time)
+    package_data={"avg_kernels.reproduce": ["rates.json"], "avg_kernels.demo": ["rates.json"]},
     ext_modules=[ops_extension(), *(kernel_extension(lvl) for lvl in levels), testing_extension()],
     cmdclass={"build_ext": BuildExt.with_options(use_ninja=bool(shutil.which("ninja")))},
 )

@@ -50,3 +50,30 @@ def test_c_methods_are_registered_and_train(tmp_path):
     for r in results:
         first, last = r["curve"][0][1], r["epochs"][-1]["train_loss"]
         assert last < first, r["method"]  # one epoch lowers the loss
+
+
+def test_both_protocols_come_from_the_committed_grid(tmp_path):
+    """A method with a base runs at the base's rate and at its own tuned rate (one row when they are equal);
+    the own rates come from a committed --tune run."""
+    from avg_kernels.demo import own_rates
+
+    table = own_rates.load()
+    assert table["_from"].startswith("`python -m avg_kernels demo --tune") and table["config"]["depth"] == 4
+    args = _args(tmp_path)
+    rows = run.plan(args, ["sgd", "csgd", "ag1"])
+    labels = [label for _, _, label in rows]
+    assert labels[0] == "sgd"
+    csgd_own = table["rates"]["csgd"]
+    if csgd_own != REGISTRY["sgd"].default_lr:
+        assert ("csgd", REGISTRY["sgd"].default_lr, "csgd @base rate") in rows
+        assert ("csgd", csgd_own, "csgd @own rate") in rows
+    assert sum(label.startswith("ag1 @") for label in labels) == (1 if table["rates"]["ag1"] == 0.005 else 2)
+    assert run.plan(_args(tmp_path, "--protocol", "base"), ["csgd"]) == [("csgd", 0.05, "csgd @base rate")]
+    assert run.plan(_args(tmp_path, "--lr", "0.1"), ["csgd"]) == [("csgd", None, "csgd")]
+
+
+def test_demo_save_rates_needs_tune(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match="--save-rates only goes with --tune"):
+        run.main(_args(tmp_path, "--save-rates"))

@@ -42,18 +42,19 @@ def test_ag_trainer_uses_the_base_definition_and_excludes_the_rd_forward_from_ti
 
 
 def test_demo_table_has_the_ag_columns(tmp_path, capsys):
-    assert run.main(_args(tmp_path, "--methods", "rmsprop", "ag1", "ag3-1", "--depth", "2")) == 0
+    assert run.main(_args(tmp_path, "--methods", "rmsprop", "ag1", "ag3-1", "--depth", "2", "--protocol", "base")) == 0
     out = capsys.readouterr().out
+    assert "at depth 2" in out and "python -m avg_kernels reproduce" in out  # the header says what the run is
     head = next(line for line in out.splitlines() if line.startswith("| method"))
     for col in ("rel. sample efficiency", "RD", "time vs base", "samples to loss", "train acc", "test loss"):
         assert col in head
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ag")}
-    assert set(rows) == {"ag1", "ag3-1"}
-    cells = [c.strip() for c in rows["ag1"].split("|")[1:-1]]
+    assert set(rows) == {"ag1 @base rate", "ag3-1 @base rate"}
+    cells = [c.strip() for c in rows["ag1 @base rate"].split("|")[1:-1]]
     assert cells[1] == "rmsprop" and cells[-1].endswith("x")
     float(cells[8]), float(cells[9])  # relative sample efficiency and RD are numbers
-    cells3 = [c.strip() for c in rows["ag3-1"].split("|")[1:-1]]
+    cells3 = [c.strip() for c in rows["ag3-1 @base rate"].split("|")[1:-1]]
     assert cells3[9] == "-"  # no RD for AG-3-1 (no base step on the same batch)
     results = json.loads((tmp_path / "demo.json").read_text())
-    assert [r["method"] for r in results] == ["rmsprop", "ag1", "ag3-1"]
+    assert [r["method"] for r in results] == ["rmsprop", "ag1 @base rate", "ag3-1 @base rate"]
     assert torch.get_num_threads() >= 1

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import data as datasets
+from . import own_rates
 from .methods import REGISTRY, Settings
 from .model import model_b
 
@@ -34,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: the demo's tensors are tiny, so more threads only add "
                         "synchronisation, which is very slow on a busy machine; 0 = torch's default)")
+    p.add_argument("--protocol", choices=("both", "base", "own"), default="both",
+                   help="rate of a method with a base (AG, C-methods): the base's tuned rate, its own tuned rate "
+                        "(avg_kernels/demo/rates.json), or both as two rows (default); ignored with --lr")
+    p.add_argument("--tune", action="store_true",
+                   help="run each method's learning-rate grid (final train loss) instead of the demo; with "
+                        "--save-rates write the best rates into avg_kernels/demo/rates.json")
+    p.add_argument("--save-rates", action="store_true", help="with --tune: save the chosen rates")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -50,12 +58,13 @@ def evaluate(model, split, device, batch=1024):
     return loss / len(split.y), correct / len(split.y)
 
 
-def train_one(name, args, train, test, progress):
+def train_one(name, args, train, test, progress, lr=None, label=None):
     method = REGISTRY[name]
+    lr = lr or args.lr or method.default_lr
     device = torch.device(args.device)
     torch.manual_seed(args.seed)  # the same initial model for every method
     model = model_b(image_size=train.x.shape[-1], depth=args.depth).to(device)
-    trainer = method.make(model, Settings(lr=args.lr))
+    trainer = method.make(model, Settings(lr=lr))
     order = torch.Generator().manual_seed(args.seed + 1)  # the same batch order for every method
     curve, step_times, step_cpu, epochs = [], [], [], []
     seen = 0
@@ -76,13 +85,13 @@ def train_one(name, args, train, test, progress):
         epochs.append({"epoch": epoch + 1, "samples": seen, "train_loss": tr[0], "train_acc": tr[1],
                        "test_loss": te[0], "test_acc": te[1]})
     reached = next((e["samples"] for e in epochs if e["train_loss"] <= args.target_loss), None)
-    return {"method": name, "base": method.base, "lr": args.lr or method.default_lr, "curve": curve,
+    return {"method": label or name, "base": method.base, "lr": lr, "curve": curve,
             "epochs": epochs, "samples_to_target": reached,
             "step_ms": 1e3 * statistics.median(step_times[1:] or step_times),
             "step_cpu_ms": 1e3 * statistics.median(step_cpu[1:] or step_cpu), **trainer.summary()}
 
 
-_KNOWN = {"method", "base", "lr", "curve", "epochs", "samples_to_target", "step_ms", "step_cpu_ms", "RD"}
+_KNOWN = {"method", "base", "lr", "curve", "epochs", "samples_to_target", "step_ms", "step_cpu_ms", "RD", "protocol"}
 
 
 def _fmt(v) -> str:
@@ -99,6 +108,18 @@ def relative_efficiency(r, base) -> float | None:
     from ..metrics import relative_sample_efficiency
 
     return relative_sample_efficiency([e["train_loss"] for e in r["epochs"]], [e["train_loss"] for e in base["epochs"]])
+
+
+def header(args, train) -> list[str]:
+    """What the table is: the model, depth, budget and data, and where the papers' claims are checked."""
+    return [f"Demo: paper 000's Model B adapted to {train.x.shape[-1]}x{train.x.shape[-1]} inputs at depth "
+            f"{args.depth} (2 conv+ELU+maxpool, {args.depth} Linear+Tanh layers of width 10; the paper has 27), "
+            f"{args.epochs} epochs of batch {args.batch_size}, {'digits' if args.data is None else args.data} "
+            f"({len(train.y)} training images), seed {args.seed}, one run per row.",
+            "`@base rate`: the method at its base optimizer's tuned rate (paper 002's protocol); `@own rate`: at "
+            "its own best rate from the committed grid (avg_kernels/demo/rates.json). This small, shallow run is "
+            "a smoke test of the methods, not a test of the papers' claims: `python -m avg_kernels reproduce "
+            "<p003-mlp|p003-resnet|p000-model-b|p002-ag>` runs those (docs/reproduction.md has the results).", ""]
 
 
 def table(results, target_loss):
@@ -158,6 +179,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"{m.name:10s} {m.help}")
         return 0
     names = args.methods or DEFAULT_METHODS
+    if args.save_rates and not args.tune:
+        raise SystemExit("--save-rates only goes with --tune")
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; registered: {sorted(REGISTRY)}")
@@ -172,17 +195,20 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, names: list[str]) -> int:
     train, test = datasets.mnist(args.data) if args.data else datasets.digits(seed=args.seed)
-    steps = args.epochs * -(-len(train.y) // args.batch_size) * len(names)
+    if args.tune:
+        return _tune(args, names, train, test)
+    runs = plan(args, names)
+    steps = args.epochs * -(-len(train.y) // args.batch_size) * len(runs)
     try:
         from tqdm import tqdm
 
         progress = tqdm(total=steps, disable=args.no_progress, desc="demo", unit="step")
     except ImportError:  # pragma: no cover
         progress = None
-    results = [train_one(n, args, train, test, progress) for n in names]
+    results = [train_one(n, args, train, test, progress, lr, label) for n, lr, label in runs]
     if progress is not None:
         progress.close()
-    text = table(results, args.target_loss)
+    text = "\n".join(header(args, train)) + "\n" + table(results, args.target_loss)
     print(text)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "demo.md"), "w") as f:
@@ -191,4 +217,65 @@ def _run(args: argparse.Namespace, names: list[str]) -> int:
         json.dump(results, f)
     plot(results, os.path.join(args.out, "demo.png"))
     print(f"wrote {args.out}/demo.md, demo.json, demo.png")
+    return 0
+
+
+def plan(args, names) -> list[tuple[str, float | None, str]]:
+    """(method, lr, row label) per run: a method with a base runs at the base's rate and/or its own tuned rate."""
+    out = []
+    for n in names:
+        m = REGISTRY[n]
+        own = own_rates.own_rate(n)
+        if args.lr is not None or m.base is None:
+            out.append((n, None, n))
+            continue
+        base_lr = REGISTRY[m.base].default_lr
+        if args.protocol == "both" and own == base_lr:  # the grid chose the base's rate: one run shows both
+            out.append((n, base_lr, f"{n} @base rate = own rate"))
+            continue
+        if args.protocol in ("both", "base"):
+            out.append((n, base_lr, f"{n} @base rate"))
+        if args.protocol in ("both", "own"):
+            if own is None:
+                raise SystemExit(f"demo: no own tuned rate for {n!r} in {own_rates.RATES_FILE}; run "
+                                 "`python -m avg_kernels demo --tune --save-rates` or use --protocol base")
+            out.append((n, own, f"{n} @own rate"))
+    return out
+
+
+def _tune(args, names, train, test) -> int:
+    """Each method with a base over its grid (own_rates.grid), one run per rate; the best final train loss wins."""
+    import datetime
+    import sys
+
+    grids = {}
+    for n in (n for n in names if REGISTRY[n].base):
+        m = REGISTRY[n]
+        rows = []
+        for lr in own_rates.grid(REGISTRY[m.base].default_lr, m.default_lr):
+            try:
+                r = train_one(n, args, train, test, None, lr)
+                loss = r["epochs"][-1]["train_loss"]
+            except FloatingPointError:
+                loss = float("inf")
+            loss = loss if loss == loss else float("inf")  # NaN: diverged
+            rows.append((lr, loss))
+            print(f"{n} lr {lr:g}: final train loss {loss:.4g}", flush=True)
+        grids[n] = rows
+    for n, rows in grids.items():
+        best = min(rows, key=lambda r: r[1])
+        print(f"{n}: own rate {best[0]:g} (final train loss {best[1]:.4g}); base's rate "
+              f"{REGISTRY[REGISTRY[n].base].default_lr:g}")
+    if args.save_rates:
+        import subprocess
+
+        try:
+            commit = subprocess.run(["git", "-C", str(own_rates.RATES_FILE.parent), "rev-parse", "--short=12", "HEAD"],
+                                    capture_output=True, text=True, timeout=20).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        own_rates.save(own_rates.config_of(args), grids, "python -m avg_kernels demo " + " ".join(sys.argv[2:]),
+                       commit, date)
+        print(f"wrote {own_rates.RATES_FILE}")
     return 0
