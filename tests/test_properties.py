@@ -424,9 +424,9 @@ def _check_avg_act(c, backend: str, dev) -> None:
 
 def test_avg_act_backward_properties(backend):
     dev = backend_device(backend)
-    _run(backend, 150, avg_act_cases(), lambda c: _check_avg_act(c, backend, dev))
+    _run(backend, 300, avg_act_cases(), lambda c: _check_avg_act(c, backend, dev))
 
 
 def test_avg_act_backward_properties_cpu_levels(cpu_level):
     """The C++ CPU kernels at every capability level (the `backend` test above runs the active one)."""
-    _run("cpu", 40, avg_act_cases(), lambda c: _check_avg_act(c, "cpu", torch.device("cpu")))
+    _run("cpu", 100, avg_act_cases(), lambda c: _check_avg_act(c, "cpu", torch.device("cpu")))

@@ -164,12 +164,18 @@ def _gelu_inv_fact(n, fp64):
 # namespace detail
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _one_minus_exp_neg_small(y, C: tl.constexpr):
-    # detail::one_minus_exp_neg_small: OmHorner<V, 0, K>::eval(y) * y, innermost term first.
+def _om_poly(y, C: tl.constexpr):
+    # detail::om_poly: OmHorner<V, 0, K>::eval(y), innermost term first.
     acc = tl.zeros_like(y)  # OmHorner<V, K, K>::eval = 0
     for k in tl.static_range(_om_terms(C == tl.float64) - 1, -1, -1):
         acc = tl.fma(acc, y, tl.full([], _om_coef(k), C))
-    return acc * y
+    return acc
+
+
+@triton.jit
+def _one_minus_exp_neg_small(y, C: tl.constexpr):
+    # detail::one_minus_exp_neg_small: om_poly(y) * y
+    return _om_poly(y, C) * y
 
 
 @triton.jit
@@ -344,12 +350,14 @@ def avg_slope(a, b, p0, p1, e_lo, e_hi, e_tlo, e_thi, ACT: tl.constexpr, C: tl.c
         neg = hi <= 0.0
         y = tl.where(neg, ad, -lo)  # both <= 0: |d|; crossing: -lo
         use_series = y < K_SMALL
-        om = _one_minus_exp_neg_small(y, C)
+        # steps below 2^-100 scaled by 2^100 (exact) before the products (subnormal grid)
+        sc = tl.where(den_fac < 7.888609052210118e-31, 1.2676506002282294e30, 1.0)
+        om = _om_poly(y, C) * (y * sc)
         n_neg = tl.where(use_series, Eh * om, Eh - El) * alpha
-        n_cross = tl.fma(alpha, tl.where(use_series, om, 1.0 - El), hi)
-        N = tl.where(0.0 <= lo, ad, tl.where(neg, n_neg, n_cross))
+        n_cross = tl.fma(alpha, tl.where(use_series, om, 1.0 - El), hi * sc)
+        N = tl.where(0.0 <= lo, ad * sc, tl.where(neg, n_neg, n_cross))
         fprime = tl.where(0.0 < a, 1.0, Eh * alpha)  # fallback lanes: hi = a; PyTorch: f'(0) = alpha
-        s = tl.where(fb, fprime, _div(N, den_fac, C))
+        s = tl.where(fb, fprime, _div(N, den_fac * sc, C))
     elif (ACT == RELU) or (ACT == LEAKY_RELU):
         # Piecewise linear: s = P/d + slope_neg Q/d, P = max(b,0) - max(a,0), Q = min(b,0) - min(a,0).
         den_d = tl.where(fb, 1.0, d)

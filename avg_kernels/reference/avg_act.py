@@ -74,7 +74,8 @@ def _secant(k: KernelAct, lo: torch.Tensor, hi: torch.Tensor, above_lo, above_hi
     if n == "elu":
         alpha = k.p0
         neg = alpha * torch.exp(torch.clamp(hi, max=0)) * _om_ratio(d)
-        cross = (hi - alpha * torch.expm1(torch.clamp(lo, max=0))) / d
+        ml = -torch.clamp(lo, max=0)  # (1 - e^lo) / d as (-lo / d) (1 - e^lo) / (-lo): no product on subnormals
+        cross = hi / d + alpha * (ml / d) * torch.where(ml > 0, _om_ratio(ml.clamp(min=1e-300)), 1.0)
         return torch.where(lo > 0, 1.0, torch.where(hi <= 0, neg, cross))
     if n in ("relu", "leaky_relu"):
         ns = k.p0 if n == "leaky_relu" else 0.0

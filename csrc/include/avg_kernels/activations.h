@@ -223,12 +223,18 @@ struct OmHorner<V, K, K> {
   static AK_HD V eval(V) { return V(typename Ops<V>::Scalar(0)); }
 };
 
+// (1 - e^{-y}) / y for |y| <= kSmall (the series before its last product by y).
+template <class V>
+AK_HD V om_poly(V y) {
+  using S = typename Ops<V>::Scalar;
+  constexpr int K = sizeof(S) == 4 ? 9 : 16;
+  return OmHorner<V, 0, K>::eval(y);
+}
+
 // 1 - e^{-y} for |y| <= kSmall, accurate to ~1 ulp (9 terms: float, 16 terms: double).
 template <class V>
 AK_HD V one_minus_exp_neg_small(V y) {
-  using S = typename Ops<V>::Scalar;
-  constexpr int K = sizeof(S) == 4 ? 9 : 16;
-  return OmHorner<V, 0, K>::eval(y) * y;
+  return om_poly(y) * y;
 }
 
 // Logistic secant core. For A, B (B == A on fallback lanes) and AD = |B - A| given exactly by
@@ -453,14 +459,18 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, const EpsCut
     auto neg = O::le(hi, zero);
     V y = O::select(neg, ad, -lo);  // both <= 0: |d|; crossing: -lo
     auto use_series = O::lt(y, small);
-    V om = detail::one_minus_exp_neg_small(y);
+    // Steps below 2^-100 (subnormal ones included) scale the numerator's terms and |d| by 2^100 (exact):
+    // alpha (1 - e^{-y}) would otherwise round on the subnormal grid (elu(0) - elu(-1e-45) with alpha = 0.5
+    // gave 0 or 1e-45, a slope of 0 or 1 for 0.5). Lanes with y >= kSmall have |d| >= kSmall: sc = 1.
+    V sc = O::select(O::lt(den_fac, V(S(7.888609052210118e-31))), V(S(1.2676506002282294e30)), one);
+    V om = detail::om_poly(y) * (y * sc);  // (1 - e^{-y}) sc on series lanes
     V El = Eh;
     if (O::any(O::mnot(use_series))) El = O::exp(O::min(lo, zero));
     V n_neg = O::select(use_series, Eh * om, Eh - El) * alpha;
-    V n_cross = O::fma(alpha, O::select(use_series, om, one - El), hi);
-    V N = O::select(O::le(zero, lo), ad, O::select(neg, n_neg, n_cross));
+    V n_cross = O::fma(alpha, O::select(use_series, om, one - El), hi * sc);
+    V N = O::select(O::le(zero, lo), ad * sc, O::select(neg, n_neg, n_cross));
     V fprime = O::select(O::lt(zero, a), one, Eh * alpha);  // fallback lanes: hi = a; PyTorch: f'(0) = alpha
-    s = O::select(fb, fprime, N / den_fac);
+    s = O::select(fb, fprime, N / (den_fac * sc));
   } else if constexpr (A == Act::Relu || A == Act::LeakyRelu) {
     // Piecewise linear: s = P/d + slope_neg Q/d with P = max(b,0) - max(a,0) and
     // Q = min(b,0) - min(a,0) the parts of the segment on each side (P + Q = b - a): exact when the
