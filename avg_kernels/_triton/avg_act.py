@@ -138,6 +138,11 @@ def _om_coef(k):  # detail::om_coef: (-1)^k / (k+1)!, in double (cast to S where
 
 
 @triton.constexpr_function
+def _huge(fp64):  # fix_nonfinite's huge: 2^126 (float) / 2^1022 (double)
+    return 4.49423283715579e307 if fp64 else 8.507059173023462e37
+
+
+@triton.constexpr_function
 def _gelu_tanh_lim(fp64):  # detail::gelu_tanh_lim: e^{-U(lim)} is 0 in S
     return 22.0 if fp64 else 11.0
 
@@ -235,7 +240,7 @@ def _fix_nonfinite(a, b, d, s, fb, p0, ACT: tl.constexpr, C: tl.constexpr):
     hb = b * 0.5
     g_a = ha * tl.where(0.0 < a, pos_slope, neg_slope)
     g_b = hb * tl.where(0.0 < b, pos_slope, neg_slope)
-    ovf = (tl.abs(d) >= 8.507059173023462e37) & ((a_inf | b_inf) == 0) & (fb == 0)  # finite, |d| >= 2^126, no fallback
+    ovf = (tl.abs(d) >= _huge(C == tl.float64)) & ((a_inf | b_inf) == 0) & (fb == 0)  # finite, |d| >= huge, no fallback
     s = tl.where(ovf, _div(g_b - g_a, hb - ha, C), s)
     s = tl.where(a_inf != b_inf, s_one, s)
     s = tl.where(a_inf & b_inf, s_both, s)

@@ -307,7 +307,10 @@ AK_HD V fix_nonfinite(V a, V b, V d, V s, M fb, ActParams<typename Ops<V>::Scala
   using S = typename O::Scalar;
   const V inf = V(S(INFINITY)), zero = V(S(0));
   const V nan = V(S(NAN));
-  const V huge(S(8.507059173023462e37));  // 2^126
+  // 2^126 (float) / 2^1022 (double): a quarter of the range, where the formulas' products by |d| overflow
+  // (a double threshold of 2^126 took the halved asymptotic secant for ordinary doubles: leaky_relu at
+  // x = -3.8e53 with d = 2^126 cancelled in slope*(b/2) - slope*(a/2) to 0.0078 for 0.01)
+  const V huge(S(sizeof(S) == 4 ? 8.507059173023462e37 : 4.49423283715579e307));
   if (!O::any(O::mnot(O::lt(O::abs(d), huge)))) return s;  // fast path: every |d| < 2^126
   constexpr bool bounded = act_is_bounded(A);
   const S pos_slope = bounded ? S(0) : S(1);
