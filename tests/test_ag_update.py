@@ -304,6 +304,25 @@ def test_ag2_rescales_to_the_gradient_step_norm(backend, fresh_seed):
     assert got == pytest.approx(target, rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ratio", ["underflow", "overflow"])
+def test_ag2_scale_outside_float_range(backend, dtype, ratio):
+    """A norm ratio ‖θ' − θ‖₁ / ‖Δ‖₁ outside float32's normal range (1e-50, 1e50) is still applied with float
+    arithmetic: θ ← θ + Δ·scale lands on θ' (every |θ' − θ| is equal here, so the rescaled step is θ' − θ
+    itself), where a float32 scale would be 0 (every parameter back at θ) or inf. (float16 values cannot
+    make such a ratio.)"""
+    dev = backend_device(backend)
+    big, small = (1e30, 1e-20) if ratio == "underflow" else (1e-30, 1e20)
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    os_ = [torch.zeros(6, dtype=dtype, device=dev)]
+    ps = [(signs * big).to(dtype).to(dev)]
+    ss = [(signs * small).to(dtype).to(dev)]
+    want = ss[0].cpu().double()
+    ak.ag2_rescale_(ps, os_, ss, backend=backend)
+    assert torch.isfinite(ps[0]).all()
+    torch.testing.assert_close(ps[0].cpu().double(), want, rtol=4 * torch.finfo(dtype).eps, atol=0)
+
+
 def test_ag2_zero_delta_changes_nothing(backend):
     """‖θ'' − θ‖₁ = 0: nothing is written (θ'' = -0 where θ = +0 stays -0, bit for bit)."""
     dev = backend_device(backend)

@@ -299,8 +299,9 @@ def test_internal_op_checks_too():
 # ---- the reference itself --------------------------------------------------------------------
 
 def test_reference_against_mpmath(fresh_seed):
-    """The float64 reference is the literal secant; check it against 50-digit arithmetic on a sample
-    (its error is bounded by float64 rounding of f over |d|, far below the float32 bar)."""
+    """The float64 reference (the kernels' identities in float64) against 50-digit arithmetic on a sample
+    (float32 inputs: the literal secant at 50 digits is exact to far below the float32 bar; float64 inputs are
+    checked against the exact oracle in tests/test_properties.py)."""
     mpmath = pytest.importorskip("mpmath")
     mpmath.mp.dps = 50
     fns = {

@@ -1,4 +1,4 @@
-"""Property-based tests (hypothesis) of the Gram, ridge-solve and AG-update ops, on every backend this machine
+"""Property-based tests (hypothesis) of the Gram, ridge-solve, AG-update and averaged-activation ops, on every backend this machine
 has, each example checked against an oracle that is right (issue: "no wrong answer at the edges").
 
 Each example draws a shape (0-d/empty/odd sizes where the op allows), a memory layout (contiguous, transposed,
@@ -14,7 +14,9 @@ SPD / rank-deficient / indefinite / non-finite Grams). Oracles:
   is float64; float64 for the reference backend; numpy's sign, so NaN in ḡ gives NaN and ḡ = ±0 keeps θ
   exactly), rounded once to the parameter's dtype: bit for bit;
 * AG-2: the float64 reference, within 4 ulps of the parameter dtype plus the float32 rounding SPEC §2 allows
-  in the global scale.
+  in the global scale (norm ratios outside float32's range included);
+* avg_act_backward: the exact value of g·s (tests/_exact_avg_act.py: rationals / mpmath, its assumptions in its
+  docstring) within docs/numerics.md's bar, every activation with its parameters, every dtype, eps ties.
 
 Budget: the ``ci`` profile (default) keeps the whole file within about a minute of CPU time here;
 ``python -m pytest tests/test_properties.py --hypothesis-profile=long`` runs 20 times more examples.
@@ -307,11 +309,6 @@ def test_ag2_rescale_properties(backend):
         steps = [g for *_, g, _ in triples]
         if not all(torch.isfinite(t).all() for t in ps + olds + steps):
             return  # a non-finite global norm: a NaN/0 scale by definition (test_ag_update.py)
-        n1 = sum(float((s.double() - o.double()).abs().sum()) for o, s in zip(olds, steps))
-        n2 = sum(float((p.double() - o.double()).abs().sum()) for p, o in zip(ps, olds))
-        f32 = not all(torch.float64 in (p.dtype, o.dtype, s.dtype) for p, o, s in zip(ps, olds, steps))
-        if f32 and n2 > 0 and not 2.0 ** -126 <= n1 / n2 <= 2.0 ** 127:
-            return  # a scale outside float32's normal range: SPEC §2's float32 arithmetic cannot hold it (left)
         want = [p.detach().cpu().clone() for p in ps]
         reference.ag2_rescale_(want, [o.cpu() for o in olds], [s.cpu() for s in steps])
         with torch.no_grad():
@@ -338,3 +335,98 @@ def test_ag2_rescale_properties(backend):
                                        equal_nan=True, msg=str(c))
 
     _run(backend, 40, ag_cases(), check)
+
+
+# ------------------------------------------------------------------------------------------------
+# avg_act_backward (SPEC §1), against the exact oracle of tests/_exact_avg_act.py (mpmath / rationals)
+
+_ACT_CONFIGS = [("tanh", {}), ("sigmoid", {}), ("relu", {}), ("leaky_relu", {}), ("leaky_relu", {"negative_slope": 0.2}),
+                ("leaky_relu", {"negative_slope": -0.3}), ("elu", {}), ("elu", {"alpha": 0.5}), ("elu", {"alpha": -0.5}),
+                ("gelu", {}), ("gelu", {"approximate": "tanh"}), ("silu", {}), ("softplus", {}),
+                ("softplus", {"beta": 2.0, "threshold": 10.0}), ("softplus", {"beta": 16.0}),
+                ("softplus", {"beta": 0.5, "threshold": 1.0}), ("hardswish", {}), ("hardsigmoid", {})]
+
+
+def _f32(v: float) -> float:
+    with np.errstate(over="ignore"):
+        return float(np.float32(v))
+
+
+@st.composite
+def _act_element(draw, fp64: bool):
+    """(g, x, x_new): x anywhere in the range (specials, tails, huge), x_new = x moved by a few ulps, by a
+    log-uniform step, or anywhere; g ordinary, huge, tiny, 0 or non-finite."""
+    width = 64 if fp64 else 32
+    rnd = (lambda v: v) if fp64 else _f32
+    x = draw(st.one_of(st.floats(-40, 40, width=width), st.floats(width=width),
+                       st.sampled_from([0.0, -0.0, 3.0, -3.0, -1.5, 20.0, 1e-40, -1e-40, 3e38, -3e38, 1e36, -1e37])))
+    how = draw(st.sampled_from(["ulps", "step", "any", "same"]))
+    if how == "ulps" and math.isfinite(x):
+        t = np.float64 if fp64 else np.float32
+        xn = t(x)
+        for _ in range(draw(st.integers(1, 3))):
+            xn = np.nextafter(xn, t(math.inf) if draw(st.booleans()) else t(-math.inf))
+        xn = float(xn)
+    elif how == "step" and math.isfinite(x):
+        step = 10.0 ** draw(st.floats(-44 if not fp64 else -300, 38))
+        xn = rnd(x + step * (1 if draw(st.booleans()) else -1))
+    elif how == "same":
+        xn = x
+    else:
+        xn = draw(st.floats(width=width))
+    g = draw(st.one_of(st.floats(-4, 4, width=width),
+                       st.sampled_from([0.0, 1.0, math.inf, -math.inf, math.nan, 1e-40, 3e38, -2.5])))
+    return rnd(g), x, xn
+
+
+@st.composite
+def avg_act_cases(draw):
+    act, params = draw(st.sampled_from(_ACT_CONFIGS))
+    dtype = draw(st.sampled_from(FLOATS))
+    fp64 = dtype == torch.float64
+    elems = draw(st.lists(_act_element(fp64), min_size=1, max_size=8))
+    finite_d = [abs(xn - x) for _, x, xn in elems if math.isfinite(xn - x) and xn != x]
+    eps_choices = [ak.EPS, 0.0, 1e-3, 1e-12, 1e30]
+    eps = draw(st.sampled_from(eps_choices + finite_d[:2]))  # an element's own |d|: a tie of the decision
+    return dict(act=act, params=params, dtype=dtype, elems=elems, eps=eps)
+
+
+def _check_avg_act(c, backend: str, dev) -> None:
+    import _exact_avg_act as exact
+    from avg_kernels.activations import resolve
+
+    k = resolve(c["act"], c["params"])
+    dt = c["dtype"]
+    g, x, xn = (torch.tensor([e[i] for e in c["elems"]], dtype=torch.float64).to(dt) for i in range(3))
+    out = ak.avg_act_backward(g.to(dev), x.to(dev), xn.to(dev), c["act"], eps=c["eps"], backend=backend,
+                              **c["params"]).cpu()
+    assert out.dtype == dt and out.shape == x.shape
+    fi = torch.finfo(dt)
+    for i in range(x.numel()):
+        gi, xi, xni = float(g[i]), float(x[i]), float(xn[i])
+        want, s = exact.grad_in(k, gi, xi, xni, c["eps"], dt == torch.float64)
+        got = float(out[i])
+        where = (f"{c['act']}{c['params']} {dt} eps={c['eps']!r}: g={gi!r} x={xi!r} x_new={xni!r}: got {got!r}, "
+                 f"exact {want!r} (s={s!r})")
+        if math.isnan(want):
+            assert math.isnan(got), where
+            continue
+        if math.isinf(want):
+            assert got == want, where
+            continue
+        # SPEC bar (docs/numerics.md) plus the output's own rounding: half an ulp of the dtype, and half its
+        # smallest subnormal where the result underflows
+        tol = 1e-5 * abs(want) + 1e-6 * abs(gi) + fi.eps / 2 * abs(want) + fi.smallest_normal * fi.eps / 2
+        if abs(want) > fi.max and math.isinf(got) and got * want > 0:
+            continue  # overflow of the output dtype: the rounding of a value beyond its range
+        assert math.isfinite(got) and abs(got - want) <= tol, where
+
+
+def test_avg_act_backward_properties(backend):
+    dev = backend_device(backend)
+    _run(backend, 300, avg_act_cases(), lambda c: _check_avg_act(c, backend, dev))
+
+
+def test_avg_act_backward_properties_cpu_levels(cpu_level):
+    """The C++ CPU kernels at every capability level (the `backend` test above runs the active one)."""
+    _run("cpu", 100, avg_act_cases(), lambda c: _check_avg_act(c, "cpu", torch.device("cpu")))

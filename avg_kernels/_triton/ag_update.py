@@ -212,8 +212,12 @@ def ag2_final_kernel(partials, n_parts, norms, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _ag2_elem(pv, t, scale):
-    return tl.fma(pv - t, scale, t)
+def _ag2_elem(pv, t, scale, scale_d, wide, OP: tl.constexpr):
+    r = tl.fma(pv - t, scale, t)
+    if OP == tl.float32:
+        if wide:  # a scale outside float's normal range: multiply in float64, round once (as the C++ kernels)
+            r = tl.fma((pv - t).to(tl.float64), scale_d, t.to(tl.float64)).to(tl.float32)
+    return r
 
 
 @triton.jit
@@ -225,19 +229,21 @@ def ag2_scale_kernel(meta, blk_off, norms, P: tl.constexpr, O: tl.constexpr, OP:
     o = _ptr(meta, row, 1, O, ALIGNED)
     one = tl.full([], 1, tl.int64)
     n_delta = tl.load(norms + one)
-    scale = tl.load(norms + 2 * one).to(OP)
+    scale_d = tl.load(norms + 2 * one)
+    scale = scale_d.to(OP)
+    wide = (scale_d != 0) & ((tl.abs(scale_d) < 1.1754943508222875e-38) | (tl.abs(scale_d) > 3.4028234663852886e38))
     if n_delta == 0:
         end = start  # ‖Δ‖₁ = 0: leave every element as it is
     lanes = tl.arange(0, BLOCK)
     full = start + (end - start) // BLOCK * BLOCK
     for base in range(start, full, BLOCK):
         idx = base + lanes
-        r = _ag2_elem(_widen(tl.load(p + idx), P, OP), _widen(tl.load(o + idx), O, OP), scale)
+        r = _ag2_elem(_widen(tl.load(p + idx), P, OP), _widen(tl.load(o + idx), O, OP), scale, scale_d, wide, OP)
         tl.store(p + idx, _narrow(r, P))
     idx = full + lanes
     m = idx < end
     r = _ag2_elem(_widen(tl.load(p + idx, mask=m, other=0), P, OP), _widen(tl.load(o + idx, mask=m, other=0), O, OP),
-                  scale)
+                  scale, scale_d, wide, OP)
     tl.store(p + idx, _narrow(r, P), mask=m)
 
 

@@ -138,6 +138,16 @@ def _om_coef(k):  # detail::om_coef: (-1)^k / (k+1)!, in double (cast to S where
 
 
 @triton.constexpr_function
+def _huge(fp64):  # fix_nonfinite's huge: 2^126 (float) / 2^1022 (double)
+    return 4.49423283715579e307 if fp64 else 8.507059173023462e37
+
+
+@triton.constexpr_function
+def _gelu_tanh_lim(fp64):  # detail::gelu_tanh_lim: e^{-U(lim)} is 0 in S
+    return 22.0 if fp64 else 11.0
+
+
+@triton.constexpr_function
 def _gelu_terms(fp64):  # avg_slope<Gelu>: K = sizeof(S) == 4 ? 4 : 9
     return 9 if fp64 else 4
 
@@ -159,12 +169,18 @@ def _gelu_inv_fact(n, fp64):
 # namespace detail
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _one_minus_exp_neg_small(y, C: tl.constexpr):
-    # detail::one_minus_exp_neg_small: OmHorner<V, 0, K>::eval(y) * y, innermost term first.
+def _om_poly(y, C: tl.constexpr):
+    # detail::om_poly: OmHorner<V, 0, K>::eval(y), innermost term first.
     acc = tl.zeros_like(y)  # OmHorner<V, K, K>::eval = 0
     for k in tl.static_range(_om_terms(C == tl.float64) - 1, -1, -1):
         acc = tl.fma(acc, y, tl.full([], _om_coef(k), C))
-    return acc * y
+    return acc
+
+
+@triton.jit
+def _one_minus_exp_neg_small(y, C: tl.constexpr):
+    # detail::one_minus_exp_neg_small: om_poly(y) * y
+    return _om_poly(y, C) * y
 
 
 @triton.jit
@@ -187,7 +203,21 @@ def _sigmoid_times_1pq(B, q):
 
 
 @triton.jit
-def _fix_nonfinite(a, b, d, s, p0, ACT: tl.constexpr, C: tl.constexpr):
+def _fallback_mask(a, b, d, e_lo, e_hi, e_tlo, e_thi):
+    # detail::fallback_mask: |b - a| <= eps on exact values (EpsCut); the tie lanes' TwoSum is evaluated on
+    # every lane (header: only if any lane ties) and selected.
+    ad = tl.abs(d)
+    fb = ad < e_lo
+    tie = (ad <= e_hi) & (fb == 0)
+    z = d - b
+    err = (b - (d - z)) + (-a - z)
+    err_out = tl.where(d < 0.0, -err, err)
+    t = tl.where(ad == e_lo, e_tlo, e_thi)
+    return fb | (tie & (err_out <= t))
+
+
+@triton.jit
+def _fix_nonfinite(a, b, d, s, fb, p0, ACT: tl.constexpr, C: tl.constexpr):
     # detail::fix_nonfinite (its any() fast path is not a branch here: the selects below leave s
     # unchanged on lanes where |d| = |b - a| < 2^126).
     if _is_bounded(ACT):
@@ -210,7 +240,7 @@ def _fix_nonfinite(a, b, d, s, p0, ACT: tl.constexpr, C: tl.constexpr):
     hb = b * 0.5
     g_a = ha * tl.where(0.0 < a, pos_slope, neg_slope)
     g_b = hb * tl.where(0.0 < b, pos_slope, neg_slope)
-    ovf = (tl.abs(d) >= 8.507059173023462e37) & ((a_inf | b_inf) == 0)  # finite ends, |d| >= 2^126
+    ovf = (tl.abs(d) >= _huge(C == tl.float64)) & ((a_inf | b_inf) == 0) & (fb == 0)  # finite, |d| >= huge, no fallback
     s = tl.where(ovf, _div(g_b - g_a, hb - ha, C), s)
     s = tl.where(a_inf != b_inf, s_one, s)
     s = tl.where(a_inf & b_inf, s_both, s)
@@ -223,11 +253,12 @@ def _fix_nonfinite(a, b, d, s, p0, ACT: tl.constexpr, C: tl.constexpr):
 # avg_slope<A>(a, b, prm, eps)
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
-    """s(x=a, x_new=b) of SPEC §1 in the arithmetic of C (a, b already of type C; p0, p1, eps 0-d C)."""
+def avg_slope(a, b, p0, p1, e_lo, e_hi, e_tlo, e_thi, ACT: tl.constexpr, C: tl.constexpr):
+    """s(x=a, x_new=b) of SPEC §1 in the arithmetic of C (a, b already of type C; p0, p1 and the EpsCut
+    e_lo, e_hi, e_tlo, e_thi 0-d C)."""
     d = b - a
-    # Fallback lanes (|d| <= eps, never true for NaN d) evaluate every formula at b = a, d = 0.
-    fb = tl.abs(d) <= eps
+    # Fallback lanes (|b - a| <= eps exactly, never true for NaN d) evaluate every formula at b = a, d = 0.
+    fb = _fallback_mask(a, b, d, e_lo, e_hi, e_tlo, e_thi)
     bb = tl.where(fb, a, b)
     ad = tl.where(fb, 0.0, tl.abs(d))
     den_fac = tl.where(fb, 1.0, ad)
@@ -249,18 +280,20 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         else:
             den = (1.0 + p) * (1.0 + q) * den_fac
         if ACT == SILU:
-            # silu = x sigma(x): s = sigma(b) + a * s_sigma(a, b), over one common denominator.
-            sb = _sigmoid_times_1pq(B2, q)
-            s = _div(tl.fma(sb * (1.0 + p), den_fac, a * num), den, C)
+            # silu = x sigma(x): s = sigma(lo) + hi * s_sigma(a, b) (lo <= hi the ends), one denominator.
+            a_lo = a <= bb
+            h_lo = tl.where(a_lo, _sigmoid_times_1pq(A2, p) * (1.0 + q), _sigmoid_times_1pq(B2, q) * (1.0 + p))
+            s = _div(tl.fma(h_lo, den_fac, _max(a, bb) * num), den, C)
         elif ACT == TANH:
             s = _div(num * 4.0, den, C)
         else:
             s = _div(num, den, C)
     elif ACT == GELU_TANH:
-        # gelu_tanh = x h(x), h = sigma(U(x)), U(x) = 2k (x + c x^3); U(b) - U(a) = g (b - a).
+        # gelu_tanh = x h(x), h = sigma(U(x)), U(x) = 2k (x + c x^3); U(b) - U(a) = g (b - a);
+        # s = h(lo) + hi s_h; clamp at detail::gelu_tanh_lim (e^{-U(lim)} == 0 in C).
         k2 = tl.full([], 2 * 0.7978845608028654, C)  # 2 sqrt(2/pi)
         c3 = tl.full([], 0.044715, C)
-        lim = 11.0
+        lim = _gelu_tanh_lim(C == tl.float64)
         one = tl.full([], 1.0, C)
         ac = _min(_max(a, -lim), lim)
         bc = _min(_max(bb, -lim), lim)
@@ -270,8 +303,9 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         p, q, N = _sigmoid_core(Ua, Ub, g * tl.abs(bc - ac), C)
         num = tl.where(fb, p * g, N)  # fallback: h'(a) = sigma'(U(a)) g(a, a)
         den = (1.0 + p) * (1.0 + q) * den_fac
-        hb = _sigmoid_times_1pq(Ub, q)
-        s = _div(tl.fma(hb * (1.0 + p), den_fac, a * num), den, C)
+        a_lo = a <= bb
+        h_lo = tl.where(a_lo, _sigmoid_times_1pq(Ua, p) * (1.0 + q), _sigmoid_times_1pq(Ub, q) * (1.0 + p))
+        s = _div(tl.fma(h_lo, den_fac, _max(a, bb) * num), den, C)
     elif ACT == GELU:
         # gelu = x Phi(x): s = Phi(b) + a s_Phi(a, b); C(x) = Phi(-|x|) by erfc; below kSmall the
         # midpoint expansion s_Phi = phi(m) sum_k He_2k(m) h^2k / (2k+1)!.
@@ -286,7 +320,10 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         Ca = _erfc(tl.abs(a) * rsqrt2) * 0.5
         opp = (a < 0.0) != (bb < 0.0)
         dPhi = tl.where(opp, 1.0 - Ca - Cb, tl.abs(Ca - Cb))
-        s_large = _div(dPhi, den_fac, C)
+        # s = Phi(lo) + hi s_Phi (lo <= hi the ends: no cancellation when hi >= 0)
+        C_lo = tl.where(a <= bb, Ca, Cb)
+        phi_lo = tl.where(_min(a, bb) < 0.0, C_lo, 1.0 - C_lo)
+        s_big = tl.fma(_max(a, bb), _div(dPhi, den_fac, C), phi_lo)
         # header: if (O::any(use_series)) { ... }
         m2 = m * m
         h2 = h * h
@@ -303,10 +340,9 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
             if (n + 1) % 2 == 0:
                 h2k = h2k * h2
                 series = tl.fma(he * _gelu_inv_fact(n, C == tl.float64), h2k, series)
-        s_small = phi * series
-        s_phi = tl.where(use_series, s_small, s_large)
+        s_phi = phi * series
         phi_b = tl.where(bb < 0.0, Cb, 1.0 - Cb)
-        s = tl.fma(a, s_phi, phi_b)
+        s = tl.where(use_series, tl.fma(a, s_phi, phi_b), s_big)
     elif ACT == ELU:
         # elu: both <= 0: alpha e^hi (1 - e^{-|d|}); lo <= 0 < hi: hi + alpha (1 - e^lo).
         alpha = p0
@@ -319,20 +355,23 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         neg = hi <= 0.0
         y = tl.where(neg, ad, -lo)  # both <= 0: |d|; crossing: -lo
         use_series = y < K_SMALL
-        om = _one_minus_exp_neg_small(y, C)
+        # steps below 2^-100 scaled by 2^100 (exact) before the products (subnormal grid)
+        sc = tl.where(den_fac < 7.888609052210118e-31, 1.2676506002282294e30, 1.0)
+        om = _om_poly(y, C) * (y * sc)
         n_neg = tl.where(use_series, Eh * om, Eh - El) * alpha
-        n_cross = tl.fma(alpha, tl.where(use_series, om, 1.0 - El), hi)
-        N = tl.where(0.0 <= lo, ad, tl.where(neg, n_neg, n_cross))
+        n_cross = tl.fma(alpha, tl.where(use_series, om, 1.0 - El), hi * sc)
+        N = tl.where(0.0 <= lo, ad * sc, tl.where(neg, n_neg, n_cross))
         fprime = tl.where(0.0 < a, 1.0, Eh * alpha)  # fallback lanes: hi = a; PyTorch: f'(0) = alpha
-        s = tl.where(fb, fprime, _div(N, den_fac, C))
+        s = tl.where(fb, fprime, _div(N, den_fac * sc, C))
     elif (ACT == RELU) or (ACT == LEAKY_RELU):
-        # Piecewise linear: s = w + slope_neg (1 - w), w the fraction of the segment above 0.
+        # Piecewise linear: s = P/d + slope_neg Q/d, P = max(b,0) - max(a,0), Q = min(b,0) - min(a,0).
+        den_d = tl.where(fb, 1.0, d)
+        sec = _div(_max(bb, 0.0) - _max(a, 0.0), den_d, C)
         if ACT == LEAKY_RELU:
             ns = p0
+            sec = tl.fma(ns, _div(_min(bb, 0.0) - _min(a, 0.0), den_d, C), sec)
         else:
             ns = tl.full([], 0.0, C)
-        w = _div(_max(bb, 0.0) - _max(a, 0.0), tl.where(fb, 1.0, d), C)
-        sec = tl.fma(ns, 1.0 - w, w)
         s = tl.where(fb, tl.where(0.0 < a, 1.0, ns), sec)  # PyTorch: f'(0) = slope_neg
     elif (ACT == HARDSWISH) or (ACT == HARDSIGMOID):
         # Regions (-inf, -3], [-3, 3], [3, inf): s = w_mid m_mid + w_hi with u, v = lo, hi clamped to
@@ -379,19 +418,84 @@ def avg_slope(a, b, p0, p1, eps, ACT: tl.constexpr, C: tl.constexpr):
         lg = _log1p(arg)
         delta = tl.where(left, lg, tl.where(straddle, hi, D) + lg)
         crossing = hi_above != lo_above
-        rare = crossing | (30.0 < D)
+        rare = crossing | (30.0 < D)  # D = inf (beta |d| overflows) included
+        sec = _div(delta, tl.where(fb, 1.0, D), C)
         # header: if (O::any(rare)) { ... } -- evaluated on every lane here, selected by `rare`.
         Llo = _log1p(El)
         f_lo = _max(lo, 0.0) + Llo
         f_hi = tl.where(hi_above, hi, _max(hi, 0.0) + _log1p(_exp(-tl.abs(hi))))
-        # Crossing with lo close below the threshold: (hi - lo) + min(lo, 0) - L(lo) keeps D exact.
-        cross = D + _min(lo, 0.0) - Llo
-        lit = f_hi - f_lo
-        delta = tl.where(rare, tl.where(crossing, cross, lit), delta)
-        sec = tl.where(lo_above, 1.0, _div(delta, tl.where(fb, 1.0, D), C))
+        # Crossing: hi - L(lo) for lo < 0, else (hi - lo) - L(lo) with hi - lo = D.
+        cross = tl.where(lo_neg, hi, D) - Llo
+        sec_y = _div(tl.where(crossing, cross, f_hi - f_lo), tl.where(fb, 1.0, D), C)
+        # D = inf with finite ends: the literal secant in x units.
+        inv_beta = _div(1.0, beta, C)  # one scalar division per program (header: / beta)
+        fx_lo = tl.where(lo_above, _min(a, bb), f_lo * inv_beta)
+        fx_hi = tl.where(hi_above, _max(a, bb), f_hi * inv_beta)
+        sec_x = _div(fx_hi - fx_lo, tl.where(fb, 1.0, ad), C)
+        sec = tl.where(rare, tl.where(D == _INF, sec_x, sec_y), sec)
+        sec = tl.where(lo_above, 1.0, sec)
         fprime = tl.where(thr < ya, 1.0, sig_lo)  # fallback lanes: lo == ya
         s = tl.where(fb, fprime, sec)
-    return _fix_nonfinite(a, b, d, s, p0, ACT, C)
+    return _fix_nonfinite(a, b, d, s, fb, p0, ACT, C)
+
+
+@triton.jit
+def _sgn(v):
+    return tl.where(0.0 < v, 1.0, tl.where(v < 0.0, -1.0, 0.0))
+
+
+@triton.jit
+def _zero_slope_sign(a, b, fb, p0, p1, ACT: tl.constexpr, C: tl.constexpr):
+    # detail::zero_slope_sign: the sign of the exact slope where the computed s is 0 (finite ends).
+    bb = tl.where(fb, a, b)
+    lo = _min(a, bb)
+    hi = _max(a, bb)
+    one = tl.full([], 1.0, C)
+    if (ACT == TANH) or (ACT == SIGMOID):
+        r = one + 0.0 * a
+    elif ACT == SOFTPLUS:
+        crossing = (fb == 0) & ((p1 < hi * p0) != (p1 < lo * p0))
+        r = tl.where(crossing, 0.0, 1.0)
+    elif ACT == ELU:
+        neg = _sgn(p0)
+        cross = _sgn(tl.fma(p0 + 0.0 * a, 1.0 - _exp(_min(lo, 0.0)), hi))
+        r = tl.where(0.0 < lo, 1.0, tl.where(hi <= 0.0, neg, cross))
+    elif (ACT == RELU) or (ACT == LEAKY_RELU):
+        if ACT == LEAKY_RELU:
+            ns = p0
+        else:
+            ns = tl.full([], 0.0, C)
+        P = _max(hi, 0.0) - _max(lo, 0.0)
+        Q = _min(hi, 0.0) - _min(lo, 0.0)
+        r = tl.where(fb, tl.where(0.0 < a, 1.0, _sgn(ns)), _sgn(tl.fma(ns + 0.0 * a, Q, P)))
+    elif (ACT == SILU) or (ACT == GELU) or (ACT == GELU_TANH):
+        r = tl.where(0.0 <= hi, 1.0, -1.0)
+    elif ACT == HARDSIGMOID:
+        u = _min(_max(lo, -3.0), 3.0)
+        v = _min(_max(hi, -3.0), 3.0)
+        inside = (-3.0 < a) & (a < 3.0)
+        r = tl.where(fb, tl.where(inside, 1.0, 0.0), tl.where(u < v, 1.0, 0.0))
+    else:
+        tl.static_assert(ACT == HARDSWISH, "unknown activation id")
+        three = tl.full([], 3.0, C)
+        u = _min(_max(lo, -3.0), 3.0)
+        v = _min(_max(hi, -3.0), 3.0)
+        mid = tl.where(u < v, _sgn((u + 3.0) + v), 0.0)
+        inside = (-3.0 < a) & (a < 3.0)
+        f1 = tl.where(inside, _sgn(_div(a, three, C) + 0.5), tl.where(a < 3.0, 0.0, 1.0))
+        r = tl.where(fb, f1, tl.where(3.0 < hi, 1.0, mid))
+    return r
+
+
+@triton.jit
+def avg_grad(g, a, b, p0, p1, e_lo, e_hi, e_tlo, e_thi, ACT: tl.constexpr, C: tl.constexpr):
+    """avg_grad<ACT>: g * s(a, b), except that g = +-inf times a computed s of 0 (finite ends) takes the exact
+    slope's sign (detail::zero_slope_sign): +-inf where it underflowed, NaN where it is exactly 0."""
+    s = avg_slope(a, b, p0, p1, e_lo, e_hi, e_tlo, e_thi, ACT, C)
+    r = g * s
+    fix = (tl.abs(g) == _INF) & (s == 0.0) & (tl.abs(a) < _INF) & (tl.abs(b) < _INF)
+    fb = _fallback_mask(a, b, b - a, e_lo, e_hi, e_tlo, e_thi)
+    return tl.where(fix, g * _zero_slope_sign(a, b, fb, p0, p1, ACT, C), r)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,11 +514,13 @@ def block_is_full(pid, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def avg_act_backward_kernel(g_ptr, x_ptr, xn_ptr, out_ptr, n, p0: "fp64", p1: "fp64", eps: "fp64",
-                            ACT: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = g[i] * avg_slope<ACT>(x[i], xn[i]) for i < n (contiguous tensors of one dtype).
+def avg_act_backward_kernel(g_ptr, x_ptr, xn_ptr, out_ptr, n, p0: "fp64", p1: "fp64", e_lo: "fp64", e_hi: "fp64",
+                            e_tlo: "fp64", e_thi: "fp64", ACT: tl.constexpr, COMPUTE: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    """out[i] = avg_grad<ACT>(g[i], x[i], xn[i]) for i < n (contiguous tensors of one dtype).
 
-    p0, p1, eps arrive as float64 and are rounded once to COMPUTE (the C++ kernels' opmath_t(p0)).
+    p0, p1 arrive as float64 and are rounded once to COMPUTE (the C++ kernels' opmath_t(p0)); e_lo, e_hi,
+    e_tlo, e_thi are the EpsCut of eps (``eps_cut``), values of COMPUTE (exact conversions).
     """
     pid = tl.program_id(0)
     offs = block_offsets(pid, BLOCK)
@@ -430,9 +536,9 @@ def avg_act_backward_kernel(g_ptr, x_ptr, xn_ptr, out_ptr, n, p0: "fp64", p1: "f
         g = tl.load(g_ptr + offs, mask=offs < n, other=0.0)
         a = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
         b = tl.load(xn_ptr + offs, mask=offs < n, other=0.0)
-    s = avg_slope(a.to(COMPUTE), b.to(COMPUTE), tl.full([], p0, COMPUTE), tl.full([], p1, COMPUTE),
-                  tl.full([], eps, COMPUTE), ACT, COMPUTE)
-    y = (g.to(COMPUTE) * s).to(out_ptr.dtype.element_ty)
+    y = avg_grad(g.to(COMPUTE), a.to(COMPUTE), b.to(COMPUTE), tl.full([], p0, COMPUTE), tl.full([], p1, COMPUTE),
+                 tl.full([], e_lo, COMPUTE), tl.full([], e_hi, COMPUTE), tl.full([], e_tlo, COMPUTE),
+                 tl.full([], e_thi, COMPUTE), ACT, COMPUTE).to(out_ptr.dtype.element_ty)
     if full:
         tl.store(out_ptr + offs, y)
     else:
@@ -474,10 +580,33 @@ def launch_config(dtype: torch.dtype) -> Launch:
                         f"{list(_LAUNCH)}") from None
 
 
+_FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def eps_cut(eps: float, fp64: bool) -> tuple[float, float, float, float]:
+    """make_eps_cut<S> (activations.h): (lo, hi, t_lo, t_hi), values of S, for the exact |d| <= eps decision."""
+    if fp64:
+        return eps, eps, 0.0, 0.0
+
+    def down(v: float) -> float:  # the largest float32 <= v
+        with np.errstate(over="ignore"):
+            f = np.float32(v)
+        if float(f) > v:
+            f = np.nextafter(f, np.float32(-np.inf))
+        return float(f)
+
+    lo = down(eps)
+    hi = lo if lo == eps else float(np.nextafter(np.float32(lo), np.float32(np.inf)))
+    return lo, hi, down(eps - lo), down(eps - hi)
+
+
 def avg_act_backward(grad_out: torch.Tensor, x: torch.Tensor, x_new: torch.Tensor, k: KernelAct,
                      eps: float) -> torch.Tensor:
     """grad_out * s(x, x_new) for activation ``k``; arguments already validated by the public op
     (one shape, dtype and device). Returns a new contiguous tensor of x's shape and dtype."""
+    if x.dtype != torch.float64 and eps > _FLT_MAX:
+        # the exact eps decision needs float64 arithmetic then (as the C++ drivers: csrc/checks.h)
+        return avg_act_backward(grad_out.double(), x.double(), x_new.double(), k, eps).to(x.dtype)
     cfg = launch_config(x.dtype)
     out = new_output(x.shape, x)
     n = out.numel()
@@ -485,7 +614,7 @@ def avg_act_backward(grad_out: torch.Tensor, x: torch.Tensor, x_new: torch.Tenso
         return out
     g, a, b = grad_out.contiguous(), x.contiguous(), x_new.contiguous()
     grid = (triton.cdiv(n, cfg.block),)
-    args = (g, a, b, out, n, float(k.p0), float(k.p1), float(eps))
+    args = (g, a, b, out, n, float(k.p0), float(k.p1), *eps_cut(float(eps), cfg.compute == tl.float64))
     meta = dict(ACT=k.kernel_id, COMPUTE=cfg.compute, BLOCK=cfg.block, num_warps=cfg.num_warps)
     if out.is_cuda:
         with torch.cuda.device(out.device):
@@ -517,7 +646,8 @@ def _register_aot() -> None:
                     name=f"avg_act_backward[{act},{t}{suffix}]",
                     kernel=f"{__name__}:avg_act_backward_kernel",
                     signature={"g_ptr": f"*{t}", "x_ptr": f"*{t}", "xn_ptr": f"*{t}", "out_ptr": f"*{t}",
-                               "n": n_type, "p0": "fp64", "p1": "fp64", "eps": "fp64",
+                               "n": n_type, "p0": "fp64", "p1": "fp64", "e_lo": "fp64", "e_hi": "fp64",
+                               "e_tlo": "fp64", "e_thi": "fp64",
                                "ACT": "constexpr", "COMPUTE": "constexpr", "BLOCK": "constexpr"},
                     constexprs={"ACT": KERNEL_ACTS.index(act), "COMPUTE": cfg.compute, "BLOCK": cfg.block},
                     aligned=("g_ptr", "x_ptr", "xn_ptr", "out_ptr") + (("n",) if n_aligned else ()),

@@ -189,6 +189,12 @@ def avg_act_backward(grad_out: torch.Tensor, x: torch.Tensor, x_new: torch.Tenso
     ``s = (f(x_new) - f(x)) / (x_new - x)`` where ``|x_new - x| > eps``, else ``f'(x)``, computed
     without cancellation (float32 arithmetic for float16/bfloat16/float32, float64 for float64).
 
+    Accuracy (docs/numerics.md), against the exact value of the rounded inputs: elementwise
+    ``|grad_in - g*s| <= 1e-5*|g*s| + 1e-6*|g|`` (plus the final rounding for float16/bfloat16); the
+    ``|x_new - x| <= eps`` decision is taken on exact values (eps as the exact double given); no NaN where
+    the exact value is finite; ``grad_out = ±inf`` gives ``±inf`` with the sign of the exact slope (also
+    where it underflows), NaN where the slope is exactly 0.
+
     Args:
         grad_out, x, x_new: tensors of one shape, dtype and device (any shape, non-contiguous ok).
         act: one of ``avg_kernels.ACTIVATIONS``; its parameters as keywords.

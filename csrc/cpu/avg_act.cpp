@@ -14,9 +14,14 @@ namespace {
 
 void avg_act_backward_out(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& x_new, at::Tensor& out,
                           int64_t act, double p0, double p1, double eps) {
-  check_avg_act_args(grad_out, x, x_new, out);
+  check_avg_act_args(grad_out, x, x_new, out, eps);
   TORCH_CHECK(act >= 0 && act < kNumActs, "avg_act_backward: unknown activation id ", act);
   const auto& k = kernels();
+  if (avg_act_in_fp64_if_needed(grad_out, x, x_new, out, eps, [&](const at::Tensor& g, const at::Tensor& a,
+                                                                  const at::Tensor& b, at::Tensor& o) {
+        k.avg_act_backward(g, a, b, o, act, p0, p1, eps);
+      }))
+    return;
   k.avg_act_backward(grad_out.contiguous(), x.contiguous(), x_new.contiguous(), out, act, p0, p1, eps);
 }
 

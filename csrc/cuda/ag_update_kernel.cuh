@@ -106,7 +106,12 @@ template <class Op, class Table>
 AK_MTA_HD void ag2_scale_thread(const Table& tab, int block, int tid, int nthreads, int64_t chunk,
                                 const double* norms) {
   if (norms[1] == 0.0) return;  // ‖θ'' − θ‖₁ = 0: leave everything as it is
-  const Op scale = Op(norms[2]);
+  const double scale_d = norms[2];
+  const Op scale = Op(scale_d);
+  // Float arithmetic with a scale that is not a normal float (it would underflow or overflow when rounded):
+  // multiply in double, rounding once (uniform across the grid: no divergence).
+  const bool wide = sizeof(Op) == 4 && scale_d != 0.0 &&
+                    !(fabs(scale_d) >= 1.1754943508222875e-38 && fabs(scale_d) <= 3.4028234663852886e38);
   const mta::BlockTask b = mta::block_task(tab, block, chunk);
   void* p = tab.addr[0][b.slot];
   const void* o = tab.addr[1][b.slot];
@@ -117,7 +122,8 @@ AK_MTA_HD void ag2_scale_thread(const Table& tab, int block, int tid, int nthrea
     mta::load_group(p, dp, i, count, whole, pv);
     mta::load_group(o, d_o, i, count, whole, ov);
     AK_MTA_UNROLL
-    for (int k = 0; k < kILP; ++k) pv[k] = fma_op(pv[k] - ov[k], scale, ov[k]);
+    for (int k = 0; k < kILP; ++k)
+      pv[k] = wide ? Op(fma(double(pv[k] - ov[k]), scale_d, double(ov[k]))) : fma_op(pv[k] - ov[k], scale, ov[k]);
     mta::store_group(p, dp, i, count, whole, pv);
   });
 }

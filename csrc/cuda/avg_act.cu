@@ -43,8 +43,13 @@ void launch(const AvgActArgs<E>& args, const cudaDeviceProp& prop, int device, c
 // out = grad_out * s(x, x_new); `out` is allocated by the caller (contiguous, x's shape and dtype).
 void avg_act_backward_out_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& x_new,
                                at::Tensor& out, int64_t act, double p0, double p1, double eps) {
-  check_avg_act_args(grad_out, x, x_new, out);
+  check_avg_act_args(grad_out, x, x_new, out, eps);
   TORCH_CHECK(x.is_cuda(), "avg_act_backward (cuda): tensors must be on a CUDA device, got ", x.device());
+  if (avg_act_in_fp64_if_needed(grad_out, x, x_new, out, eps, [&](const at::Tensor& g, const at::Tensor& a,
+                                                                  const at::Tensor& b, at::Tensor& o) {
+        avg_act_backward_out_cuda(g, a, b, o, act, p0, p1, eps);
+      }))
+    return;
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n = out.numel();
   if (n == 0) return;

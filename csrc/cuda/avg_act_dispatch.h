@@ -56,7 +56,7 @@ AvgActArgs<E> make_avg_act_args(const at::Tensor& g, const at::Tensor& x, const 
   a.out = static_cast<S*>(out.mutable_data_ptr());
   a.n = out.numel();
   a.prm = ActParams<C>{C(p0), C(p1)};
-  a.eps = C(eps);
+  a.eps = make_eps_cut<C>(eps);
   return a;
 }
 

@@ -7,7 +7,7 @@
 //   * on the host, emulate_launch() loops over every (block, thread) of a launch configuration and
 //     calls the very same avg_act_thread(), so CPU tests execute the GPU's index/vector/tail logic
 //     (csrc/cpu/cuda_emulation.cpp, tests/test_cuda_emulation.py, csrc/standalone/unit_tests.cpp).
-// The per-element math is activations.h's avg_slope<A>, in float for float16/bfloat16/float32
+// The per-element math is activations.h's avg_grad<A> (g * avg_slope<A>), in float for float16/bfloat16/float32
 // and in double for float64.
 //
 // This header compiles as plain C++ (g++, no CUDA headers) when not under nvcc.
@@ -158,7 +158,7 @@ struct AvgActArgs {
   S* out;  // contiguous, n elements
   int64_t n;
   ActParams<C> prm;
-  C eps;
+  EpsCut<C> eps;  // the fallback threshold, for the exact |d| <= eps decision (make_eps_cut)
 };
 
 // All four pointers 16-byte aligned: the vector path may run (decided once per launch).
@@ -178,10 +178,10 @@ struct AvgActBody {
   const S* xn;
   S* out;
   ActParams<C> prm;
-  C eps;
+  EpsCut<C> eps;
 
   AK_HDI S elem(S gv, S xv, S xnv) const {
-    return E::store(E::load(gv) * avg_slope<A>(E::load(xv), E::load(xnv), prm, eps));
+    return E::store(avg_grad<A>(E::load(gv), E::load(xv), E::load(xnv), prm, eps));
   }
   AK_HDI void one(int64_t i) const { out[i] = elem(g[i], x[i], xn[i]); }
   AK_HDI void vec(int64_t i) const {

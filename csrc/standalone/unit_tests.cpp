@@ -296,7 +296,7 @@ void test_emulation() {
           buf_out[i] = -12345.0f;
         }
         AvgActArgs<ElemF32> a{buf_g + 8 + offset, buf_x + 8 + offset, buf_xn + 8 + offset, buf_out + 8 + offset, n,
-                              prm, eps};
+                              prm, EpsCut<float>::exactly(eps)};
         const bool vec = emulate_avg_act<Act::Tanh>(a, c);
         check(vec == (offset == 0), "vector path exactly when aligned");
         int bad = 0;
@@ -321,7 +321,7 @@ void test_emulation() {
     hxn[i] = float_to_half_bits(-2.0f + 0.1f * float(i));
     hout[i] = 0x7e00;
   }
-  AvgActArgs<ElemF16> h{hg, hx, hxn, hout, 37, prm, eps};
+  AvgActArgs<ElemF16> h{hg, hx, hxn, hout, 37, prm, EpsCut<float>::exactly(eps)};
   check(emulate_avg_act<Act::Sigmoid>(h, LaunchConfig{2, 2}), "float16 vector path");
   int bad = 0;
   for (int i = 0; i < 40; ++i) {

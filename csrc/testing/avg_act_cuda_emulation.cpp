@@ -40,9 +40,15 @@ LaunchConfig checked_config(int64_t grid, int64_t block) {
 bool avg_act_backward_emulated(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& x_new,
                                at::Tensor& out, int64_t act, double p0, double p1, double eps, int64_t grid,
                                int64_t block) {
-  check_avg_act_args(grad_out, x, x_new, out);
+  check_avg_act_args(grad_out, x, x_new, out, eps);
   TORCH_CHECK(x.device().is_cpu(), "avg_act_backward_emulated runs on CPU tensors");
   const LaunchConfig cfg = checked_config(grid, block);
+  bool vec64 = false;
+  if (avg_act_in_fp64_if_needed(grad_out, x, x_new, out, eps, [&](const at::Tensor& g, const at::Tensor& a,
+                                                                  const at::Tensor& b, at::Tensor& o) {
+        vec64 = avg_act_backward_emulated(g, a, b, o, act, p0, p1, eps, grid, block);
+      }))
+    return vec64;
   if (out.numel() == 0) return false;
   const auto g = grad_out.contiguous(), a = x.contiguous(), b = x_new.contiguous();
   bool vectorized = false;

@@ -22,6 +22,8 @@
 #endif
 
 #include <algorithm>
+#include <cfloat>
+#include <cmath>
 #include <array>
 #include <tuple>
 #include <utility>
@@ -301,11 +303,19 @@ void ag2_scale_item16(const FlatEntry<3>& e, int64_t begin, int64_t end, double 
   });
 }
 
+// Float arithmetic with a global scale that is not a normal float (the norms' ratio below 2^-126 or above
+// FLT_MAX, e.g. a tiny θ' − θ against an ordinary Δ): the scale would underflow or overflow when rounded to
+// float, so those calls multiply in double (the difference θ'' − θ still in float, SPEC §2), rounding once.
+inline bool scale_needs_double(double scale) {
+  return scale != 0 && !(std::fabs(scale) >= double(FLT_MIN) && std::fabs(scale) <= double(FLT_MAX));
+}
+
 template <class Op>
 void ag2_scale_item(const FlatEntry<3>& e, int64_t begin, int64_t end, double scale_d) {
+  const bool wide = std::is_same_v<Op, float> && scale_needs_double(scale_d);
   if constexpr (std::is_same_v<Op, float>) {  // params and params_old (params_step is not read here)
-    if (all_of(e, at::kBFloat16, 2)) return ag2_scale_item16<at::BFloat16>(e, begin, end, scale_d);
-    if (all_of(e, at::kHalf, 2)) return ag2_scale_item16<at::Half>(e, begin, end, scale_d);
+    if (!wide && all_of(e, at::kBFloat16, 2)) return ag2_scale_item16<at::BFloat16>(e, begin, end, scale_d);
+    if (!wide && all_of(e, at::kHalf, 2)) return ag2_scale_item16<at::Half>(e, begin, end, scale_d);
   }
   using V = Vectorized<Op>;
   alignas(64) Op bp[kTile], bt[kTile], bo[kTile];
@@ -316,6 +326,11 @@ void ag2_scale_item(const FlatEntry<3>& e, int64_t begin, int64_t end, double sc
     const Op* t = load_tile<Op>(e.ptr[1], e.dtype[1], off, n, bt);
     const bool direct = e.dtype[0] == kOpType<Op>;
     Op* out = direct ? static_cast<Op*>(e.ptr[0]) + off : bo;
+    if (wide) {
+      for (int64_t i = 0; i < n; ++i) out[i] = Op(std::fma(double(p[i] - t[i]), scale_d, double(t[i])));
+      if (!direct) store_tile<Op>(e.ptr[0], e.dtype[0], off, n, bo);
+      continue;
+    }
     int64_t i = 0;
     for (; i + V::size() <= n; i += V::size()) {
       const V tv = V::loadu(t + i);

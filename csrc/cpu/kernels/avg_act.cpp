@@ -19,11 +19,13 @@ void avg_act_backward(const at::Tensor& grad_out, const at::Tensor& x, const at:
     using opmath_t = at::opmath_type<scalar_t>;
     using Vec = at::vec::Vectorized<opmath_t>;
     const ActParams<opmath_t> prm{opmath_t(p0), opmath_t(p1)};
-    const opmath_t e = opmath_t(eps);
+    const EpsCut<opmath_t> cut = make_eps_cut<opmath_t>(eps);  // the exact |d| <= eps decision
     dispatch_act(act, [&](auto tag) {
       constexpr Act A = decltype(tag)::value;
       parallel_map(out.data_ptr<scalar_t>(), out.numel(),
-                   [prm, e](const Vec& gv, const Vec& av, const Vec& bv) { return gv * avg_kernels::avg_slope<A>(av, bv, prm, e); },
+                   [prm, cut](const Vec& gv, const Vec& av, const Vec& bv) {
+                     return avg_kernels::avg_grad<A>(gv, av, bv, prm, cut);
+                   },
                    grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), x_new.const_data_ptr<scalar_t>());
     });
   });

@@ -102,6 +102,44 @@ struct ActParams {
   S p1;
 };
 
+// The fallback decision |x_new - x| <= eps of SPEC §1, taken on EXACT values: eps is the caller's
+// double, x and x_new are values of S, and their difference D = b - a is rounded when computed in S
+// (d = fl(D)). With lo / hi the largest / smallest S at or below / above eps (lo == hi when eps is an S):
+//   |d| <  lo            -> |D| < eps (rounding is monotone and lo is an S): fallback;
+//   |d| >  hi            -> |D| > eps: secant;
+//   |d| == lo or == hi   -> decided by the rounding error e = D - d, exact in S (TwoSum):
+//                           |D| = |d| + e sign(d) <= eps  <=>  e sign(d) <= t_lo (t_hi), with
+//                           t_lo / t_hi the largest S <= eps - lo / eps - hi (the comparison of an S
+//                           with a real r is the comparison with the largest S <= r).
+// NaN d is never a fallback. make_eps_cut (host) builds it from the double eps; eps must be <= the
+// largest finite S (the drivers compute in double otherwise: then |D| of finite ends may exceed
+// FLT_MAX and still be <= eps).
+template <class S>
+struct EpsCut {
+  S lo, hi, t_lo, t_hi;
+  // eps already an S (tests, act_deriv): no rounding anywhere.
+  static AK_HD EpsCut exactly(S e) { return EpsCut{e, e, S(0), S(0)}; }
+};
+
+// Host: the cut of a double eps >= 0 in S (float: rounded down/up with the residuals; double: exact).
+template <class S>
+inline EpsCut<S> make_eps_cut(double eps) {
+  if constexpr (sizeof(S) == 8) {
+    return EpsCut<S>::exactly(S(eps));
+  } else {
+    auto down = [](double v) {  // the largest float <= v
+      float f = float(v);
+      if (double(f) > v) f = nextafterf(f, -INFINITY);
+      return f;
+    };
+    const float lo = down(eps);
+    const float hi = double(lo) == eps ? lo : nextafterf(lo, INFINITY);
+    // eps - lo and eps - hi are exact in double (Sterbenz, or both on the subnormal float grid), except
+    // eps - hi for eps below the smallest subnormal, where every double in (-2^-149, 0) rounds down alike.
+    return EpsCut<S>{lo, hi, down(eps - double(lo)), down(eps - double(hi))};
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scalar operations (host and device). Vectorised versions live in csrc/cpu/vec_ops.h.
 // ---------------------------------------------------------------------------------------------
@@ -158,6 +196,12 @@ namespace detail {
 // two exponentials: there the subtraction would cancel; at or above it, it loses < 1.4 bits.
 constexpr double kSmall = 0.5;
 
+// gelu_tanh's clamp of x: e^{-U(lim)} is exactly 0 in S (float U(11) = 112, double U(22) = 795).
+template <class S>
+AK_HD constexpr S gelu_tanh_lim() {
+  return sizeof(S) == 4 ? S(11) : S(22);
+}
+
 // Taylor coefficient (-1)^k / (k+1)! of 1 - e^{-y} = y * sum_k (-y)^k / (k+1)!.
 AK_HD constexpr double om_coef(int k) {
   double c = 1.0;
@@ -179,12 +223,18 @@ struct OmHorner<V, K, K> {
   static AK_HD V eval(V) { return V(typename Ops<V>::Scalar(0)); }
 };
 
+// (1 - e^{-y}) / y for |y| <= kSmall (the series before its last product by y).
+template <class V>
+AK_HD V om_poly(V y) {
+  using S = typename Ops<V>::Scalar;
+  constexpr int K = sizeof(S) == 4 ? 9 : 16;
+  return OmHorner<V, 0, K>::eval(y);
+}
+
 // 1 - e^{-y} for |y| <= kSmall, accurate to ~1 ulp (9 terms: float, 16 terms: double).
 template <class V>
 AK_HD V one_minus_exp_neg_small(V y) {
-  using S = typename Ops<V>::Scalar;
-  constexpr int K = sizeof(S) == 4 ? 9 : 16;
-  return OmHorner<V, 0, K>::eval(y) * y;
+  return om_poly(y) * y;
 }
 
 // Logistic secant core. For A, B (B == A on fallback lanes) and AD = |B - A| given exactly by
@@ -233,13 +283,34 @@ AK_HD V sigmoid_times_1pq(V B, V q) {
 // g(x) = x times the asymptotic slope of x's side (f deviates from it by at most 3, hardswish), so
 // s = (g(b/2) - g(a/2)) / (b/2 - a/2) (the ends halved, exactly, so nothing overflows) is within
 // 6 / 2^126 < 1e-37 of the secant (bounded f: 0).
-template <Act A, class V>
-AK_HD V fix_nonfinite(V a, V b, V d, V s, ActParams<typename Ops<V>::Scalar> prm) {
+// The fallback lanes |b - a| <= eps, decided exactly (EpsCut above); d = b - a as computed in S.
+template <class V>
+AK_HD auto fallback_mask(V a, V b, V d, const EpsCut<typename Ops<V>::Scalar>& cut) {
+  using O = Ops<V>;
+  using S = typename O::Scalar;
+  V ad = O::abs(d);
+  auto fb = O::lt(ad, V(cut.lo));
+  auto tie = O::mand(O::le(ad, V(cut.hi)), O::mnot(fb));  // |d| == lo or hi (never NaN)
+  if (O::any(tie)) {
+    V z = d - b;                              // TwoSum(b, -a): d + err == b - a exactly
+    V err = (b - (d - z)) + (-a - z);
+    V err_out = O::select(O::lt(d, V(S(0))), -err, err);  // |b - a| - |d|
+    V t = O::select(O::eq(ad, V(cut.lo)), V(cut.t_lo), V(cut.t_hi));
+    fb = O::mor(fb, O::mand(tie, O::le(err_out, t)));
+  }
+  return fb;
+}
+
+template <Act A, class V, class M>
+AK_HD V fix_nonfinite(V a, V b, V d, V s, M fb, ActParams<typename Ops<V>::Scalar> prm) {
   using O = Ops<V>;
   using S = typename O::Scalar;
   const V inf = V(S(INFINITY)), zero = V(S(0));
   const V nan = V(S(NAN));
-  const V huge(S(8.507059173023462e37));  // 2^126
+  // 2^126 (float) / 2^1022 (double): a quarter of the range, where the formulas' products by |d| overflow
+  // (a double threshold of 2^126 took the halved asymptotic secant for ordinary doubles: leaky_relu at
+  // x = -3.8e53 with d = 2^126 cancelled in slope*(b/2) - slope*(a/2) to 0.0078 for 0.01)
+  const V huge(S(sizeof(S) == 4 ? 8.507059173023462e37 : 4.49423283715579e307));
   if (!O::any(O::mnot(O::lt(O::abs(d), huge)))) return s;  // fast path: every |d| < 2^126
   constexpr bool bounded = act_is_bounded(A);
   const S pos_slope = bounded ? S(0) : S(1);
@@ -252,7 +323,8 @@ AK_HD V fix_nonfinite(V a, V b, V d, V s, ActParams<typename Ops<V>::Scalar> prm
   V ha = a * V(S(0.5)), hb = b * V(S(0.5));
   V g_a = ha * O::select(O::lt(zero, a), V(pos_slope), V(neg_slope));
   V g_b = hb * O::select(O::lt(zero, b), V(pos_slope), V(neg_slope));
-  auto ovf = O::mand(O::le(huge, O::abs(d)), O::mnot(O::mor(a_inf, b_inf)));  // finite ends, |d| >= 2^126
+  // finite ends, |d| >= 2^126, not a fallback lane (an eps >= 2^126 keeps f'(a), computed at d = 0)
+  auto ovf = O::mand(O::mand(O::le(huge, O::abs(d)), O::mnot(O::mor(a_inf, b_inf))), O::mnot(fb));
   s = O::select(ovf, (g_b - g_a) / (hb - ha), s);
   s = O::select(O::mxor(a_inf, b_inf), s_one, s);
   s = O::select(O::mand(a_inf, b_inf), s_both, s);
@@ -267,16 +339,16 @@ AK_HD V fix_nonfinite(V a, V b, V d, V s, ActParams<typename Ops<V>::Scalar> prm
 // avg_slope<A>(a, b): the averaged slope s(x=a, x_new=b) of SPEC §1, in the arithmetic of V.
 // ---------------------------------------------------------------------------------------------
 template <Act A, class V>
-AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops<V>::Scalar eps) {
+AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, const EpsCut<typename Ops<V>::Scalar>& cut) {
   using O = Ops<V>;
   using S = typename O::Scalar;
   using detail::kSmall;
   const V zero(S(0)), one(S(1));
   const V small = V(S(kSmall));
   V d = b - a;
-  // Fallback lanes (|d| <= eps, never true for NaN d) evaluate every formula at b = a, d = 0:
-  // each formula below then reduces to f'(a) through its own num/den selection.
-  auto fb = O::le(O::abs(d), V(eps));
+  // Fallback lanes (|b - a| <= eps exactly, never true for NaN d) evaluate every formula at b = a,
+  // d = 0: each formula below then reduces to f'(a) through its own num/den selection.
+  auto fb = detail::fallback_mask(a, b, d, cut);
   V bb = O::select(fb, a, b);
   V ad = O::select(fb, zero, O::abs(d));
   V den_fac = O::select(fb, one, ad);
@@ -292,22 +364,26 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
     V num = O::select(fb, c.p, c.N);  // fallback: sigma'(A) = p / (1+p)^2
     V den = (one + c.p) * (one + c.q) * (tanh_ ? O::select(fb, one, AD2) : den_fac);
     if constexpr (A == Act::Silu) {
-      // silu = x sigma(x): s = sigma(b) + a * s_sigma(a, b), over one common denominator.
-      V sb = detail::sigmoid_times_1pq(B2, c.q);
-      s = O::fma(sb * (one + c.p), den_fac, a * num) / den;
+      // silu = x sigma(x): s = sigma(lo) + hi * s_sigma(a, b) with lo <= hi the ends (both terms >= 0
+      // when hi >= 0: no cancellation, e.g. s(-20, 0) = sigma(-20)), over one common denominator.
+      auto a_lo = O::le(a, bb);
+      V h_lo = O::select(a_lo, detail::sigmoid_times_1pq(A2, c.p) * (one + c.q),
+                         detail::sigmoid_times_1pq(B2, c.q) * (one + c.p));
+      s = O::fma(h_lo, den_fac, O::max(a, bb) * num) / den;
     } else {
       s = (tanh_ ? num * V(S(4)) : num) / den;
     }
   } else if constexpr (A == Act::GeluTanh) {
-    // gelu_tanh = x h(x), h(x) = sigma(U(x)), U(x) = 2k (x + c x^3): s = h(b) + a s_h(a, b), and
-    // U(b) - U(a) = g (b - a) with g = 2k (1 + c (a^2 + a b + b^2)) > 0, so the sigmoid core gets
-    // |U(b) - U(a)| without a subtraction. |x| >= 10 saturates h (e^{-U} < 1.2e-38), so clamping
-    // at 11 keeps x^3 finite without changing the result; at 11, e^{-U} = e^{-112} is 0 in float32,
-    // so the fallback's a h'(a) is 0 for every float |a| >= 11 (at 10, h'(10) = 3e-37 times
-    // a = 3e38 gave 88).
+    // gelu_tanh = x h(x), h(x) = sigma(U(x)), U(x) = 2k (x + c x^3): s = h(lo) + hi s_h(a, b) (lo <= hi
+    // the ends: no cancellation when hi >= 0), and U(b) - U(a) = g (b - a) with
+    // g = 2k (1 + c (a^2 + a b + b^2)) > 0, so the sigmoid core gets |U(b) - U(a)| without a
+    // subtraction. The ends are clamped at +-lim, where e^{-U(lim)} is 0 in S (float: U(11) = 112,
+    // double: U(22) = 795): h is then exactly saturated, x^3 stays finite, and the fallback's
+    // a h'(a) is exactly 0 for every |a| >= lim (a clamp where e^{-U} is merely tiny is not enough:
+    // h'(10) = 3e-37 times a = 3e38 gave 88, h'(11) = 2e-47 times a = 1e100 in double gave 4e52).
     const V k2(S(2 * 0.7978845608028654));  // 2 sqrt(2/pi)
     const V c3(S(0.044715));
-    const V lim(S(11));
+    const V lim(detail::gelu_tanh_lim<S>());
     V ac = O::min(O::max(a, -lim), lim);
     V bc = O::min(O::max(bb, -lim), lim);
     V Ua = k2 * ac * O::fma(c3 * ac, ac, one);
@@ -316,8 +392,10 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
     auto c = detail::sigmoid_core(Ua, Ub, g * O::abs(bc - ac));
     V num = O::select(fb, c.p * g, c.N);  // fallback: h'(a) = sigma'(U(a)) g(a, a)
     V den = (one + c.p) * (one + c.q) * den_fac;
-    V hb = detail::sigmoid_times_1pq(Ub, c.q);
-    s = O::fma(hb * (one + c.p), den_fac, a * num) / den;
+    auto a_lo = O::le(a, bb);
+    V h_lo = O::select(a_lo, detail::sigmoid_times_1pq(Ua, c.p) * (one + c.q),
+                       detail::sigmoid_times_1pq(Ub, c.q) * (one + c.p));
+    s = O::fma(h_lo, den_fac, O::max(a, bb) * num) / den;
   } else if constexpr (A == Act::Gelu) {
     // gelu = x Phi(x): s = Phi(b) + a s_Phi(a, b). With C(x) = Phi(-|x|) (an erfc, accurate in the
     // tails): Phi(b) - Phi(a) = |C(a) - C(b)| (same signs) or 1 - C(a) - C(b) (opposite signs),
@@ -336,13 +414,21 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
     // A lane needs one of the two forms: each is evaluated only when some lane needs it (with small
     // steps, as in training, the erfc at a is never needed).
     auto use_series = O::lt(ad * O::max(one, O::abs(m)), small);
-    V s_phi = zero;
+    V phi_b = O::select(O::lt(bb, zero), Cb, one - Cb);
+    V s_big = zero;
     if (O::any(O::mnot(use_series))) {
+      // s = Phi(lo) + hi s_Phi with lo <= hi the ends: both terms >= 0 when hi >= 0 (no cancellation:
+      // s(-20, 0) = Phi(-20) = 2.8e-89, where Phi(b) + a s_Phi cancelled to a wrong-signed 1e-8).
       V Ca = O::erfc(O::abs(a) * rsqrt2) * V(S(0.5));
       auto opp = O::mxor(O::lt(a, zero), O::lt(bb, zero));
       V dPhi = O::select(opp, one - Ca - Cb, O::abs(Ca - Cb));
-      s_phi = dPhi / den_fac;
+      auto a_lo = O::le(a, bb);
+      V lo = O::min(a, bb);
+      V C_lo = O::select(a_lo, Ca, Cb);
+      V phi_lo = O::select(O::lt(lo, zero), C_lo, one - C_lo);
+      s_big = O::fma(O::max(a, bb), dPhi / den_fac, phi_lo);
     }
+    V s_phi = zero;
     if (O::any(use_series)) {
       V m2 = m * m, h2 = h * h;
       V phi = O::exp(m2 * V(S(-0.5))) * rsqrt2pi;
@@ -360,10 +446,10 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
           series = O::fma(he * V(inv_fact), h2k, series);
         }
       }
-      s_phi = O::select(use_series, phi * series, s_phi);
+      s_phi = phi * series;
     }
-    V phi_b = O::select(O::lt(bb, zero), Cb, one - Cb);
-    s = O::fma(a, s_phi, phi_b);
+    // series lanes (|d| max(1, |m|) < kSmall): Phi(b) + a s_Phi, where a >= -kSmall when b >= 0
+    s = O::select(use_series, O::fma(a, s_phi, phi_b), s_big);
   } else if constexpr (A == Act::Elu) {
     // elu = x (x > 0), alpha (e^x - 1) (x <= 0). With lo <= hi:
     //   both <= 0: alpha (e^hi - e^lo) = alpha e^hi (1 - e^{-|d|})
@@ -376,20 +462,27 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
     auto neg = O::le(hi, zero);
     V y = O::select(neg, ad, -lo);  // both <= 0: |d|; crossing: -lo
     auto use_series = O::lt(y, small);
-    V om = detail::one_minus_exp_neg_small(y);
+    // Steps below 2^-100 (subnormal ones included) scale the numerator's terms and |d| by 2^100 (exact):
+    // alpha (1 - e^{-y}) would otherwise round on the subnormal grid (elu(0) - elu(-1e-45) with alpha = 0.5
+    // gave 0 or 1e-45, a slope of 0 or 1 for 0.5). Lanes with y >= kSmall have |d| >= kSmall: sc = 1.
+    V sc = O::select(O::lt(den_fac, V(S(7.888609052210118e-31))), V(S(1.2676506002282294e30)), one);
+    V om = detail::om_poly(y) * (y * sc);  // (1 - e^{-y}) sc on series lanes
     V El = Eh;
     if (O::any(O::mnot(use_series))) El = O::exp(O::min(lo, zero));
     V n_neg = O::select(use_series, Eh * om, Eh - El) * alpha;
-    V n_cross = O::fma(alpha, O::select(use_series, om, one - El), hi);
-    V N = O::select(O::le(zero, lo), ad, O::select(neg, n_neg, n_cross));
+    V n_cross = O::fma(alpha, O::select(use_series, om, one - El), hi * sc);
+    V N = O::select(O::le(zero, lo), ad * sc, O::select(neg, n_neg, n_cross));
     V fprime = O::select(O::lt(zero, a), one, Eh * alpha);  // fallback lanes: hi = a; PyTorch: f'(0) = alpha
-    s = O::select(fb, fprime, N / den_fac);
+    s = O::select(fb, fprime, N / (den_fac * sc));
   } else if constexpr (A == Act::Relu || A == Act::LeakyRelu) {
-    // Piecewise linear: s = w + slope_neg (1 - w), w = (max(b,0) - max(a,0)) / d is the fraction
-    // of the segment on the positive side (exactly 1 or 0 when both ends are on one side).
+    // Piecewise linear: s = P/d + slope_neg Q/d with P = max(b,0) - max(a,0) and
+    // Q = min(b,0) - min(a,0) the parts of the segment on each side (P + Q = b - a): exact when the
+    // ends have opposite signs (b - 0, 0 - a), else one is the rounded d and the other 0. (Dividing
+    // first: slope_neg * Q underflows for a subnormal Q.)
     const V ns((A == Act::LeakyRelu) ? prm.p0 : S(0));
-    V w = (O::max(bb, zero) - O::max(a, zero)) / O::select(fb, one, d);
-    V sec = O::fma(ns, one - w, w);
+    V den_d = O::select(fb, one, d);
+    V sec = (O::max(bb, zero) - O::max(a, zero)) / den_d;
+    if constexpr (A == Act::LeakyRelu) sec = O::fma(ns, (O::min(bb, zero) - O::min(a, zero)) / den_d, sec);
     s = O::select(fb, O::select(O::lt(zero, a), one, ns), sec);  // PyTorch: f'(0) = slope_neg
   } else if constexpr (A == Act::Softplus) {
     // softplus = log1p(e^{beta x}) / beta for y = beta x <= threshold, else x (PyTorch's switch).
@@ -422,17 +515,26 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
     V lg = O::log1p(arg);
     V delta = O::select(left, lg, O::select(straddle, hi, D) + lg);
     auto crossing = O::mxor(hi_above, lo_above);
-    auto rare = O::mor(crossing, O::lt(V(S(30)), D));
+    auto rare = O::mor(crossing, O::lt(V(S(30)), D));  // D = inf (beta |d| overflows) included
+    V sec = delta / O::select(fb, one, D);
     if (O::any(rare)) {
       V Llo = O::log1p(El);
       V f_lo = O::max(lo, zero) + Llo;
       V f_hi = O::select(hi_above, hi, O::max(hi, zero) + O::log1p(O::exp(-O::abs(hi))));
-      // Crossing with lo close below the threshold: (hi - lo) + min(lo, 0) - L(lo) keeps D exact.
-      V cross = D + O::min(lo, zero) - Llo;
-      V lit = f_hi - f_lo;
-      delta = O::select(rare, O::select(crossing, cross, lit), delta);
+      // Crossing: f(hi) - f(lo) = hi - L(lo) for lo < 0, else (hi - lo) - L(lo) with hi - lo = D (exact
+      // when lo is close below the threshold).
+      V cross = O::select(lo_neg, hi, D) - Llo;
+      V sec_y = O::select(crossing, cross, f_hi - f_lo) / O::select(fb, one, D);
+      // beta |x| or beta |d| beyond the largest S (D = inf, finite ends): in x units, f(x) = x above the
+      // threshold and (max(y, 0) + L(y)) / beta below (0 at y = -inf), the literal secant (|d| > 30 / beta:
+      // nothing cancels).
+      V inv_beta = one / beta;  // (a product, not two divisions: Triton's fp64 sm_80 kernel kept a stack frame)
+      V fx_lo = O::select(lo_above, O::min(a, bb), f_lo * inv_beta);
+      V fx_hi = O::select(hi_above, O::max(a, bb), f_hi * inv_beta);
+      V sec_x = (fx_hi - fx_lo) / O::select(fb, one, ad);
+      sec = O::select(rare, O::select(O::eq(D, V(S(INFINITY))), sec_x, sec_y), sec);
     }
-    V sec = O::select(lo_above, one, delta / O::select(fb, one, D));
+    sec = O::select(lo_above, one, sec);
     V fprime = O::select(O::lt(thr, ya), one, sig_lo);  // fallback lanes: lo == ya
     s = O::select(fb, fprime, sec);
   } else if constexpr (A == Act::Hardswish || A == Act::Hardsigmoid) {
@@ -466,7 +568,97 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops
   } else {
     static_assert(A != A, "avg_slope: an activation of AVG_KERNELS_ACTIVATIONS has no math here");
   }
-  return detail::fix_nonfinite<A>(a, b, d, s, prm);
+  return detail::fix_nonfinite<A>(a, b, d, s, fb, prm);
+}
+
+// avg_slope with an eps that is already a value of S (compared exactly).
+template <Act A, class V>
+AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, typename Ops<V>::Scalar eps) {
+  return avg_slope<A>(a, b, prm, EpsCut<typename Ops<V>::Scalar>::exactly(eps));
+}
+
+namespace detail {
+// The sign (-1, 0, +1) of the EXACT slope on lanes with finite ends where the computed s is 0: s has
+// underflowed (sigmoid'(-111) = 3e-49, relu's 1e-40 / 3e38, ...) or the exact slope is 0 (relu on the
+// negative side, hardsigmoid outside [-3, 3]); only grad_out = +-inf needs it (avg_grad). By the shape
+// of f, per activation:
+//   tanh, sigmoid: increasing, +1. softplus: +1, except across its threshold, where PyTorch's f jumps
+//   down by L(thr) = log1p(e^-thr) and a computed 0 is f(hi) - f(lo) = 0 (it cannot underflow there): 0.
+//   elu: 1 above 0, alpha e^x (sign of alpha) below; crossing: the sign of hi + alpha (1 - e^lo).
+//   relu/leaky_relu: the sign of P + slope_neg Q (exact, see avg_slope) times the sign of d.
+//   silu, gelu, gelu_tanh (x h(x), h increasing in (0, 1)): the slope is never exactly 0; s = h(lo) + hi s_h
+//   is positive for hi >= 0, and underflows for hi < 0 only in the tail, where f decreases: -1. (Near
+//   f's minimum, where |f(b) - f(a)| is below the rounding of f, the computed sign is not guaranteed.)
+//   hardsigmoid: +1 where the segment meets (-3, 3), else 0. hardswish: +1 if hi > 3; else the sign of
+//   (u + 3) + v (exact: one rounding) where the segment meets (-3, 3), else 0.
+// Fallback lanes take the sign of f'(a) the same way (their s is 0 only by underflow or exactly).
+template <Act A, class V, class M>
+AK_HD V zero_slope_sign(V a, V b, M fb, ActParams<typename Ops<V>::Scalar> prm) {
+  using O = Ops<V>;
+  using S = typename O::Scalar;
+  const V zero(S(0)), one(S(1)), m_one(S(-1));
+  auto sgn = [&](V v) { return O::select(O::lt(zero, v), one, O::select(O::lt(v, zero), m_one, zero)); };
+  V bb = O::select(fb, a, b);
+  V lo = O::min(a, bb), hi = O::max(a, bb);
+  if constexpr (A == Act::Tanh || A == Act::Sigmoid) {
+    return one;
+  } else if constexpr (A == Act::Softplus) {
+    // across the threshold s = cross / D (avg_slope) never underflows (cross >= hi - L(lo) is not tiny
+    // unless D is): a computed 0 there is cross = 0, the jump meeting the step
+    const V beta(prm.p0), thr(prm.p1);
+    auto crossing = O::mand(O::mnot(fb), O::mxor(O::lt(thr, hi * beta), O::lt(thr, lo * beta)));
+    return O::select(crossing, zero, one);
+  } else if constexpr (A == Act::Elu) {
+    const V alpha(prm.p0);
+    V neg = sgn(alpha);
+    V cross = sgn(O::fma(alpha, one - O::exp(O::min(lo, zero)), hi));
+    return O::select(O::lt(zero, lo), one, O::select(O::le(hi, zero), neg, cross));
+  } else if constexpr (A == Act::Relu || A == Act::LeakyRelu) {
+    const V ns((A == Act::LeakyRelu) ? prm.p0 : S(0));
+    V P = O::max(hi, zero) - O::max(lo, zero);
+    V Q = O::min(hi, zero) - O::min(lo, zero);
+    return O::select(fb, O::select(O::lt(zero, a), one, sgn(ns)), sgn(O::fma(ns, Q, P)));
+  } else if constexpr (A == Act::Silu || A == Act::Gelu || A == Act::GeluTanh) {
+    return O::select(O::le(zero, hi), one, m_one);
+  } else if constexpr (A == Act::Hardsigmoid) {
+    const V three(S(3));
+    V u = O::min(O::max(lo, -three), three), v = O::min(O::max(hi, -three), three);
+    auto inside = O::mand(O::lt(-three, a), O::lt(a, three));
+    return O::select(fb, O::select(inside, one, zero), O::select(O::lt(u, v), one, zero));
+  } else if constexpr (A == Act::Hardswish) {
+    const V three(S(3));
+    V u = O::min(O::max(lo, -three), three), v = O::min(O::max(hi, -three), three);
+    V mid = O::select(O::lt(u, v), sgn((u + three) + v), zero);
+    auto inside = O::mand(O::lt(-three, a), O::lt(a, three));
+    V f1 = O::select(inside, sgn(a / three + V(S(0.5))), O::select(O::lt(a, three), zero, one));
+    return O::select(fb, f1, O::select(O::lt(three, hi), one, mid));
+  } else {
+    static_assert(A != A, "zero_slope_sign: an activation of AVG_KERNELS_ACTIVATIONS has no rule here");
+  }
+}
+}  // namespace detail
+
+// grad_in = g * s(a, b), the kernels' per-element result. The product is IEEE's, except where it is
+// NaN because g = +-inf meets a computed s of 0 with finite ends: there the exact slope decides
+// (detail::zero_slope_sign): an exact slope that underflowed gives +-inf with its sign, an exactly
+// zero slope gives NaN (inf * 0). Checked once per vector on the result (the fast path: no NaN).
+template <Act A, class V>
+AK_HD V avg_grad(V g, V a, V b, ActParams<typename Ops<V>::Scalar> prm, const EpsCut<typename Ops<V>::Scalar>& cut) {
+  using O = Ops<V>;
+  using S = typename O::Scalar;
+  V s = avg_slope<A>(a, b, prm, cut);
+  V r = g * s;
+  auto nan_r = O::mnot(O::eq(r, r));
+  if (O::any(nan_r)) {
+    const V inf = V(S(INFINITY)), zero = V(S(0));
+    auto fix = O::mand(O::mand(nan_r, O::eq(O::abs(g), inf)), O::eq(s, zero));
+    fix = O::mand(fix, O::mand(O::lt(O::abs(a), inf), O::lt(O::abs(b), inf)));
+    if (O::any(fix)) {
+      auto fb = detail::fallback_mask(a, b, b - a, cut);
+      r = O::select(fix, g * detail::zero_slope_sign<A>(a, b, fb, prm), r);
+    }
+  }
+  return r;
 }
 
 // f'(x) as the secant's fallback computes it (shares every formula with avg_slope).
@@ -501,7 +693,7 @@ AK_HD V act_value(V x, ActParams<typename Ops<V>::Scalar> prm) {
     V C = O::erfc(O::abs(x) * V(S(0.70710678118654752440))) * V(S(0.5));
     return x * O::select(O::lt(x, zero), C, one - C);
   } else if constexpr (A == Act::GeluTanh) {
-    const V lim(S(10));
+    const V lim(detail::gelu_tanh_lim<S>());  // h(+-lim) exactly saturated in S
     V xc = O::min(O::max(x, -lim), lim);
     V U = V(S(2 * 0.7978845608028654)) * xc * O::fma(V(S(0.044715)) * xc, xc, one);
     V q = O::exp(-O::abs(U));
