@@ -96,8 +96,9 @@ def cases(names):
     return out
 
 
-def make_steps(factory, inputs, target, loss_fn) -> dict:
-    """method -> step callable, each method on its own copy of the same initial model."""
+def make_steps(factory, inputs, target, loss_fn, ags: dict | None = None) -> dict:
+    """method -> step callable, each method on its own copy of the same initial model (``ags``, when given,
+    receives mode -> the AG optimizer, whose ``opt.last`` says what the step averaged)."""
     torch.manual_seed(0)
     init = factory()
     state = init.state_dict()
@@ -124,6 +125,8 @@ def make_steps(factory, inputs, target, loss_fn) -> dict:
     for mode in ("ag1", "ag3-1"):
         m = ak.nn.convert(fresh())
         opt = ak.optim.AG(m, torch.optim.RMSprop(m.parameters(), lr=1e-4), mode=mode)
+        if ags is not None:
+            ags[mode] = opt
         steps[mode] = (lambda opt=opt, m=m: opt.step(lambda: loss_fn(m, inputs, target)))
     m = fresh()
     steps["csgd"] = plain(m, ak.optim.CSGD(m, lr=1e-3, lam=LAM, momentum=0.9))
@@ -157,7 +160,7 @@ def run(ctx: Context) -> Report:
         n_params = sum(p.numel() for p in factory().parameters())
         with warnings.catch_warnings():  # convert()'s findings: the AG rows report them
             warnings.simplefilter("ignore")
-            steps = make_steps(factory, inputs, target, loss_fn)
+            steps = make_steps(factory, inputs, target, loss_fn, ags := {})
         t0 = time.perf_counter()
         ok = {}
         for k, f in steps.items():  # warm-up (AG-3-1's first step is plain), and estimate the step time
@@ -174,10 +177,15 @@ def run(ctx: Context) -> Report:
         got = dataclasses.replace(ctx, min_run_time=min_run).measure_many(
             ok, None, op=NAME, case=name, inputs=desc, size=n_params, dtype="float32")
         for k, r in got.items():
+            if k in ags and ags[k].last is not None:  # did the step average anything? (0: a plain step's cost)
+                last = ags[k].last
+                r.extra.update(activation_calls=last.activation_calls, compound_calls=last.compound_calls)
+                if last.activation_calls == 0:
+                    r.error = "no activation averaged (the step ran AG's passes for nothing; see convert()'s report)"
             if k in TARGETS:
                 peer, tgt = TARGETS[k]
                 base = got.get(peer)
-                if r.median_s and base is not None and base.median_s:
+                if r.median_s and base is not None and base.median_s and not r.error:
                     r.ratios[peer] = base.median_s / r.median_s
                     x = r.median_s / base.median_s
                     r.extra["x_base_step"] = x
