@@ -17,11 +17,12 @@ def tiny_cases(names):
                                         vocab_size=64, n_positions=128))}
 
 
-def test_registered_and_smoke_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("clock", ["wall", "cpu"])
+def test_registered_and_smoke_run(tmp_path, monkeypatch, clock):
     assert OPS["models"] == "bench.models"
     monkeypatch.setattr(models, "cases", tiny_cases)
     argv = ["--ops", "models", "--model-set", "gpt2", "--min-run-time", "0.01", "--rounds", "1", "--threads", "1",
-            "--no-progress", "--out", str(tmp_path), "--tag", "smoke"]
+            "--no-progress", "--out", str(tmp_path), "--tag", "smoke", "--models-clock", clock]
     threads = torch.get_num_threads()
     try:
         assert runner.main(argv) == 0
@@ -37,7 +38,7 @@ def test_registered_and_smoke_run(tmp_path, monkeypatch):
         assert abs(r["extra"]["x_base_step"] * r["ratios"][peer] - 1) < 1e-9
     for mode in ("ag1", "ag3-1"):  # gelu_new's hand-written tanh form, averaged as one activation per layer
         assert rows[mode]["extra"]["activation_calls"] >= 1 and rows[mode]["extra"]["compound_calls"] >= 1
-    assert doc["config"]["threads"] == 1
+    assert doc["config"]["threads"] == 1 and doc["config"]["clock"] == clock
     text = (tmp_path / "models-cpu-quick-smoke.md").read_text()
     assert "target <= 2.1x" in text and "C-SGD step" in text
 
