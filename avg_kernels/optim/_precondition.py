@@ -155,7 +155,7 @@ class Preconditioner:
             inv = torch.cat([e.inverse for e in entries])
             G = stack_padded([e.grad for e in entries], inv.shape[-1])
             self._scatter(entries, G.to(inv.dtype) @ inv)
-        for entries in mxm.values():
+        for entries in split_rows(list(mxm.values()), lambda e: e.dz):
             self._solve_mxm(entries, lam)
 
     def _solve_fresh(self, entries: list[FreshDxD], lam: float, k: int) -> None:
@@ -243,20 +243,21 @@ def merge_small_groups(groups: list[list[FreshDxD]], lam: float) -> list[list[Fr
     return out + list(small.values())
 
 
-def split_rows(groups: list[list]) -> list[list]:
-    """Splits each group of one D > MERGE_MAX_D by its layers' row counts C (``grad``: (n, C, D)): one call
-    pads every G to the group's largest C and the solve's cost grows with C (measured: Llama's 24 layers of
-    D = 256 with 256 or 688 rows, padded to the LM head's 2048, made ridge_solve 357 of ~550 ms CPU of a
-    C-SGD step). Merged groups of small layers keep one call (there the call's overhead dominates)."""
+def split_rows(groups: list[list], rhs: Callable = lambda e: e.grad) -> list[list]:
+    """Splits each group of one system size D > MERGE_MAX_D by its layers' row counts C (``rhs(entry)``: the
+    right-hand sides, (n, C, D); the D × D forms' G, the M × M form's ΔZ): one call pads every right-hand side
+    to the group's largest C and the solve's cost grows with C (measured: Llama's 24 layers of D = 256 with 256
+    or 688 rows, padded to the LM head's 2048, made ridge_solve 357 of ~550 ms CPU of a C-SGD step). Merged
+    groups of small layers keep one call (there the call's overhead dominates)."""
     out = []
     for entries in groups:
-        dims = {e.grad.shape[-1] for e in entries}
+        dims = {rhs(e).shape[-1] for e in entries}
         if len(dims) > 1 or max(dims) <= MERGE_MAX_D:
             out.append(entries)
             continue
         by_rows: dict = {}
         for e in entries:
-            by_rows.setdefault(e.grad.shape[1], []).append(e)
+            by_rows.setdefault(rhs(e).shape[1], []).append(e)
         out.extend(by_rows.values())
     return out
 
