@@ -20,6 +20,11 @@ Methods, each on its own copy of the same initial model, timed interleaved (harn
 Targets (issue 12): AG-1 <= 2.1x and AG-3-1 <= 1.5x the RMSProp step; C-SGD <= 2x the SGD step.
 
     python -m avg_kernels bench --ops models [--model-set gpt2,llama,vit,resnet18,mobilenetv2] [--threads N]
+        [--models-clock cpu]
+
+``--models-clock cpu`` times by ``time.process_time`` of this process (the work done; with ``--threads 1`` a
+measure the other jobs of a shared machine barely move, where wall-clock ratios of two equal steps were
+seen 1.8x apart at load 7 on 2 cores) in the same interleaved rounds.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 
 import avg_kernels as ak
 
+from bench.ag_train import time_cpu_clock
 from bench.harness import Context, Report, Row
 
 NAME = "models"
@@ -96,8 +102,9 @@ def cases(names):
     return out
 
 
-def make_steps(factory, inputs, target, loss_fn) -> dict:
-    """method -> step callable, each method on its own copy of the same initial model."""
+def make_steps(factory, inputs, target, loss_fn, ags: dict | None = None) -> dict:
+    """method -> step callable, each method on its own copy of the same initial model (``ags``, when given,
+    receives mode -> the AG optimizer, whose ``opt.last`` says what the step averaged)."""
     torch.manual_seed(0)
     init = factory()
     state = init.state_dict()
@@ -124,6 +131,8 @@ def make_steps(factory, inputs, target, loss_fn) -> dict:
     for mode in ("ag1", "ag3-1"):
         m = ak.nn.convert(fresh())
         opt = ak.optim.AG(m, torch.optim.RMSprop(m.parameters(), lr=1e-4), mode=mode)
+        if ags is not None:
+            ags[mode] = opt
         steps[mode] = (lambda opt=opt, m=m: opt.step(lambda: loss_fn(m, inputs, target)))
     m = fresh()
     steps["csgd"] = plain(m, ak.optim.CSGD(m, lr=1e-3, lam=LAM, momentum=0.9))
@@ -133,6 +142,9 @@ def make_steps(factory, inputs, target, loss_fn) -> dict:
 def add_arguments(group) -> None:
     group.add_argument("--model-set", dest="bench_models", default=None,
                        help=f"comma-separated subset of: {', '.join(NAMES)} (default: all)")
+    group.add_argument("--models-clock", dest="models_clock", choices=("wall", "cpu"), default="wall",
+                       help="wall (the harness policy, default) or cpu (time.process_time of this process: the "
+                            "work done; use with --threads 1 on a shared machine)")
 
 
 def run(ctx: Context) -> Report:
@@ -148,6 +160,8 @@ def run(ctx: Context) -> Report:
     if bad:
         raise SystemExit(f"--model-set: unknown {bad}; expected some of {', '.join(NAMES)}")
     explicit = getattr(args, "min_run_time", None) is not None
+    cpu_clock = getattr(args, "models_clock", "wall") == "cpu"
+    clock = time.process_time if cpu_clock else time.perf_counter
     rows: list[Row] = []
     notes: list[str] = []
     todo = cases(names)
@@ -157,8 +171,8 @@ def run(ctx: Context) -> Report:
         n_params = sum(p.numel() for p in factory().parameters())
         with warnings.catch_warnings():  # convert()'s findings: the AG rows report them
             warnings.simplefilter("ignore")
-            steps = make_steps(factory, inputs, target, loss_fn)
-        t0 = time.perf_counter()
+            steps = make_steps(factory, inputs, target, loss_fn, ags := {})
+        t0 = clock()
         ok = {}
         for k, f in steps.items():  # warm-up (AG-3-1's first step is plain), and estimate the step time
             try:
@@ -169,15 +183,26 @@ def run(ctx: Context) -> Report:
                 r.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
                 rows.append(r)
                 notes.append(f"{name}: {LABEL[k]} failed: {r.error}")
-        per_step = (time.perf_counter() - t0) / (2 * max(1, len(steps)))
-        min_run = ctx.min_run_time if explicit else max(ctx.min_run_time, 2.0, 8 * per_step * ctx.rounds)
-        got = dataclasses.replace(ctx, min_run_time=min_run).measure_many(
-            ok, None, op=NAME, case=name, inputs=desc, size=n_params, dtype="float32")
+        per_step = (clock() - t0) / (2 * max(1, len(steps)))
+        common = dict(op=NAME, case=name, inputs=desc, size=n_params, dtype="float32")
+        if cpu_clock:  # CPU seconds vary far less than wall seconds on a shared machine: ~4 steps a round
+            min_run = ctx.min_run_time if explicit else max(ctx.min_run_time, 4 * per_step * ctx.rounds)
+            got = {k: Row(device="cpu", impl=k, median_s=t, samples=ctx.rounds,
+                          extra={"method": f"time.process_time, {ctx.rounds} interleaved rounds"}, **common)
+                   for k, t in time_cpu_clock(ok, min_run, max(ctx.rounds, 1)).items()}
+        else:
+            min_run = ctx.min_run_time if explicit else max(ctx.min_run_time, 2.0, 8 * per_step * ctx.rounds)
+            got = dataclasses.replace(ctx, min_run_time=min_run).measure_many(ok, None, **common)
         for k, r in got.items():
+            if k in ags and ags[k].last is not None:  # did the step average anything? (0: a plain step's cost)
+                last = ags[k].last
+                r.extra.update(activation_calls=last.activation_calls, compound_calls=last.compound_calls)
+                if last.activation_calls == 0:
+                    r.error = "no activation averaged (the step ran AG's passes for nothing; see convert()'s report)"
             if k in TARGETS:
                 peer, tgt = TARGETS[k]
                 base = got.get(peer)
-                if r.median_s and base is not None and base.median_s:
+                if r.median_s and base is not None and base.median_s and not r.error:
                     r.ratios[peer] = base.median_s / r.median_s
                     x = r.median_s / base.median_s
                     r.extra["x_base_step"] = x
@@ -189,12 +214,14 @@ def run(ctx: Context) -> Report:
             rows.append(r)
         bar.update(1)
     bar.close()
-    notes.insert(0, f"Times per training step on a fixed batch, {torch.get_num_threads()} threads, float32, the "
-                    "harness policy (Timer.blocked_autorange medians, methods interleaved). `X vs P` = time(P) / "
-                    "time(X); the `x base` figures below are its inverse.")
+    how = ("time.process_time of this process (CPU seconds: the work done), medians of interleaved rounds"
+           if cpu_clock else "the harness policy (Timer.blocked_autorange medians, methods interleaved)")
+    notes.insert(0, f"Times per training step on a fixed batch, {torch.get_num_threads()} threads, float32, {how}. "
+                    "`X vs P` = time(P) / time(X); the `x base` figures below are its inverse.")
     title = "AG and C-SGD step cost on Transformers/CNN shapes (HF configs, random init), CPU"
     return Report(op=NAME, title=title, rows=rows, subjects=["ag1", "ag3-1", "csgd"], peers=["rmsprop", "sgd"],
-                  notes=notes, config={"models": names, "threads": torch.get_num_threads(), "lam": LAM})
+                  notes=notes, config={"models": names, "threads": torch.get_num_threads(), "lam": LAM,
+                                       "clock": "cpu" if cpu_clock else "wall"})
 
 
 if __name__ == "__main__":

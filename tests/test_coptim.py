@@ -754,3 +754,32 @@ def test_wrapper_rejects_bases_whose_step_needs_a_closure():
             Consequentialism(model, base)
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         Consequentialism(model, "sgd")
+
+
+def test_equal_d_layers_of_different_row_counts_solve_unpadded(monkeypatch):
+    """Two layers of D = 101 (> MERGE_MAX_D) with 100 and 40 rows: each row count gets its own ridge_solve
+    (no right-hand side padded to the other's rows), in the D × D form (batch 128 > D) and the M × M form
+    (batch 80 < D, M = 80 > MERGE_MAX_D), and the result is the per-layer reference's."""
+    from avg_kernels.optim import _precondition as cmod
+
+    shapes, eager = [], cmod.RIDGE_SOLVE.eager
+
+    class Spy:
+        def eager(self, G, A, lam, backend):
+            shapes.append(tuple(G.shape))
+            return eager(G, A, lam, backend)
+
+    monkeypatch.setattr(cmod, "RIDGE_SOLVE", Spy())
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 40)).double()
+    ref_model = copy.deepcopy(model)
+    opt = CSGD(model, lr=0.1, lam=1e-2, momentum=0.9)
+    ref = Reference(ref_model, "sgd", lr=0.1, lam=1e-2, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for batch in (128, 80):
+        x = torch.randn(batch, 100, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 40, (batch,), generator=g)
+        _run_ours(opt, model, [(x, y)])
+        ref.step([(x, y)], _ce_sum)
+    assert sorted(shapes) == sorted([(1, 100, 101), (1, 40, 101), (1, 100, 80), (1, 40, 80)])
+    assert _max_rel(model, ref_model) < 1e-9

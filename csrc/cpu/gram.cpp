@@ -17,8 +17,10 @@ using gram::ConvDim;
 
 // The explicit-im2col GEMM path runs for 1-3 channels per group and D <= 64: the correlation kernels pad
 // each group's channels to a whole vector, so there they do several times the useful work (the measured
-// crossover is in docs/kernel_choices.md).
-constexpr int64_t kGemmMaxChannels = 3, kGemmMaxDim = 64;
+// crossover is in docs/kernel_choices.md). Depthwise convs (one channel per group, >= kDwMinGroups groups)
+// are the exception: the correlation kernels' depthwise mode vectorises across groups without padding,
+// 4-25x faster than the GEMM path's per-group 9x9 GEMMs (bench/results/models-cost-log.md).
+constexpr int64_t kGemmMaxChannels = 3, kGemmMaxDim = 64, kDwMinGroups = 8;
 
 enum class GramPath : int64_t { kNever = -1, kAuto = 0, kAlways = 1 };
 std::atomic<int64_t> gemm_path{int64_t(GramPath::kAuto)};
@@ -50,7 +52,8 @@ void gram_conv(const at::Tensor& x4, const ConvDim& gh, const ConvDim& gw, int64
   const int64_t k2 = gh.k * gw.k, positions = gh.out() * gw.out();
   check_out(x4, out, groups, x4.size(1) / groups * k2 + (bias ? 1 : 0));
   TORCH_CHECK(x4.is_floating_point(), "im2col_gram: x must be a floating-point tensor");
-  if (use_gemm(x4.size(1) / groups <= kGemmMaxChannels && out.size(1) <= kGemmMaxDim)) {
+  const bool depthwise = x4.size(1) == groups && groups >= kDwMinGroups;
+  if (use_gemm(!depthwise && x4.size(1) / groups <= kGemmMaxChannels && out.size(1) <= kGemmMaxDim)) {
     if (x4.size(0) == 0 || x4.size(1) == 0) {
       out.zero_();
       if (bias) out.select(1, out.size(1) - 1).select(1, out.size(1) - 1).fill_(double(x4.size(0) * positions));
