@@ -102,3 +102,20 @@ def test_tails_below_flt_min(cpu_level, cfg, fresh_seed):
     mask, bad, normwise, ref = slope_errors(out, g, x, x + d, k)
     assert not bad.any(), f"x={x[bad][:4]}, x_new={(x + d)[bad][:4]}: {out[bad][:4]} vs {ref[bad][:4]}"
     assert normwise <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("beta", [0.5, 1e-10])
+def test_softplus_step_below_beta_underflow(cpu_level, dtype, beta):
+    """softplus with beta < 1 over a subnormal step: beta·|d| underflows to 0 (or to a few subnormal ulps)
+    although d does not, so delta / (beta |d|) was 0 / 0 = NaN (found by the property tests: x = 0,
+    x_new = -5e-324, beta = 0.5). The slope is sigma(beta x) to within beta |d|."""
+    tiny = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps  # the smallest subnormal
+    x = torch.tensor([0.0, 0.0, -3.0, 2.0], dtype=dtype)
+    xn = x - torch.tensor([tiny, 3 * tiny, 5 * tiny, 7 * tiny], dtype=dtype)
+    g = torch.ones_like(x)
+    want = torch.sigmoid(beta * x.double())
+    for backend in ("reference", "cpu"):
+        got = ak.avg_act_backward(g, x, xn, "softplus", beta=beta, threshold=20.0, eps=0.0, backend=backend)
+        assert torch.isfinite(got).all(), (backend, got)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0, msg=lambda m: f"{backend}: {m}")

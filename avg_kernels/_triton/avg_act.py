@@ -420,6 +420,8 @@ def avg_slope(a, b, p0, p1, e_lo, e_hi, e_tlo, e_thi, ACT: tl.constexpr, C: tl.c
         crossing = hi_above != lo_above
         rare = crossing | (30.0 < D)  # D = inf (beta |d| overflows) included
         sec = _div(delta, tl.where(fb, 1.0, D), C)
+        # D < 2^-24: the midpoint slope to first order (header: delta / D would be 0 / 0 where D underflows)
+        sec = tl.where(D < 5.9604644775390625e-08, tl.fma(D * 0.5, sig_lo * sig_nlo, sig_lo), sec)
         # header: if (O::any(rare)) { ... } -- evaluated on every lane here, selected by `rare`.
         Llo = _log1p(El)
         f_lo = _max(lo, 0.0) + Llo

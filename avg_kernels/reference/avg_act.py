@@ -92,9 +92,11 @@ def _secant(k: KernelAct, lo: torch.Tensor, hi: torch.Tensor, above_lo, above_hi
         f_lo, f_hi = ylo.clamp(min=0) + L(ylo), yhi.clamp(min=0) + L(yhi)
         below = torch.log1p(_sig(ylo) * torch.expm1(D.clamp(max=700)))
         below = torch.where(D > 700, f_hi - f_lo, below)
-        below = torch.where(D < 1e-100, _sig(ylo + D / 2) * D, below)  # (error D^2: none in float64)
+        # a step below 1e-100: the midpoint slope (error D^2: none in float64), not below / D, since beta·d
+        # may underflow to 0 where d does not (beta < 1, d subnormal)
+        s_below = torch.where(D < 1e-100, _sig(ylo + D / 2), below / D)
         cross = torch.where(ylo < 0, yhi, D) - L(ylo)
-        s = torch.where(above_lo, 1.0, torch.where(above_hi, cross, below) / D)
+        s = torch.where(above_lo, 1.0, torch.where(above_hi, cross / D, s_below))
         # beta |x| or beta d beyond float64: the literal secant in x units
         fx_lo = torch.where(above_lo, lo, f_lo / beta)
         fx_hi = torch.where(above_hi, hi, f_hi / beta)

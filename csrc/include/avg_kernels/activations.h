@@ -517,6 +517,9 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, const EpsCut
     auto crossing = O::mxor(hi_above, lo_above);
     auto rare = O::mor(crossing, O::lt(V(S(30)), D));  // D = inf (beta |d| overflows) included
     V sec = delta / O::select(fb, one, D);
+    // D = beta |d| < 2^-24: the midpoint slope sigma(lo + D/2) to first order (relative error < D^2);
+    // delta / D would divide rounding errors, or 0 by 0 where beta |d| underflows (|d| subnormal, beta < 1)
+    sec = O::select(O::lt(D, V(S(0x1p-24))), O::fma(D * V(S(0.5)), sig_lo * sig_nlo, sig_lo), sec);
     if (O::any(rare)) {
       V Llo = O::log1p(El);
       V f_lo = O::max(lo, zero) + Llo;
