@@ -1,5 +1,6 @@
 """``python -m avg_kernels reproduce``: argument checks, each study's plumbing on a 2-step budget (table, JSON,
-PNG), the committed learning-rate table, and the AG-variant feature detection."""
+PNG), the committed learning-rate table, the AG variants (n-iteration, Linear) the studies build, and tuning a
+subset of rate keys (--methods)."""
 import json
 
 import pytest
@@ -15,6 +16,8 @@ from avg_kernels.reproduce import methods as M
     (["reproduce", "p003-mlp", "--seeds", "two"], "--seeds 'two'"),
     (["reproduce", "p003-mlp", "--save-rates"], "--save-rates only goes with --tune"),
     (["reproduce", "p003-mlp", "--data", "/no/such/folder"], "--data '/no/such/folder' is not a folder"),
+    (["reproduce", "p000-model-b", "--methods", "agn"], "--methods only goes with --tune"),
+    (["reproduce", "p000-model-b", "--smoke", "--tune", "--methods", "agn,nope"], "--methods 'agn,nope'"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
@@ -37,11 +40,9 @@ def test_committed_rates_cover_every_study_setting_and_method():
                 rates, note = engine.rates_for(table, name, "digits", setting.key)
                 assert note is None
                 for m in setting.methods:
-                    if not m.unavailable:
-                        assert rates[m.rate] > 0, (name, setting.key, m.name)
+                    assert rates[m.rate] > 0, (name, setting.key, m.name)
                 for key in setting.tune:
-                    if key in rates:  # a rate key of a variant this build lacks may be absent
-                        assert rates[key] > 0
+                    assert rates[key] > 0, (name, setting.key, key)
 
 
 def test_rates_for_names_what_is_missing():
@@ -63,9 +64,6 @@ def test_each_study_runs_two_steps_per_method_and_writes_its_record(study, tmp_p
     for s in doc["settings"]:
         for e in s["methods"]:
             assert f"| {e['method']} |" in out and f"| {e['method']} |" in md
-            if "unavailable" in e:
-                assert "not available in this build" in e["unavailable"] or "iteration count" in e["unavailable"]
-                continue
             assert len(e["runs"]) == 2 and all(r["steps"] == 2 for r in e["runs"])
             assert " ± " in md  # two seeds: a SEM
 
@@ -79,23 +77,44 @@ def test_tune_runs_the_grids_and_leaves_the_package_table_alone(tmp_path, capsys
     assert engine.RATES_FILE.read_text() == before
 
 
-def test_missing_ag_variants_are_listed_not_replaced(monkeypatch):
-    """A build without 'agn' / linear=True lists those methods as unavailable; it never runs another method."""
-    monkeypatch.setattr(M, "ag_support", lambda: {"agn": None, "linear": False,
-                                                  "why": {"agn": "not available in this build (x)",
-                                                          "linear": "not available in this build (y)"}})
-    ms = M.ag_methods("rmsprop", ("ag1", "ag2"), "rmsprop", linear=True, agn=5)
-    names = {m.name: m for m in ms}
-    assert names["ag1/rmsprop"].unavailable is None
-    for n in ("ag1-linear/rmsprop", "ag2-linear/rmsprop", "ag5-iter/rmsprop"):
-        assert names[n].unavailable.startswith("not available in this build") and names[n].build is None
+def test_tune_methods_tunes_only_those_keys_and_save_rates_keeps_the_others(tmp_path, monkeypatch, capsys):
+    rates = tmp_path / "rates.json"
+    rates.write_text(json.dumps({"p000-model-b": {"_from": "`earlier tune`",
+                                                  "digits": {"model-b": {"rmsprop": 0.5, "ag1": 0.25, "agn": 9.0}}}}))
+    monkeypatch.setattr(engine, "RATES_FILE", rates)
+    argv = ["reproduce", "p000-model-b", "--smoke", "--tune", "--save-rates", "--methods", "agn",
+            "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "p000-model-b-tune-agn.json").read_text())
+    grids = doc["settings"][0]["grids"]
+    assert list(grids) == ["agn"] and grids["agn"]["method"].startswith("ag5-iter/")
+    entry = json.loads(rates.read_text())["p000-model-b"]
+    assert entry["digits"]["model-b"]["rmsprop"] == 0.5 and entry["digits"]["model-b"]["ag1"] == 0.25
+    assert entry["digits"]["model-b"]["agn"] == grids["agn"]["chosen"] != 9.0
+    assert entry["_from"].startswith("`earlier tune`; agn: `") and "p000-model-b-tune-agn.md" in entry["_from"]
 
 
-def test_ag_support_reflects_this_build():
-    from avg_kernels.optim import MODES
+def test_ag_methods_build_the_n_iteration_and_linear_variants():
+    """The variants are AG itself configured as the papers say: mode "agn" with n iterations (paper 000 Alg. 4),
+    linear=True for AG-1/AG-2 (paper 002 Eq. 11); the n-iteration method runs at its own rate key when given."""
+    import torch
 
-    sup = M.ag_support()
-    assert (sup["agn"] is not None) == ("agn" in MODES and "agn" not in sup["why"])
+    ms = {m.name: m for m in M.ag_methods("rmsprop", ("ag1", "ag2"), "rmsprop", linear=True, agn=5, agn_rate="agn")}
+    assert set(ms) == {"ag1/rmsprop", "ag2/rmsprop", "ag1-linear/rmsprop", "ag2-linear/rmsprop", "ag5-iter/rmsprop"}
+    assert ms["ag5-iter/rmsprop"].rate == "agn" and ms["ag1-linear/rmsprop"].rate == "rmsprop"
+    for name, (mode, iterations, linear) in {"ag1/rmsprop": ("ag1", None, False),
+                                             "ag2-linear/rmsprop": ("ag2", None, True),
+                                             "ag1-linear/rmsprop": ("ag1", None, True),
+                                             "ag5-iter/rmsprop": ("agn", 5, False)}.items():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+        trainer = ms[name].build(model, 1e-3)
+        opt = trainer.optimizer
+        assert (opt.mode, opt.iterations, opt.linear) == (mode, iterations, linear), name
+        assert trainer.step(torch.randn(8, 4), torch.randint(0, 3, (8,))) > 0
+        assert opt.last.linear_calls == (2 if linear else 0), name  # both Linear layers averaged (Eq. 11)
+    with pytest.raises(ValueError, match="agn must be an iteration count"):
+        M.ag_methods("rmsprop", ("ag1",), "rmsprop", agn=1)
 
 
 def test_a_failed_solve_ends_the_run_as_diverged():

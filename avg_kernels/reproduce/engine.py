@@ -155,13 +155,10 @@ def aggregate(runs: list[dict], base_runs: Optional[list[dict]], n_train: int) -
 
 def run_setting(study: Study, setting: Setting, rates: dict, train: Split, test: Split, budget: Budget,
                 seeds: list[int], progress=None, lr_override: Optional[dict] = None) -> dict:
-    """Every available method of ``setting`` over ``seeds``; returns {"methods": [...]} with runs and aggregates."""
+    """Every method of ``setting`` over ``seeds``; returns {"methods": [...]} with runs and aggregates."""
     results = {}
     for m in setting.methods:
         entry = {"method": m.name, "base": m.base, "rate_key": m.rate, "tags": m.tags}
-        if m.unavailable:
-            results[m.name] = {**entry, "unavailable": m.unavailable}
-            continue
         lr = (lr_override or {}).get(m.name, rates.get(m.rate))
         if lr is None:
             raise KeyError(f"{study.name} / {setting.key}: no tuned rate {m.rate!r} for method {m.name!r}")
@@ -180,16 +177,15 @@ def run_setting(study: Study, setting: Setting, rates: dict, train: Split, test:
 
 
 def tune_setting(study: Study, setting: Setting, train: Split, test: Split, budget: Budget, seeds: list[int],
-                 progress=None) -> dict:
-    """For each rate key: the grid run of its tuning method; the chosen rate minimises the seeds' mean of the
+                 progress=None, keys: Optional[set] = None) -> dict:
+    """For each rate key (those in ``keys`` when given): the grid run of its tuning method; the chosen rate minimises the seeds' mean of the
     smallest full-train loss over the run (paper 000's criterion); a diverged run counts as +inf."""
     by_name = {m.name: m for m in setting.methods}
     chosen, grids = {}, {}
     for key, (name, grid) in setting.tune.items():
-        m = by_name[name]
-        if m.unavailable:
-            grids[key] = {"method": name, "unavailable": m.unavailable}
+        if keys is not None and key not in keys:
             continue
+        m = by_name[name]
         tr, te = setting.prepare(train, test, m)
         rows = []
         for lr in grid:

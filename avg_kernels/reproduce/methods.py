@@ -1,13 +1,11 @@
 """Training methods of the reproduction studies: plain torch optimizers, C-methods (paper 003) and AG methods
 (papers 000/002), each built as a ``Trainer`` for a model and a learning rate.
 
-AG variants that a build may lack (paper 000's n-iteration AG, ``mode="agn"``; paper 002's Linear variants,
-``linear=True``) are detected from ``avg_kernels.optim.AG`` itself: ``ag_support()`` says which exist, and a
-study lists the missing ones as "not available in this build" instead of running something else.
+AG's variants come from ``avg_kernels.optim.AG`` itself: paper 000's n-iteration AG-1 is
+``mode="agn", iterations=n`` (Alg. 4); paper 002's Linear variants of AG-1/AG-2 are ``linear=True`` (Eq. 11).
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -19,28 +17,7 @@ import torch.nn.functional as F
 from .. import metrics
 from ..demo.methods import Trainer
 from ..nn import convert
-from ..optim import AG, MODES, Consequentialism
-
-#: names AG's constructor might give paper 000's iteration count n (the n-iteration mode is another branch's)
-_ITERATION_ARGS = ("iterations", "n_iterations", "n_iter", "n")
-
-
-def ag_support() -> dict:
-    """What this build's ``AG`` accepts: {"agn": arg name or None, "linear": bool, "why": {variant: reason}}."""
-    params = inspect.signature(AG.__init__).parameters
-    why = {}
-    agn_arg = None
-    if "agn" in MODES:
-        agn_arg = next((a for a in _ITERATION_ARGS if a in params), None)
-        if agn_arg is None:
-            why["agn"] = f"AG has mode 'agn' but none of the arguments {_ITERATION_ARGS} for its iteration count"
-    else:
-        why["agn"] = "not available in this build (AG has no mode 'agn')"
-    linear = "linear" in params
-    if not linear:
-        why["linear"] = "not available in this build (AG takes no linear=True)"
-    return {"agn": agn_arg, "linear": linear, "why": why}
-
+from ..optim import AG, Consequentialism
 
 class StepLength:
     """Mean L1 length ‖θ_{t+1} − θ_t‖₁ of the applied updates (paper 002's "relative avg. step length")."""
@@ -119,7 +96,6 @@ class Method:
     build: Callable[[nn.Module, float], Trainer]
     rate: str  # key of the rates table (e.g. "rmsprop": AG at its base's tuned rate)
     base: Optional[str] = None  # the method it is compared with (RD, sample efficiency)
-    unavailable: Optional[str] = None  # why this build cannot run it (then it is listed, not run)
     tags: dict = field(default_factory=dict)
 
 
@@ -170,19 +146,19 @@ def ag(mode: str, kind: str, track_step: bool = False, **ag_kwargs):
 
 
 def ag_methods(base: str, modes: tuple[str, ...], rate: str, *, track_step: bool = False, linear: bool = False,
-               agn: Optional[int] = None, suffix: str = "") -> list[Method]:
+               agn: Optional[int] = None, suffix: str = "", agn_rate: Optional[str] = None) -> list[Method]:
     """AG methods over ``base`` at rate key ``rate``: each mode in ``modes``; with ``linear`` also the Linear
-    variants of AG-1/AG-2; with ``agn`` the n-iteration variant (n = agn). Missing ones come marked unavailable."""
-    sup = ag_support()
+    variants of AG-1/AG-2 (``linear=True``); with ``agn`` the n-iteration variant (``mode="agn", iterations=agn``),
+    at rate key ``agn_rate`` when given (its own tuned rate), else ``rate``."""
+    if agn is not None and (isinstance(agn, bool) or not isinstance(agn, int) or agn < 2):
+        raise ValueError(f"agn must be an iteration count n >= 2, got {agn!r}")
     out = [Method(f"{m}/{base}{suffix}", ag(m, base, track_step), rate, base) for m in modes]
     if linear:
-        for m in (x for x in modes if x in ("ag1", "ag2")):
-            out.append(Method(f"{m}-linear/{base}{suffix}", ag(m, base, track_step, linear=True) if sup["linear"]
-                              else None, rate, base, None if sup["linear"] else sup["why"]["linear"]))
+        out += [Method(f"{m}-linear/{base}{suffix}", ag(m, base, track_step, linear=True), rate, base)
+                for m in modes if m in ("ag1", "ag2")]
     if agn is not None:
-        kw = {sup["agn"]: agn} if sup["agn"] else {}
-        out.append(Method(f"ag{agn}-iter/{base}{suffix}", ag("agn", base, track_step, **kw) if sup["agn"] else None,
-                          rate, base, None if sup["agn"] else sup["why"]["agn"]))
+        out.append(Method(f"ag{agn}-iter/{base}{suffix}", ag("agn", base, track_step, iterations=agn),
+                          agn_rate or rate, base))
     return out
 
 

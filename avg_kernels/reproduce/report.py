@@ -95,7 +95,7 @@ def table(setting: dict) -> list[str]:
     for e in entries:
         if "agg" not in e:
             lines.append(f"| {e['method']} | {e['base'] or '–'} | – | " + " | ".join(
-                [e.get("unavailable", "not run")] + ["–"] * (len(cols) - 1)) + " |")
+                ["not run"] + ["–"] * (len(cols) - 1)) + " |")
             continue
         lines.append(f"| {e['method']} | {e['base'] or '–'} | {e['lr']:g} | "
                      + " | ".join(f(e["agg"]) for _, f in cols) + " |")
@@ -198,9 +198,6 @@ def tune_markdown(doc: dict) -> str:
     for s in doc["settings"]:
         lines += [f"## {s['title']}", "", "| rate key | method | lr: mean best loss | chosen |", "|---|---|---|---|"]
         for key, g in s["grids"].items():
-            if "unavailable" in g:
-                lines.append(f"| {key} | {g['method']} | {g['unavailable']} | – |")
-                continue
             cells = "; ".join(f"{r['lr']:g}: {r['best_loss']:.4g}" for r in g["rows"])
             lines.append(f"| {key} | {g['method']} | {cells} | {g['chosen']:g}"
                          + (" (at the grid's edge)" if g["at_grid_edge"] else "") + " |")

@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the chosen rates replace this study's entry in the package's rates.json")
     p.add_argument("--save-rates", action="store_true",
                    help="with --tune: write the chosen rates into avg_kernels/reproduce/rates.json")
+    p.add_argument("--methods", default=None,
+                   help="with --tune: tune only these rate keys (comma-separated, e.g. agn; the study's tune record "
+                        "lists them); the record is <study>-tune-<keys>.md and --save-rates replaces only these "
+                        "rates, keeping the study's others")
     p.add_argument("--data", default=None, help="folder with the four MNIST/Fashion-MNIST IDX files "
                    "(default: scikit-learn's embedded digits)")
     p.add_argument("--seeds", default=None, help="number of seeds (default: 3 quick, 5 full, 1 for --tune)")
@@ -61,6 +65,8 @@ def check(args) -> tuple[str, int]:
             raise ValueError(f"--seeds {seeds}: expected a whole number >= 1")
     if args.save_rates and not args.tune:
         raise ValueError("--save-rates only goes with --tune")
+    if args.methods is not None and not args.tune:
+        raise ValueError("--methods only goes with --tune")
     if args.data is not None and not Path(args.data).is_dir():
         raise ValueError(f"--data {args.data!r} is not a folder (expected the four IDX files in it)")
     if args.threads < 0:
@@ -99,6 +105,14 @@ def main(args) -> int:
     device = torch.device(args.device)
     train, test, info, notes = load_data(args.data, preset, device)
     settings = study.settings(preset, info)
+    keys = None
+    if args.methods is not None:
+        keys = {k.strip() for k in args.methods.split(",") if k.strip()}
+        known = {k for s in settings for k in s.tune}
+        if not keys or keys - known:
+            print(f"error: --methods {args.methods!r}: expected rate keys of {study.name} among {sorted(known)}",
+                  file=sys.stderr)
+            return 2
     budget = study.budgets[preset]
     seeds = list(range(n_seeds))
     out = Path(args.out)
@@ -109,27 +123,27 @@ def main(args) -> int:
     except ImportError:  # pragma: no cover
         tqdm = None
     if args.tune:
-        total = sum(len(g) * n_seeds for s in settings for _, g in s.tune.values())
+        total = sum(len(g) * n_seeds for s in settings for k, (_, g) in s.tune.items() if keys is None or k in keys)
     else:
-        total = sum(n_seeds for s in settings for m in s.methods if not m.unavailable)
+        total = sum(n_seeds for s in settings for m in s.methods)
     bar = tqdm(total=total, desc=study.name, unit="run", disable=args.no_progress) if tqdm else None
     base = {"device": device.type, "study": study.name, "title": study.title, "paper": study.paper, "preset": preset, "data": info["name"],
             "n_train": len(train.y), "seeds": seeds, "budget": vars(budget) if hasattr(budget, "__dict__") else
             budget.__dict__, "notes": [*study.notes, *notes]}
     if args.tune:
-        results = [engine.tune_setting(study, s, train, test, budget, seeds, bar) for s in settings]
+        results = [engine.tune_setting(study, s, train, test, budget, seeds, bar, keys) for s in settings]
         doc = {**base, "settings": results, "wall_s": time.perf_counter() - t0,
                "cpu_s": time.process_time() - c0, "machine": where}
         if bar:
             bar.close()
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"{study.name}-tune"
+        stem = f"{study.name}-tune" + ("-" + "-".join(sorted(keys)) if keys else "")
         (out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
         text = report.tune_markdown(doc)
         (out / f"{stem}.md").write_text(text + "\n")
         print(text)
         if args.save_rates:
-            save_rates(study.name, info["name"], results, doc["machine"])
+            save_rates(study.name, info["name"], results, doc["machine"], stem if keys else None)
             print(f"saved the chosen rates into {engine.RATES_FILE}")
         print(f"wrote {out / stem}.md, .json")
         return 0
@@ -160,8 +174,10 @@ def main(args) -> int:
     return 0
 
 
-def save_rates(study: str, dataset: str, results: list[dict], machine: dict) -> None:
-    """Replaces ``study``/``dataset`` in the package's rates.json (under a lock: tunes may run side by side)."""
+def save_rates(study: str, dataset: str, results: list[dict], machine: dict, partial: str | None = None) -> None:
+    """Replaces ``study``/``dataset`` in the package's rates.json (under a lock: tunes may run side by side).
+    ``partial`` (the tune record's stem of a ``--methods`` tune): only the tuned keys are replaced, the others
+    and the provenance of the earlier tune are kept, this tune's provenance appended."""
     import fcntl
 
     path = engine.RATES_FILE
@@ -169,10 +185,17 @@ def save_rates(study: str, dataset: str, results: list[dict], machine: dict) -> 
         fcntl.flock(lock, fcntl.LOCK_EX)
         table = json.loads(path.read_text()) if path.exists() else {}
         entry = table.setdefault(study, {})
-        entry[dataset] = {r["setting"]: r["rates"] for r in results}
         src = machine.get("source", {})
-        entry["_from"] = (f"`{machine['command']}` at commit {src.get('head')} on {machine['date_utc']} UTC "
-                          f"(grids: docs/reproduction/{study}-tune.md)")
+        prov = f"`{machine['command']}` at commit {src.get('head')} on {machine['date_utc']} UTC"
+        if partial is None:
+            entry[dataset] = {r["setting"]: r["rates"] for r in results}
+            entry["_from"] = f"{prov} (grids: docs/reproduction/{study}-tune.md)"
+        else:
+            for r in results:
+                entry.setdefault(dataset, {}).setdefault(r["setting"], {}).update(r["rates"])
+            keys = sorted({k for r in results for k in r["rates"]})
+            entry["_from"] = ((entry.get("_from", "") + "; ") if entry.get("_from") else "") + (
+                f"{', '.join(keys)}: {prov} (grids: docs/reproduction/{partial}.md)")
         path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 

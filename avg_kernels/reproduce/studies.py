@@ -99,14 +99,10 @@ def _p000(preset: str, info: dict) -> list[Setting]:
     layers = {"quick": 27, "smoke": 3, "full": 27}[preset]
     methods = [Method("rmsprop", M.plain("rmsprop"), "rmsprop")]
     methods += M.ag_methods("rmsprop", ("ag1",), "rmsprop", agn=5, suffix=" @RMSProp's rate")
-    methods += M.ag_methods("rmsprop", ("ag1",), "ag1", agn=5, suffix=" @own rate")
-    sup = M.ag_support()
-    own_n = next(m for m in methods if m.name.startswith("ag5-iter") and m.name.endswith("own rate"))
-    methods = [Method(m.name, m.build, "agn" if m is own_n else m.rate, m.base, m.unavailable, m.tags) for m in methods]
+    methods += M.ag_methods("rmsprop", ("ag1",), "ag1", agn=5, suffix=" @own rate", agn_rate="agn")
     grid = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]  # the same grid for every method: no method is favoured
-    tune = {"rmsprop": ("rmsprop", grid), "ag1": ("ag1/rmsprop @own rate", grid)}
-    if sup["agn"]:
-        tune["agn"] = ("ag5-iter/rmsprop @own rate", grid)
+    tune = {"rmsprop": ("rmsprop", grid), "ag1": ("ag1/rmsprop @own rate", grid),
+            "agn": ("ag5-iter/rmsprop @own rate", grid)}
     return [Setting("model-b", f"Model B: 2 ELU convs + {layers} Linear(·, 10) + Tanh layers + Linear, Glorot uniform "
                     "gain 5/3, batch 128", methods,
                     lambda m: model_b(info["side"], layers, classes=info["classes"]), lambda tr, te, m: (tr, te), tune)]
