@@ -147,17 +147,7 @@ def ag_step(model, opt, x, y, loss_fn, mode: str, rng, opt_factory=None):
                 if g is not None:
                     p.copy_(t - (tn - t).abs() * _sign(g))
         else:
-            twin = opt_factory(params)
-            twin.load_state_dict(state_t)
-            for p, g in zip(params, gbar):
-                p.grad = g.clone() if g is not None else None
-            twin.step()  # θ''
-            delta = [p.detach() - t for p, t in zip(params, theta)]
-            l1_step = sum((tn - t).abs().sum() for tn, t in zip(theta_new, theta))
-            l1_delta = sum(d.abs().sum() for d in delta)
-            scale = l1_step / l1_delta if l1_delta != 0 else 1.0
-            for p, t, d in zip(params, theta, delta):
-                p.copy_(t + d * scale)
+            _ag2_update(params, theta, theta_new, gbar, opt_factory, state_t)
     for p, g in zip(params, gbar):
         p.grad = g
     return loss.detach(), gbar, grads
@@ -356,17 +346,25 @@ def variant_step(model, opt, x, y, loss_fn, rng, mode="ag1", iterations=2, linea
             for p, t in zip(params, prev):
                 p.copy_(t)
         else:
-            twin = opt_factory(params)
-            twin.load_state_dict(state_t)
-            for p, g in zip(params, gbar):
-                p.grad = g.clone() if g is not None else None
-            twin.step()
-            delta = [p.detach() - t for p, t in zip(params, theta)]
-            l1_step = sum((tn - t).abs().sum() for tn, t in zip(theta_new, theta))
-            l1_delta = sum(d.abs().sum() for d in delta)
-            scale = l1_step / l1_delta if l1_delta != 0 else 1.0
-            for p, t, d in zip(params, theta, delta):
-                p.copy_(t + d * scale)
+            _ag2_update(params, theta, theta_new, gbar, opt_factory, state_t)
     for p, g in zip(params, gbar):
         p.grad = g
     return loss.detach(), gbar
+
+
+def _ag2_update(params, theta, theta_new, gbar, opt_factory, state_t) -> None:
+    """AG-2's update into ``params``: θ'' = a twin of the base optimizer stepped from the pre-step state s_t
+    with ḡ at θ, then θ + (θ'' − θ)·‖θ' − θ‖₁ / ‖θ'' − θ‖₁ (under no_grad)."""
+    for p, t in zip(params, theta):
+        p.copy_(t)
+    twin = opt_factory(params)
+    twin.load_state_dict(state_t)
+    for p, g in zip(params, gbar):
+        p.grad = g.clone() if g is not None else None
+    twin.step()  # θ''
+    delta = [p.detach() - t for p, t in zip(params, theta)]
+    l1_step = sum((tn - t).abs().sum() for tn, t in zip(theta_new, theta))
+    l1_delta = sum(d.abs().sum() for d in delta)
+    scale = l1_step / l1_delta if l1_delta != 0 else 1.0
+    for p, t, d in zip(params, theta, delta):
+        p.copy_(t + d * scale)
