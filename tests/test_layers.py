@@ -6,7 +6,7 @@
     3 ops          ops                               (the only layer that knows backends exist)
     4 nn           nn
     5 models       optim | metrics
-    6 apps         demo, data, cli, __main__, the package's __init__
+    6 apps         demo, reproduce, data, cli, _machine, __main__, the package's __init__
 
 A module may import its own column (the same top-level name) or any lower layer; nothing imports the
 repository's bench/ (not part of the package). Function-level imports and importlib.import_module calls
@@ -28,7 +28,7 @@ LAYERS = [
     [{"ops"}],
     [{"nn"}],
     [{"optim"}, {"metrics"}],
-    [{"demo", "data", "cli", "__main__", "__init__"}],
+    [{"demo", "reproduce", "data", "cli", "_machine", "__main__", "__init__"}],
 ]
 RANK = {name: (rank, col) for rank, cols in enumerate(LAYERS) for col, names in enumerate(cols) for name in names}
 

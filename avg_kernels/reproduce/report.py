@@ -2,22 +2,16 @@
 training loss against samples seen and against training wall time, with the command, commit and machine."""
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-
 
 def machine() -> dict:
-    """bench/machine.py's record in a source checkout; otherwise the essentials (an installed package).
-    The command is written as typed (``python -m avg_kernels reproduce ...``)."""
+    """The machine/source record of the bench tables (``avg_kernels._machine``). The command is written as typed (``python -m avg_kernels reproduce ...``)."""
     m = _machine()
     if sys.argv and sys.argv[0].endswith(os.path.join("avg_kernels", "__main__.py")):
         m["command"] = "python -m avg_kernels " + " ".join(sys.argv[1:])
@@ -25,25 +19,9 @@ def machine() -> dict:
 
 
 def _machine() -> dict:
-    try:
-        sys.path.insert(0, str(ROOT))
-        from bench.machine import machine_info
+    from .._machine import machine_info
 
-        return machine_info()
-    except Exception:  # noqa: BLE001 - no checkout: a shorter record
-        def git(*a):
-            try:
-                out = subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True, timeout=20)
-                return out.stdout.strip() if out.returncode == 0 else None
-            except (OSError, subprocess.SubprocessError):
-                return None
-        return {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-                "command": " ".join([os.path.basename(sys.executable), *sys.argv]), "cpu": platform.processor(),
-                "cpus_usable": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                "python": platform.python_version(), "source": {"head": git("rev-parse", "--short=12", "HEAD")}}
-    finally:
-        if sys.path and sys.path[0] == str(ROOT):
-            sys.path.pop(0)
+    return machine_info()
 
 
 def machine_lines(m: dict) -> list[str]:
