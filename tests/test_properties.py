@@ -138,11 +138,17 @@ def test_im2col_gram_properties(backend):
         want = reference.im2col_gram(x.double(), *args)
         out = ak.im2col_gram(x.to(dev), *args, backend=backend)
         assert out.dtype == (torch.float64 if c["dtype"] == torch.float64 else torch.float32)
-        tol = 1e-12 if c["dtype"] == torch.float64 else 1e-5
-        tol += 2 * _rel_fro(want.to(out.dtype), want)  # the output's own rounding (subnormal Grams)
-        assert _rel_fro(out, want) <= tol, c
+        _assert_gram_close(out, want, c)
 
     _run(backend, 60, conv_cases(), check)
+
+
+def _assert_gram_close(out, want, c) -> None:
+    """A Gram against the float64 reference: 1e-12 (float64 inputs) or 1e-5 relative Frobenius, plus the
+    output's own rounding (subnormal Grams)."""
+    tol = 1e-12 if c["dtype"] == torch.float64 else 1e-5
+    tol += 2 * _rel_fro(want.to(out.dtype), want)
+    assert _rel_fro(out, want) <= tol, c
 
 
 @st.composite
@@ -161,9 +167,7 @@ def test_linear_gram_properties(backend):
         x = _layout(_values(c["shape"], c["dtype"], c["seed"], 0, c["scale"]), c["layout"])
         want = reference.linear_gram(x.double(), c["bias"])
         out = ak.linear_gram(x.to(dev), c["bias"], backend=backend)
-        tol = 1e-12 if c["dtype"] == torch.float64 else 1e-5
-        tol += 2 * _rel_fro(want.to(out.dtype), want)  # the output's own rounding (subnormal Grams)
-        assert _rel_fro(out, want) <= tol, c
+        _assert_gram_close(out, want, c)
 
     _run(backend, 40, linear_cases(), check)
 

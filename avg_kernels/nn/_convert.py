@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from ..activations import EPS, TABLE
 from . import _recording
-from ._fnmode import UNSUPPORTED, ActivationMode
+from ._fnmode import UNSUPPORTED, ActivationMode, _torch_attr
 from ._recording import GRAPH, Recorder
 from .modules import REPLACEMENTS, AveragedActivation
 
@@ -48,13 +48,6 @@ UNSUPPORTED_KINDS = tuple(c for c in (
         "Hardshrink", "Threshold", "PReLU", "RReLU", "GLU"))
     if c is not None and c not in REPLACEMENTS)
 RECURRENT = (nn.RNNBase, nn.RNNCellBase)
-
-
-def _torch_attr(path: str):
-    obj = torch
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _dispatch_names(spec) -> set[str]:

@@ -41,6 +41,7 @@ from ._recording import GRAPH, REPLAY, Recorder
 # -- what the mode intercepts, derived from the activation table -----------------------------------------
 
 def _torch_attr(path: str):
+    """torch.<path>, e.g. "special.expit" -> torch.special.expit."""
     obj = torch
     for part in path.split("."):
         obj = getattr(obj, part)
