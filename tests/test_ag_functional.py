@@ -154,6 +154,28 @@ def _inner_tanh_sites(self, x):
     return self.out(h)
 
 
+
+def test_hand_written_ops_of_a_compound_get_no_backward(monkeypatch):
+    """A compound's averaged backward replaces the hand-written ops' gradient path: that path is cut from
+    the graph, not run on materialised zero gradients (it once ran every op of the form's backward and the
+    inner tanh's slot on zeros: 8 of GPT-2's 60 ms averaged backward)."""
+    from avg_kernels.nn import _recording
+
+    ran = []
+    inner = _recording._SlotAct.backward
+
+    def spy(ctx, grad):
+        ran.append((ctx.slot.kind, ctx.slot.superseded))
+        return inner(ctx, grad)
+
+    monkeypatch.setattr(_recording._SlotAct, "backward", staticmethod(spy))
+    _, ours = _twins()
+    x, y = _batch(0)
+    opt = AG(ours, torch.optim.RMSprop(_params(ours), lr=3e-2), mode="ag1", backend="reference")
+    opt.step(lambda: F.cross_entropy(ours(x), y))
+    assert ("compound", False) in ran  # the spy sees the backwards (the test can fail)
+    assert not [r for r in ran if r[1]], ran  # no superseded inner call's backward ran
+
 # -- kinds, report, bitwise outside steps ------------------------------------------------------------
 
 def test_report_names_each_averaged_activation_with_its_kind():
