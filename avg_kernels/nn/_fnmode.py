@@ -120,6 +120,29 @@ def _bind(spec: Activation, args: tuple, kwargs: dict):
     return x, params, inplace, kwargs.get("out") is not None
 
 
+#: torch function -> True where the mode has nothing to do with it (most calls of a forward: matmuls,
+#: views, norms ...), decided once per function by its name
+_PLAIN: dict = {}
+
+
+def _is_plain(func) -> bool:
+    try:
+        plain = _PLAIN.get(func)
+    except TypeError:  # an unhashable callable: decided each time
+        plain = None
+    if plain is None:
+        name = getattr(func, "__name__", None)
+        plain = name is None or not (
+            name in ARITHMETIC or name in SUPPORTED or name in SUPPORTED_INPLACE or name in UNSUPPORTED
+            or name in ANCHORS or name.endswith("_"))
+        if len(_PLAIN) < 4096:
+            try:
+                _PLAIN[func] = plain
+            except TypeError:
+                pass
+    return plain
+
+
 class ActivationMode(TorchFunctionMode):
     """Routes the activation calls of one forward pass through ``rec`` (see the module docstring).
 
@@ -169,9 +192,9 @@ class ActivationMode(TorchFunctionMode):
     # -- the dispatch ------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = getattr(func, "__name__", None)
-        if self.rec.busy or name is None:
+        if self.rec.busy or _is_plain(func):
             return func(*args, **kwargs)
+        name = func.__name__
         if name in ARITHMETIC:
             out = func(*args, **kwargs)
             done = self.recog.arithmetic(args, out)
