@@ -20,6 +20,8 @@ from torch import nn
 
 from avg_kernels.optim import CSGD, Consequentialism
 
+from _hf_models import build
+
 LAM = 1e-2
 
 
@@ -48,12 +50,7 @@ def _grads(model):
 # HF GPT-2: Conv1D and the tied head.
 
 def _gpt2(seed=0):
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).double()
+    return build("gpt2", seed, torch.float64)
 
 
 @pytest.mark.parametrize("tokens", [8, 32])  # 2 × 8 = 16 positions: every Conv1D in the M × M form; 64: c_attn D × D
