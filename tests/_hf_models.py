@@ -49,11 +49,16 @@ def _config(T, name):
     raise ValueError(f"name: expected one of {NAMES}, got {name!r}")
 
 
-def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The tiny model ``name`` (one of NAMES), parameters drawn after ``torch.manual_seed(seed)``, in ``dtype``."""
+def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32, **config) -> torch.nn.Module:
+    """The tiny model ``name`` (one of NAMES), parameters drawn after ``torch.manual_seed(seed)``, in ``dtype``;
+    ``config``: attributes of its config to set (e.g. ``hidden_dropout_prob=0.1``)."""
     T = pytest.importorskip("transformers")
     T.logging.set_verbosity_error()
     cls, cfg = _config(T, name)
+    for key, value in config.items():
+        if not hasattr(cfg, key):
+            raise ValueError(f"config: {type(cfg).__name__} has no attribute {key!r}")
+        setattr(cfg, key, value)
     torch.manual_seed(seed)
     return cls(cfg).to(dtype).train()
 

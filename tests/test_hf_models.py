@@ -7,7 +7,8 @@ never a download).
   hand-written tanh-GELUs (compound), Llama's 2 ``F.silu`` and BERT's 3 ``F.gelu`` calls (bare; their report
   and bitwise checks are in test_ag_functional.py), ViT's 2 ``F.gelu`` calls, ResNet's 5 ``nn.ReLU`` modules.
   MobileNetV2 computes only ReLU6 (no averaged kernel): the first step fails in every mode, naming each
-  module, and changes nothing. ViT and ResNet steps equal the float64 two-graph reference (_ag_reference).
+  module, and changes nothing. A step on each of the five (BERT with dropout) equals the float64 two-graph
+  reference (_ag_reference).
 * C-optimizers: a C-SGD and a C-Adam step run on each model; ``opt.report()`` lists every parameter, every
   >= 2-D parameter is preconditioned except the ones named here with their reason (tied embedding / head,
   embedding lookups, ViT's [CLS] token and position table), and only a tied weight is warned about; two
@@ -111,28 +112,37 @@ def test_mobilenetv2_relu6_fails_the_first_step_naming_every_module(mode):
     assert all(torch.equal(a, b) for a, b in zip(_snapshot(model), before))  # parameters and BatchNorm buffers
 
 
-def _with_nn_gelu(model):
-    """The model with each HF GELUActivation (F.gelu) replaced by nn.GELU: the same function, as a module the
-    float64 reference can hook."""
+# HF activation modules -> the torch.nn module of the same function, which the float64 reference hooks
+AS_NN = {"GELUActivation": nn.GELU,  # F.gelu
+         "NewGELUActivation": lambda: nn.GELU(approximate="tanh"),  # the hand-written tanh-GELU
+         "SiLUActivation": nn.SiLU}  # F.silu
+
+
+def _with_nn_activations(model):
     for name, m in list(model.named_modules()):
-        if type(m).__name__ == "GELUActivation":
+        if type(m).__name__ in AS_NN:
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, nn.GELU())
+            setattr(model.get_submodule(parent), attr, AS_NN[type(m).__name__]())
     return model
 
 
-@pytest.mark.parametrize("name,mode", [("vit", "ag1"), ("resnet", "ag2")])
-def test_ag_step_equals_the_float64_two_graph_reference(name, mode):
-    """ViT's functional F.gelu calls and ResNet's nn.ReLU modules between BatchNorms: ḡ and the update of one
-    step are the papers' two-graph AG in float64."""
-    plain = build(name, dtype=torch.float64)
+@pytest.mark.parametrize("name,mode,config", [
+    ("gpt2", "ag2", {}), ("llama", "ag1", {}), ("vit", "ag1", {}), ("resnet", "ag2", {}),
+    ("bert", "ag1", {"hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1})])
+def test_ag_step_equals_the_float64_two_graph_reference(name, mode, config):
+    """GPT-2's hand-written tanh-GELU (the secant of the whole GELU), Llama's F.silu, ViT's F.gelu calls,
+    ResNet's nn.ReLU modules between BatchNorms, BERT's F.gelu calls with dropout in training mode (the masks
+    replayed in every pass): ḡ and the update of one step are the papers' two-graph AG in float64, on the
+    same model with each activation written as its torch.nn module."""
+    plain = build(name, dtype=torch.float64, **config)
     ours = avg_kernels.nn.convert(copy.deepcopy(plain), warn=False)
-    _with_nn_gelu(plain)
+    _with_nn_activations(plain)
     (x,), y = batch(name, torch.float64)
+    y = x if y is None else y  # BERT: the tokens are the labels
     make = BASES[mode]
     opt_ref, opt = make(params_of(plain)), AG(ours, make(params_of(ours)), mode=mode, backend="reference")
     rng = torch.get_rng_state()
-    loss_fn = lambda out, t: F.cross_entropy(out.logits, t)  # noqa: E731
+    loss_fn = lambda out, t: F.cross_entropy(out.logits.flatten(0, -2), t.flatten())  # noqa: E731
     loss_ref, gbar_ref, g_ref = ref.ag_step(plain, opt_ref, x, y, loss_fn, mode, rng, opt_factory=make)
     torch.set_rng_state(rng)
     loss = opt.step(lambda: loss_fn(ours(x), y))
