@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 LM = ("gpt2", "llama", "bert")
-VISION = ("vit", "resnet", "mobilenetv2")
-NAMES = LM + VISION
+NAMES = LM + ("vit", "resnet", "mobilenetv2")
 VOCAB, TOKENS, CLASSES = 64, 8, 3
 IMAGE = {"vit": 16, "resnet": 32, "mobilenetv2": 32}
 
