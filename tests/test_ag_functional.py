@@ -23,6 +23,7 @@ from avg_kernels.optim import AG
 
 import _ag_reference as ref
 from _ag_reference import site
+from _hf_models import build as _hf
 
 
 def _gelu_tanh_hf(h):
@@ -278,20 +279,6 @@ def test_pairing_errors_name_bare_calls():
 
 
 # -- HF Transformers models (random init from tiny configs, no download) ------------------------------
-
-def _hf(name):
-    T = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    if name == "gpt2":
-        return T.GPT2LMHeadModel(T.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32,
-                                              bos_token_id=0, eos_token_id=0))
-    if name == "llama":
-        return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                                max_position_embeddings=32))
-    return T.BertForMaskedLM(T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                          intermediate_size=64, max_position_embeddings=32))
-
 
 @pytest.mark.parametrize("name,kinds", [("gpt2", {"compound": 2}), ("llama", {"bare": 2}),
                                         ("bert", {"bare": 3})])  # NewGELU; SiLUActivation; GELUActivation x3

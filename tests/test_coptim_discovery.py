@@ -20,6 +20,8 @@ from torch import nn
 
 from avg_kernels.optim import CSGD, Consequentialism
 
+from _hf_models import build
+
 LAM = 1e-2
 
 
@@ -48,12 +50,7 @@ def _grads(model):
 # HF GPT-2: Conv1D and the tied head.
 
 def _gpt2(seed=0):
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(cfg).double()
+    return build("gpt2", seed, torch.float64)
 
 
 @pytest.mark.parametrize("tokens", [8, 32])  # 2 × 8 = 16 positions: every Conv1D in the M × M form; 64: c_attn D × D
@@ -321,6 +318,35 @@ def test_autocast_mxm_and_dxd(dtype, n):
     assert rel < {(torch.bfloat16, 16): 1e-5, (torch.float16, 16): 1e-5,  # ΔZ is used as it is
                   (torch.bfloat16, 2048): 3e-2, (torch.float16, 2048): 5e-3}[dtype, n]  # .grad rounded
     assert opt.report().by_name["weight"].parts[0].form == ("M×M" if n == 16 else "D×D")
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-7])
+def test_fp16_mxm_check_judges_subnormal_gradients_at_fp16_spacing(scale):
+    """fp16 autocast without a GradScaler: a loss scaled by 1e-7 gives weight gradients of about 1e-6, in fp16's
+    subnormal range (below 6.1e-5: rounded to multiples of 2⁻²⁴, 3e-2 relative here), and the M × M check
+    raised "its gradient is not ΔZ·Xᵀ" (found on HF BERT's attention query/key layers, tests/test_hf_models.py).
+    P still is the float64 ΔZ Xᵀ (X Xᵀ + λI)⁻¹ of the recorded ΔZ; a .grad changed by more than that rounding
+    still raises."""
+    for tamper in (False, True):
+        torch.manual_seed(9)
+        lin = nn.Linear(64, 8)
+        opt = CSGD(lin, lr=0.1, lam=LAM)
+        x = torch.randn(16, 64)
+        with torch.autocast("cpu", dtype=torch.float16):
+            z = lin(x)
+        z.retain_grad()
+        (z.float().pow(2).sum() * scale).backward()
+        if tamper:
+            with torch.no_grad():
+                lin.weight.grad += lin.weight.grad.abs().max() * torch.randn(8, 64)
+            with pytest.raises(RuntimeError, match="its gradient is not ΔZ·Xᵀ"):
+                opt.precondition_()
+            continue
+        opt.precondition_()
+        X = _cols(x)
+        P = _p_ref(z.grad.double().T @ X.T, X)
+        rel = ((_gb(lin.weight.grad, lin.bias.grad).double() - P).norm() / P.norm()).item()
+        assert rel < 1e-5 and opt.report().by_name["weight"].parts[0].form == "M×M"
 
 
 def _amp_model():
