@@ -214,16 +214,18 @@ def _ag2_factors(a, b, q):
     dmax = 1.7976931348623157e308
     plain = ((a <= 0) | (b <= 0) | (a > dmax) | (b > dmax) | (a != a) | (b != b)
              | ((q >= 2.2250738585072014e-308) & (q <= dmax)))
+    aa = tl.where(plain, 1.0, a)  # both branches are evaluated: keep the unused one finite
+    bb = tl.where(plain, 1.0, b)
     # a / b > DBL_MAX: 2^k with b·2^k in [1, 2)
-    k = -_floor_log2(tl.where(plain, 1.0, b))
+    k = -_floor_log2(bb)
     k1 = tl.minimum(k, 1023)
     o_u1 = _pow2(k1)
     o_u2 = _pow2(k - k1)
-    o_v = a / (b * o_u1 * o_u2)
+    o_v = aa / (bb * o_u1 * o_u2)
     # 0 <= a / b < DBL_MIN: u1 = a·2^j / b, v = 2^-j
-    j = tl.minimum(1021 - _floor_log2(tl.where(plain, 1.0, a)), 1074)
+    j = tl.minimum(1021 - _floor_log2(aa), 1074)
     j1 = tl.minimum(j, 1023)
-    s_u1 = a * _pow2(j1) * _pow2(j - j1) / b
+    s_u1 = aa * _pow2(j1) * _pow2(j - j1) / bb
     s_v = _pow2(-j)
     over = q > dmax
     u1 = tl.where(plain, 1.0, tl.where(over, o_u1, s_u1))
