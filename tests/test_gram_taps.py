@@ -106,6 +106,29 @@ def test_tap_runs_brute_force():
     assert checked > 2000
 
 
+def test_unsplit_dims_waste_no_position():
+    """The dims the split leaves alone (taps closer than the input is long, d < size): after ops/gram.py's
+    trimming every position reads the input through some tap (brute force over small geometries)."""
+    checked = 0
+    for size in range(1, 7):
+        for k in range(1, 4):
+            for s in range(1, 5):
+                for p in range(0, 10):
+                    for d in range(1, size):
+                        out = (size + 2 * p - d * (k - 1) - 1) // s + 1
+                        if out < 1:
+                            continue
+                        pl = gram_ops._trim_dim(size, k, s, p, d, out)
+                        if pl is None:
+                            continue
+                        n = pl.stop - pl.start  # the trimmed input, its padding and stride
+                        for o in range(pl.positions):
+                            reads = [t for t in range(k) if 0 <= o * pl.stride - pl.pad_lo + t * d < n]
+                            assert reads, (size, k, s, p, d, o)
+                        checked += 1
+    assert checked > 500
+
+
 def test_plan_walks_only_the_positions_that_read():
     """The plan of kernel 3, dilation 2**40, padding 2**41 on 5 inputs: three kernel-1 parts of 5 positions
     (before: one call over 2**41 + 5 positions); with padding 2**40, one part (taps 0 and 2 read nothing)."""
