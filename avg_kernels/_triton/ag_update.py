@@ -191,8 +191,53 @@ def ag2_reduce_kernel(meta, blk_off, partials, part_off, P: tl.constexpr, O: tl.
 
 
 @triton.jit
+def _floor_log2(x):
+    """floor(log2 x) of a positive finite float64 (subnormals: scaled by 2^64 first), as int64."""
+    sub = x < 2.2250738585072014e-308
+    y = tl.where(sub, x * 18446744073709551616.0, x)
+    e = ((y.to(tl.int64, bitcast=True) >> 52) & 2047) - 1023
+    return tl.where(sub, e - 64, e)
+
+
+@triton.jit
+def _pow2(k):
+    """2^k as float64, exact, for -1074 <= k <= 1023 (subnormal powers: 2^(k+64) · 2^-64)."""
+    sub = k < -1022
+    v = ((tl.where(sub, k + 64, k) + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
+    return tl.where(sub, v * 5.421010862427522e-20, v)
+
+
+@triton.jit
+def _ag2_factors(a, b, q):
+    """The scale a / b (q, rounded) as factors (u1, u2, v) that neither overflow nor underflow, as
+    csrc/include/avg_kernels/ag2_scale.h (which explains them): the update is fma((Δ·u1)·u2, v, θ)."""
+    dmax = 1.7976931348623157e308
+    plain = ((a <= 0) | (b <= 0) | (a > dmax) | (b > dmax) | (a != a) | (b != b)
+             | ((q >= 2.2250738585072014e-308) & (q <= dmax)))
+    aa = tl.where(plain, 1.0, a)  # both branches are evaluated: keep the unused one finite
+    bb = tl.where(plain, 1.0, b)
+    # a / b > DBL_MAX: 2^k with b·2^k in [1, 2)
+    k = -_floor_log2(bb)
+    k1 = tl.minimum(k, 1023)
+    o_u1 = _pow2(k1)
+    o_u2 = _pow2(k - k1)
+    o_v = aa / (bb * o_u1 * o_u2)
+    # 0 <= a / b < DBL_MIN: u1 = a·2^j / b, v = 2^-j
+    j = tl.minimum(1021 - _floor_log2(aa), 1074)
+    j1 = tl.minimum(j, 1023)
+    s_u1 = aa * _pow2(j1) * _pow2(j - j1) / bb
+    s_v = _pow2(-j)
+    over = q > dmax
+    u1 = tl.where(plain, 1.0, tl.where(over, o_u1, s_u1))
+    u2 = tl.where(plain | ~over, 1.0, o_u2)
+    v = tl.where(plain, q, tl.where(over, o_v, s_v))
+    return u1, u2, v
+
+
+@triton.jit
 def ag2_final_kernel(partials, n_parts, norms, BLOCK: tl.constexpr):
-    """One program: norms = (‖θ' − θ‖₁, ‖θ'' − θ‖₁, scale) from the partials, in a fixed order."""
+    """One program: norms = (‖θ' − θ‖₁, ‖θ'' − θ‖₁, scale, u1, u2, v) from the partials, in a fixed order;
+    (u1, u2, v): the scale as factors (``_ag2_factors``)."""
     lanes = tl.arange(0, BLOCK).to(tl.int64)
     acc_step = tl.zeros([BLOCK], dtype=tl.float64)
     acc_delta = tl.zeros([BLOCK], dtype=tl.float64)
@@ -209,14 +254,18 @@ def ag2_final_kernel(partials, n_parts, norms, BLOCK: tl.constexpr):
     tl.store(norms, n_step)
     tl.store(norms + one, n_delta)
     tl.store(norms + 2 * one, scale)
+    u1, u2, v = _ag2_factors(n_step, n_delta, scale)
+    tl.store(norms + 3 * one, u1)
+    tl.store(norms + 4 * one, u2)
+    tl.store(norms + 5 * one, v)
 
 
 @triton.jit
-def _ag2_elem(pv, t, scale, scale_d, wide, OP: tl.constexpr):
+def _ag2_elem(pv, t, scale, scale_d, u1, u2, wide, OP: tl.constexpr):
     r = tl.fma(pv - t, scale, t)
-    if OP == tl.float32:
-        if wide:  # a scale outside float's normal range: multiply in float64, round once (as the C++ kernels)
-            r = tl.fma((pv - t).to(tl.float64), scale_d, t.to(tl.float64)).to(tl.float32)
+    if wide:  # a scale outside float's normal range, or the ratio outside double's (factors u1, u2 != 1):
+        # multiply in float64 with the factors, round once (as the C++ kernels)
+        r = tl.fma((pv - t).to(tl.float64) * u1 * u2, scale_d, t.to(tl.float64)).to(OP)
     return r
 
 
@@ -229,21 +278,26 @@ def ag2_scale_kernel(meta, blk_off, norms, P: tl.constexpr, O: tl.constexpr, OP:
     o = _ptr(meta, row, 1, O, ALIGNED)
     one = tl.full([], 1, tl.int64)
     n_delta = tl.load(norms + one)
-    scale_d = tl.load(norms + 2 * one)
+    u1 = tl.load(norms + 3 * one)
+    u2 = tl.load(norms + 4 * one)
+    scale_d = tl.load(norms + 5 * one)  # the plain scale when u1 = u2 = 1
     scale = scale_d.to(OP)
-    wide = (scale_d != 0) & ((tl.abs(scale_d) < 1.1754943508222875e-38) | (tl.abs(scale_d) > 3.4028234663852886e38))
+    wide = (u1 != 1.0) | (u2 != 1.0)
+    if OP == tl.float32:
+        wide = wide | ((scale_d != 0) & ((tl.abs(scale_d) < 1.1754943508222875e-38)
+                                         | (tl.abs(scale_d) > 3.4028234663852886e38)))
     if n_delta == 0:
         end = start  # ‖Δ‖₁ = 0: leave every element as it is
     lanes = tl.arange(0, BLOCK)
     full = start + (end - start) // BLOCK * BLOCK
     for base in range(start, full, BLOCK):
         idx = base + lanes
-        r = _ag2_elem(_widen(tl.load(p + idx), P, OP), _widen(tl.load(o + idx), O, OP), scale, scale_d, wide, OP)
+        r = _ag2_elem(_widen(tl.load(p + idx), P, OP), _widen(tl.load(o + idx), O, OP), scale, scale_d, u1, u2, wide, OP)
         tl.store(p + idx, _narrow(r, P))
     idx = full + lanes
     m = idx < end
     r = _ag2_elem(_widen(tl.load(p + idx, mask=m, other=0), P, OP), _widen(tl.load(o + idx, mask=m, other=0), O, OP),
-                  scale, scale_d, wide, OP)
+                  scale, scale_d, u1, u2, wide, OP)
     tl.store(p + idx, _narrow(r, P), mask=m)
 
 
@@ -333,8 +387,8 @@ def ag2_rescale_(entries: Sequence[FlatEntry], device: torch.device, launch: Lau
     n_parts = sum(g.n_programs for g in groups)
     # one allocation, no memset (NaN-filled under AVG_KERNELS_POISON_OUTPUTS=1: a program that
     # forgets its partial, or a final reduce that skips one, poisons the norms)
-    buf = new_output((2 * n_parts + 3,), meta, dtype=torch.float64)  # meta lives on the device
-    partials, norms = buf[: 2 * n_parts], buf[2 * n_parts:]
+    buf = new_output((2 * n_parts + 6,), meta, dtype=torch.float64)  # meta lives on the device
+    partials, norms = buf[: 2 * n_parts], buf[2 * n_parts:]  # norms: 3 values, then the scale's 3 factors
     for g in groups:
         _launch(ag2_reduce_kernel, (g.n_programs,), device, meta, g.blk_off, partials, g.part_off, P=g.codes[0],
                 O=g.codes[1], S=g.codes[2], OP=g.op, ALIGNED=g.aligned, CHUNK=launch.chunk, BLOCK=launch.block,
@@ -343,7 +397,7 @@ def ag2_rescale_(entries: Sequence[FlatEntry], device: torch.device, launch: Lau
     for g in groups:
         _launch(ag2_scale_kernel, (g.n_programs,), device, meta, g.blk_off, norms, P=g.codes[0], O=g.codes[1],
                 OP=g.op, ALIGNED=g.aligned, CHUNK=launch.chunk, BLOCK=launch.block, num_warps=launch.num_warps)
-    return norms
+    return norms[:3]
 
 
 # ---------------------------------------------------------------------------------------------

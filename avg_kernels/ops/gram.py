@@ -27,6 +27,7 @@ from ..reference.gram import unfold3d
 from .._contract import args
 from .._contract.dtypes import gram_dtype
 from .._contract.outputs import new_output
+from . import _gram_taps
 from ._registry import Autograd, Op, OpSpec
 
 IntOrTuple = Union[int, Sequence[int]]
@@ -304,6 +305,40 @@ def _counted(kernel):
     return run
 
 
+def _by_taps(kernel):
+    """A conv backend that computes a geometry whose taps never meet (dilation >= input extent: most positions
+    read nothing) one tap at a time, each over the positions it reads (see ``_gram_taps``); other geometries
+    go to ``kernel`` as they are."""
+    @functools.wraps(kernel)
+    def run(c: ConvCall) -> torch.Tensor:
+        geo = c.geo
+        parts = _gram_taps.plan(c.x.shape[2:], geo.kernel_size, geo.stride, geo.padding, geo.dilation,
+                                geo.out_size)
+        if parts is None:
+            return kernel(c)
+        out = new_output((geo.groups, geo.dim, geo.dim), c.x, gram_dtype(c.x.dtype)).zero_()
+        cg = c.x.shape[1] // geo.groups
+        rows = torch.arange(cg * math.prod(geo.kernel_size), device=c.x.device).view(cg, *geo.kernel_size)
+        for part in parts:
+            xs = c.x
+            for i, (a, b) in enumerate(zip(part.start, part.stop)):
+                xs = xs.narrow(2 + i, a, b - a)
+            sub = geo._replace(kernel_size=part.kernel_size, stride=part.stride, padding=part.padding,
+                               dilation=part.dilation, out_size=part.out_size,
+                               dim=cg * math.prod(part.kernel_size) + int(geo.bias))
+            a = kernel(ConvCall(xs, sub, 0, xs))
+            idx = rows[(slice(None), *(slice(None) if t is None else t for t in part.taps))].reshape(-1)
+            n = idx.numel()
+            out[:, idx[:, None], idx[None, :]] = a[:, :n, :n]  # each row's taps live in exactly one part
+            if geo.bias:
+                out[:, idx, -1] = a[:, :n, -1]
+                out[:, -1, idx] = a[:, -1, :n]
+        if geo.bias:  # every position of the geometry, also those that read nothing
+            out[:, -1, -1] = float(c.x.shape[0] * math.prod(geo.out_size))
+        return out
+    return run
+
+
 def _check_conv(x, kernel_size, stride, padding, dilation, groups, bias, *, fake: bool) -> ConvCall:
     geo = conv_geometry(x, kernel_size, stride, padding, dilation, groups, bias)
     return ConvCall(x, geo, 0, x) if fake else _trim(x, geo)
@@ -374,8 +409,9 @@ IM2COL_GRAM = Op(OpSpec(
     check=_check_conv,
     fake=lambda c: c.like.new_empty((c.geo.groups, c.geo.dim, c.geo.dim), dtype=gram_dtype(c.like.dtype)),
     device=lambda c: c.like.device,
-    backends={"reference": _counted(_reference_conv), "cpu": _counted(_by_depth(_compiled_conv)),
-              "cuda": _counted(_by_depth(_compiled_conv)), "triton": _counted(_by_depth(_triton_conv))},
+    backends={"reference": _counted(_by_taps(_reference_conv)), "cpu": _counted(_by_taps(_by_depth(_compiled_conv))),
+              "cuda": _counted(_by_taps(_by_depth(_compiled_conv))),
+              "triton": _counted(_by_taps(_by_depth(_triton_conv)))},
     autograd=Autograd(_conv_backward, _conv_setup),
 ))
 

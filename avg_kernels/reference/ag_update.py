@@ -5,6 +5,8 @@ parameter's dtype at the end. Every fast backend is tested against these two fun
 """
 from __future__ import annotations
 
+import math
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -48,6 +50,25 @@ def l1_norms(params: Sequence[torch.Tensor], params_old: Sequence[torch.Tensor],
     return float(step), float(delta)
 
 
+def ag2_factors(a: float, b: float) -> tuple[float, float, float]:
+    """The AG-2 scale a / b (a = ‖θ' − θ‖₁, b = ‖Δ‖₁) as factors (u1, u2, v), u1·u2·v = a / b up to one rounding,
+    that neither overflow nor underflow (csrc/include/avg_kernels/ag2_scale.h explains them; every backend
+    computes the same): a / b a normal double → (1, 1, a / b); a / b > DBL_MAX → (2^k1, 2^k2, a / (b·2^k)) with
+    b·2^k in [1, 2); 0 < a / b < DBL_MIN → (a·2^j / b, 1, 2^-j). The update is θ + ((Δ·u1)·u2)·v."""
+    q = a / b if b != 0 else 0.0
+    dmax, dmin = sys.float_info.max, sys.float_info.min
+    if not (0 < a <= dmax and 0 < b <= dmax) or dmin <= q <= dmax:
+        return 1.0, 1.0, q
+    if q > dmax:
+        k = -(math.frexp(b)[1] - 1)
+        k1 = min(k, 1023)
+        u1, u2 = math.ldexp(1.0, k1), math.ldexp(1.0, k - k1)
+        return u1, u2, a / (b * u1 * u2)
+    j = min(1021 - (math.frexp(a)[1] - 1), 1074)
+    j1 = min(j, 1023)
+    return a * math.ldexp(1.0, j1) * math.ldexp(1.0, j - j1) / b, 1.0, math.ldexp(1.0, -j)
+
+
 def ag2_rescale_(params: Sequence[torch.Tensor], params_old: Sequence[torch.Tensor],
                  params_step: Sequence[torch.Tensor]) -> None:
     """θ ← θ + Δ · ‖θ' − θ‖₁ / ‖Δ‖₁ with Δ = θ'' − θ, in place on ``params`` (which hold θ'').
@@ -60,8 +81,9 @@ def ag2_rescale_(params: Sequence[torch.Tensor], params_old: Sequence[torch.Tens
     n_step, n_delta = l1_norms(params, params_old, params_step)
     if n_delta == 0:
         return
-    scale = n_step / n_delta
+    u1, u2, scale = ag2_factors(n_step, n_delta)  # a ratio outside double's range as factors
     for p, o in zip(params, params_old):
         t = o.detach().double()
-        r = t + (p.detach().double() - t) * scale
+        d = p.detach().double() - t
+        r = t + (d * scale if u1 == u2 == 1.0 else d * u1 * u2 * scale)
         p.detach().copy_(r)

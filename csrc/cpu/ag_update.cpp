@@ -57,7 +57,7 @@ at::Tensor ag2_rescale_cpu(at::TensorList params, at::TensorList params_old, at:
   k.ag2_norms(prep.entries.data(), n, &n_step, &n_delta);
   const double scale = n_delta == 0 ? 0.0 : n_step / n_delta;
   if (n_delta != 0) {
-    k.ag2_scale(prep.entries.data(), n, scale);
+    k.ag2_scale(prep.entries.data(), n, avg_kernels::ag2::factors(n_step, n_delta));
     prep.finish();
   }
   return at::tensor({n_step, n_delta, scale}, at::TensorOptions().dtype(at::kDouble));

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "../ag_entry.h"
+#include "avg_kernels/ag2_scale.h"
 #include "../ridge_driver.h"
 #include "kernels/gram_plan.h"
 
@@ -48,7 +49,7 @@ struct Kernels {
   void (*ag1_update)(const ag::FlatEntry<3>* entries, int64_t n);
   // (‖θ' − θ‖₁, ‖θ'' − θ‖₁), summed in float64 in a fixed order (independent of the thread count).
   void (*ag2_norms)(const ag::FlatEntry<3>* entries, int64_t n, double* n_step, double* n_delta);
-  void (*ag2_scale)(const ag::FlatEntry<3>* entries, int64_t n, double scale);
+  void (*ag2_scale)(const ag::FlatEntry<3>* entries, int64_t n, ag2::Factors scale);
 
   // Conv Gram of a 4-d input (N, C, H, W) into out (groups, D, D), float32 (float64 for float64 x):
   // the shifted-correlation kernels, and explicit im2col chunks + GEMM (the few-channel path).

@@ -74,15 +74,15 @@ at::Tensor ag2_rescale_cuda(at::TensorList params, at::TensorList params_old, at
   // partial that a block forgets poisons the result.
   const char* poison = std::getenv("AVG_KERNELS_POISON_OUTPUTS");
   at::Tensor buf = (poison && std::string(poison) == "1")
-                       ? at::full({2 * n_blocks + 3}, std::numeric_limits<double>::quiet_NaN(),
+                       ? at::full({2 * n_blocks + 6}, std::numeric_limits<double>::quiet_NaN(),
                                   params[0].options().dtype(at::kDouble))
-                       : at::empty({2 * n_blocks + 3}, params[0].options().dtype(at::kDouble));
+                       : at::empty({2 * n_blocks + 6}, params[0].options().dtype(at::kDouble));
   double* partials = buf.data_ptr<double>();
   double* norms = partials + 2 * n_blocks;
   CudaLauncher launcher{at::cuda::getCurrentCUDAStream()};
   launch_ag2(groups, lim, partials, norms, launcher);
   prep.finish();
-  return buf.narrow(0, 2 * n_blocks, 3);
+  return buf.narrow(0, 2 * n_blocks, 3);  // the scale's factors (3 more) stay internal
 }
 
 }  // namespace

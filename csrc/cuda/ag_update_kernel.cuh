@@ -18,6 +18,7 @@
 
 #include <math.h>
 
+#include "avg_kernels/ag2_scale.h"
 #include "multi_tensor_apply.cuh"
 
 namespace avg_kernels {
@@ -95,23 +96,30 @@ AK_MTA_HD void ag2_final_thread(const double* partials, int64_t n_blocks, int ti
   }
 }
 
-// norms = (‖θ' − θ‖₁, ‖θ'' − θ‖₁, scale); scale is 0 when ‖θ'' − θ‖₁ = 0 (nothing is then written).
+// norms = (‖θ' − θ‖₁, ‖θ'' − θ‖₁, scale, u1, u2, v); scale is 0 when ‖θ'' − θ‖₁ = 0 (nothing is then
+// written); (u1, u2, v) the scale as factors that neither overflow nor underflow (avg_kernels/ag2_scale.h).
 AK_MTA_HD void ag2_store_norms(double step, double delta, double* norms) {
   norms[0] = step;
   norms[1] = delta;
   norms[2] = delta == 0.0 ? 0.0 : step / delta;
+  const ag2::Factors f = ag2::factors(step, delta);
+  norms[3] = f.u1;
+  norms[4] = f.u2;
+  norms[5] = f.v;
 }
 
 template <class Op, class Table>
 AK_MTA_HD void ag2_scale_thread(const Table& tab, int block, int tid, int nthreads, int64_t chunk,
                                 const double* norms) {
   if (norms[1] == 0.0) return;  // ‖θ'' − θ‖₁ = 0: leave everything as it is
-  const double scale_d = norms[2];
+  const double u1 = norms[3], u2 = norms[4], scale_d = norms[5];
   const Op scale = Op(scale_d);
-  // Float arithmetic with a scale that is not a normal float (it would underflow or overflow when rounded):
-  // multiply in double, rounding once (uniform across the grid: no divergence).
-  const bool wide = sizeof(Op) == 4 && scale_d != 0.0 &&
-                    !(fabs(scale_d) >= 1.1754943508222875e-38 && fabs(scale_d) <= 3.4028234663852886e38);
+  // A scale that is not a normal float in float arithmetic (it would underflow or overflow when rounded), or a
+  // ratio outside double's normal range (factors u1, u2 != 1): multiply in double with the factors, rounding
+  // once (uniform across the grid: no divergence).
+  const bool wide = !(u1 == 1.0 && u2 == 1.0) ||
+                    (sizeof(Op) == 4 && scale_d != 0.0 &&
+                     !(fabs(scale_d) >= 1.1754943508222875e-38 && fabs(scale_d) <= 3.4028234663852886e38));
   const mta::BlockTask b = mta::block_task(tab, block, chunk);
   void* p = tab.addr[0][b.slot];
   const void* o = tab.addr[1][b.slot];
@@ -123,7 +131,8 @@ AK_MTA_HD void ag2_scale_thread(const Table& tab, int block, int tid, int nthrea
     mta::load_group(o, d_o, i, count, whole, ov);
     AK_MTA_UNROLL
     for (int k = 0; k < kILP; ++k)
-      pv[k] = wide ? Op(fma(double(pv[k] - ov[k]), scale_d, double(ov[k]))) : fma_op(pv[k] - ov[k], scale, ov[k]);
+      pv[k] = wide ? Op(fma(double(pv[k] - ov[k]) * u1 * u2, scale_d, double(ov[k])))
+                   : fma_op(pv[k] - ov[k], scale, ov[k]);
     mta::store_group(p, dp, i, count, whole, pv);
   });
 }

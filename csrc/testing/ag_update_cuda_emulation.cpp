@@ -67,11 +67,11 @@ std::tuple<at::Tensor, at::Tensor> ag2_emulated(at::TensorList params, at::Tenso
   const int64_t n_blocks = mta::count_blocks(groups[0], lim.chunk) + mta::count_blocks(groups[1], lim.chunk);
   // NaN-filled: a block that forgets its partial poisons the norms.
   std::vector<double> partials(2 * n_blocks, std::numeric_limits<double>::quiet_NaN());
-  at::Tensor norms = at::full({3}, std::numeric_limits<double>::quiet_NaN(), at::kDouble);
+  at::Tensor norms = at::full({6}, std::numeric_limits<double>::quiet_NaN(), at::kDouble);  // + the factors
   Emulator em;
   launch_ag2(groups, lim, partials.data(), norms.data_ptr<double>(), em);
   prep.finish();
-  return {norms, launch_counts(em)};
+  return {norms.narrow(0, 0, 3), launch_counts(em)};
 }
 
 at::Tensor plan(at::IntArrayRef numels, int64_t chunk, int64_t max_tensors, int64_t max_blocks) {

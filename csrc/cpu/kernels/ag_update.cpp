@@ -310,9 +310,12 @@ inline bool scale_needs_double(double scale) {
   return scale != 0 && !(std::fabs(scale) >= double(FLT_MIN) && std::fabs(scale) <= double(FLT_MAX));
 }
 
+// f: the scale as factors (csrc/include/avg_kernels/ag2_scale.h). Plain factors (u1 = u2 = 1) take the
+// vector paths with v; the others (a ratio outside double's normal range) the scalar double loop.
 template <class Op>
-void ag2_scale_item(const FlatEntry<3>& e, int64_t begin, int64_t end, double scale_d) {
-  const bool wide = std::is_same_v<Op, float> && scale_needs_double(scale_d);
+void ag2_scale_item(const FlatEntry<3>& e, int64_t begin, int64_t end, const ag2::Factors& f) {
+  const double scale_d = f.v;
+  const bool wide = !ag2::plain(f) || (std::is_same_v<Op, float> && scale_needs_double(scale_d));
   if constexpr (std::is_same_v<Op, float>) {  // params and params_old (params_step is not read here)
     if (!wide && all_of(e, at::kBFloat16, 2)) return ag2_scale_item16<at::BFloat16>(e, begin, end, scale_d);
     if (!wide && all_of(e, at::kHalf, 2)) return ag2_scale_item16<at::Half>(e, begin, end, scale_d);
@@ -327,7 +330,8 @@ void ag2_scale_item(const FlatEntry<3>& e, int64_t begin, int64_t end, double sc
     const bool direct = e.dtype[0] == kOpType<Op>;
     Op* out = direct ? static_cast<Op*>(e.ptr[0]) + off : bo;
     if (wide) {
-      for (int64_t i = 0; i < n; ++i) out[i] = Op(std::fma(double(p[i] - t[i]), scale_d, double(t[i])));
+      for (int64_t i = 0; i < n; ++i)
+        out[i] = Op(std::fma(double(p[i] - t[i]) * f.u1 * f.u2, f.v, double(t[i])));
       if (!direct) store_tile<Op>(e.ptr[0], e.dtype[0], off, n, bo);
       continue;
     }
@@ -373,7 +377,7 @@ void ag2_norms(const FlatEntry<3>* entries, int64_t n, double* n_step, double* n
   *n_delta = d;
 }
 
-void ag2_scale(const FlatEntry<3>* entries, int64_t n, double scale) {
+void ag2_scale(const FlatEntry<3>* entries, int64_t n, ag2::Factors scale) {
   const auto items = make_items(entries, n);
   for_each_item(items, [&](size_t k) {
     const Item& it = items[k];

@@ -17,7 +17,7 @@ void act_value(const at::Tensor& x, at::Tensor& out, int64_t act, double p0, dou
 
 void ag1_update(const ag::FlatEntry<3>* entries, int64_t n);
 void ag2_norms(const ag::FlatEntry<3>* entries, int64_t n, double* n_step, double* n_delta);
-void ag2_scale(const ag::FlatEntry<3>* entries, int64_t n, double scale);
+void ag2_scale(const ag::FlatEntry<3>* entries, int64_t n, ag2::Factors scale);
 
 void gram_correlation(const at::Tensor& x4, const gram::ConvDim& gh, const gram::ConvDim& gw, int64_t groups, bool bias,
                       at::Tensor& out);
