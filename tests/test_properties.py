@@ -234,8 +234,10 @@ def test_ridge_solve_properties(backend):
         out_round = {torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7, torch.float32: 2 ** -23,
                      torch.float64: 2 ** -52}[c["g_dtype"]]
         tol = 20 * math.sqrt(c["d"]) * torch.finfo(ct).eps * kappa + 2 * out_round
-        if float(want.abs().max()) > torch.finfo(G.dtype).max / 2:
-            return  # P overflows G's dtype (float16 with a small λ): inf is its rounding, not the property here
+        if float(want.abs().max()) * (1 + tol) > torch.finfo(G.dtype).max / 2:
+            # P, or P within the error the bar allows (κ up to 1e7 for float32: 41x), overflows G's dtype
+            # (float16 with a small λ): inf is then its rounding, not the property here
+            return
         assert torch.isfinite(out).all(), c
         assert _rel_fro(out, want) <= tol, (c, kappa)
 
