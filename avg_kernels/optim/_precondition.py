@@ -6,7 +6,8 @@ Per layer, one of three cases:
   ``ridge_solve`` (those of D <= ``MERGE_MAX_D`` share one per dtype/device, padded to the largest D);
   with ``refresh_every = k > 1`` the solve is against I and ``(A + λI)⁻¹`` is kept;
 * D × D between refreshes: ``P = G · (A + λI)⁻¹`` with the kept inverse;
-* M × M (the layer saw fewer positions M than D): ``P = ΔZ (XᵀX + λI)⁻¹ Xᵀ``, layers of equal M batched.
+* M × M (the layer saw fewer positions M than D): ``P = ΔZ (XᵀX + λI)⁻¹ Xᵀ``, layers of equal M batched;
+  the solve takes ΔZ's C rows or X's D rows as right-hand sides, whichever are fewer (``mxm_solves_for_x``).
   The base optimizer sees ``.grad`` while this form uses ΔZ, so a probe first checks ``.grad = c·ΔZ Xᵀ``
   for one uniform factor c (gradient clipping, AMP unscaling) and applies c.
 """
@@ -155,7 +156,7 @@ class Preconditioner:
             inv = torch.cat([e.inverse for e in entries])
             G = stack_padded([e.grad for e in entries], inv.shape[-1])
             self._scatter(entries, G.to(inv.dtype) @ inv)
-        for entries in split_rows(list(mxm.values()), lambda e: e.dz):
+        for entries in split_rows(list(mxm.values()), mxm_rhs):
             self._solve_mxm(entries, lam)
 
     def _solve_fresh(self, entries: list[FreshDxD], lam: float, k: int) -> None:
@@ -170,13 +171,16 @@ class Preconditioner:
             self._scatter(entries, self.solve(G, A, lam))
 
     def _solve_mxm(self, entries: list[MxMSystem], lam: float) -> None:
+        """P = ΔZ (K + λI)⁻¹ Xᵀ per entry, the solve's right-hand sides chosen by ``mxm_rhs``."""
         K = torch.cat([e.K for e in entries])
-        dZ = stack_padded([e.dz for e in entries], K.shape[-1])
-        S = self.solve(dZ, K, lam)
+        S = self.solve(stack_padded([mxm_rhs(e) for e in entries], K.shape[-1]), K, lam)
         start = 0
         for e in entries:
             g = e.X.shape[0]
-            P = S[start:start + g, :e.dz.shape[1]] @ e.X.mT
+            if mxm_solves_for_x(e):  # S = X (K + λI)⁻¹ and (K + λI)⁻¹ is symmetric: P = ΔZ Sᵀ
+                P = e.dz @ S[start:start + g, :e.X.shape[1]].mT
+            else:  # S = ΔZ (K + λI)⁻¹
+                P = S[start:start + g, :e.dz.shape[1]] @ e.X.mT
             e.layer.write_grad(P * e.factor if e.factor != 1.0 else P, e.bias)
             start += g
 
@@ -226,6 +230,18 @@ def uniform_factors(cases: list[MxMCase], generator: Optional[torch.Generator] =
                 f"uniform rescale (clipping), or not zeroed since the previous step?")
         out.append(1.0 if abs(c - 1.0) <= tol else c)
     return out
+
+
+def mxm_solves_for_x(e: MxMSystem) -> bool:
+    """The M × M form's two orders, P = (ΔZ (K + λI)⁻¹) Xᵀ and P = ΔZ (X (K + λI)⁻¹)ᵀ, cost the same product
+    (2·C·M·D) after a solve with C (ΔZ's rows) or D (X's rows) right-hand sides: solve for X when D < C
+    (GPT-2's c_attn and c_fc: D = 257 against C = 768 and 1024 at M = 256)."""
+    return e.X.shape[1] < e.dz.shape[1]
+
+
+def mxm_rhs(e: MxMSystem) -> torch.Tensor:
+    """The right-hand sides of an M × M entry's solve against K: X (groups, D, M) or ΔZ (groups, C/groups, M)."""
+    return e.X if mxm_solves_for_x(e) else e.dz
 
 
 def merge_small_groups(groups: list[list[FreshDxD]], lam: float) -> list[list[FreshDxD]]:
