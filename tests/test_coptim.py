@@ -817,3 +817,32 @@ def test_mxm_form_solves_for_the_fewer_right_hand_sides(monkeypatch, order):
             "x": [(1, 81, 70), (1, 121, 70)]}[order]
     assert sorted(shapes) == sorted(rows * 2)
     assert _max_rel(model, ref_model) < 1e-9
+
+
+def test_large_cpu_systems_are_solved_one_layer_per_call(monkeypatch):
+    """Two layers of D = 300 and 299 rows each (one group): on CPU, systems of size >= CPU_SERIAL_MIN_D get one
+    ridge_solve per layer (no stacked copy of their Grams), in the D × D form (batch 320) and the M × M form
+    (batch 280, M = 280); the result is the float64 reference's."""
+    from avg_kernels.optim import _precondition as cmod
+
+    shapes, eager = [], cmod.RIDGE_SOLVE.eager
+
+    class Spy:
+        def eager(self, G, A, lam, backend):
+            shapes.append((tuple(G.shape), tuple(A.shape)))
+            return eager(G, A, lam, backend)
+
+    monkeypatch.setattr(cmod, "RIDGE_SOLVE", Spy())
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(299, 299), nn.Tanh(), nn.Linear(299, 299)).double()
+    ref_model = copy.deepcopy(model)
+    opt = CSGD(model, lr=0.1, lam=1e-2, momentum=0.9)
+    ref = Reference(ref_model, "sgd", lr=0.1, lam=1e-2, momentum=0.9)
+    g = torch.Generator().manual_seed(2)
+    for batch in (320, 280):
+        x = torch.randn(batch, 299, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 299, (batch,), generator=g)
+        _run_ours(opt, model, [(x, y)])
+        ref.step([(x, y)], _ce_sum)
+    assert shapes == [((1, 299, 300), (1, 300, 300))] * 2 + [((1, 299, 280), (1, 280, 280))] * 2
+    assert _max_rel(model, ref_model) < 1e-9

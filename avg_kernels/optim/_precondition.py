@@ -99,6 +99,8 @@ class Preconditioner:
     def column_gram(self, X: torch.Tensor) -> torch.Tensor:
         """K = XᵀX per group, (groups, M, M), through the Gram op (the rows of X[g] are D vectors of length M;
         one triangle computed, faster than X.mT @ X)."""
+        if X.shape[0] == 1:  # (1, M, M) already: no copy
+            return LINEAR_GRAM.eager(X[0], False, self.backend)
         return torch.cat([LINEAR_GRAM.eager(X[g], False, self.backend) for g in range(X.shape[0])])
 
     @torch.no_grad()
@@ -150,13 +152,13 @@ class Preconditioner:
         for case, c in zip(pending, uniform_factors(pending, self.probe() if self.probe is not None else None)):
             mxm.setdefault((case.X.shape[-1], case.X.device, case.X.dtype), []).append(
                 MxMSystem(case.layer, case.dz, self.column_gram(case.X), case.X, c, case.bias))
-        for entries in split_rows(merge_small_groups(list(fresh.values()), lam)):
+        for entries in unstack_cpu(split_rows(merge_small_groups(list(fresh.values()), lam)), lambda e: e.gram):
             self._solve_fresh(entries, lam, k)
         for entries in split_rows(list(reuse.values())):
             inv = torch.cat([e.inverse for e in entries])
             G = stack_padded([e.grad for e in entries], inv.shape[-1])
             self._scatter(entries, G.to(inv.dtype) @ inv)
-        for entries in split_rows(list(mxm.values()), mxm_rhs):
+        for entries in unstack_cpu(split_rows(list(mxm.values()), mxm_rhs), lambda e: e.K):
             self._solve_mxm(entries, lam)
 
     def _solve_fresh(self, entries: list[FreshDxD], lam: float, k: int) -> None:
@@ -275,6 +277,26 @@ def split_rows(groups: list[list], rhs: Callable = lambda e: e.grad) -> list[lis
         for e in entries:
             by_rows.setdefault(rhs(e).shape[1], []).append(e)
         out.extend(by_rows.values())
+    return out
+
+
+#: CPU ridge systems larger than this (the fused small-system kernel's limit, kRidgeSmallMaxD) are solved one
+#: entry after the other on the calling thread (csrc/ridge_driver.cpp), batched or not
+CPU_SERIAL_MIN_D = 257
+
+
+def unstack_cpu(groups: list[list], system: Callable) -> list[list]:
+    """Splits the groups of CPU systems of size >= CPU_SERIAL_MIN_D (``system(entry)``: the (n, D, D) matrix) into
+    one group per layer: the CPU driver solves such entries one after the other anyway, so one call per layer
+    costs nothing and saves stacking the layers' matrices (measured: ResNet-18's three M = 1024 systems of
+    layer2, 12 MB copied per step, and its D = 576 Grams: ~8 ms of `torch.cat` per step, 1 thread)."""
+    out = []
+    for entries in groups:
+        a = system(entries[0])
+        if len(entries) > 1 and a.device.type == "cpu" and a.shape[-1] >= CPU_SERIAL_MIN_D:
+            out.extend([e] for e in entries)
+        else:
+            out.append(entries)
     return out
 
 
