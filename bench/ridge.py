@@ -136,7 +136,8 @@ def run(ctx: Context) -> Report:
         "Subjects: " + ", ".join(f"`{b}`" for b in backends) + " = `avg_kernels.ridge_solve(G, A, lam, backend=...)` "
         "(public op: validation, backend choice, custom-op dispatch included); `cpu_kernel`/`cuda_kernel` = the same "
         "driver called bare. It symmetrises A, checks it (finite, Gram), factorises and solves; on CPU systems of "
-        "D <= 256 take a fused per-system path, larger ones batched LAPACK via ATen.",
+        "D <= 256 take a fused per-system path, larger ones LAPACK one entry after the other; where G has more than "
+        "2/3 D rows (D >= 64), the explicit inverse and one GEMM per entry instead (docs/kernel_choices.md).",
         "Peers: `loop` = Python loop over the systems of torch.linalg.cholesky(A[b] + λI) + torch.cholesky_solve; "
         "`batched_torch` = the same two calls batched (cholesky_ex, no checks, no fallback: wrong where Cholesky "
         "fails, see the rank-deficient case's error); `pinv` = G @ torch.linalg.pinv(A + λI, hermitian=True).",

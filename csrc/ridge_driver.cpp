@@ -12,7 +12,8 @@
 //   2. lam > 0: at::linalg_cholesky_ex(Bm) for the whole batch (info per entry, no exception);
 //   3. ONE device-to-host copy of (flags, max |A_ii|, info): non-finite entries raise here;
 //   4. lam > 0: at::cholesky_solve for the whole batch; P = X^T is contiguous as it comes out (LAPACK
-//      writes X column-major). Entries whose Cholesky failed are redone through at::linalg_eigh
+//      writes X column-major). (CPU: per entry, and by the explicit inverse + one GEMM where C is large
+//      enough against D for that to be cheaper: solve_by_inverse.) Entries whose Cholesky failed are redone through at::linalg_eigh
 //      (only those entries), the epilogue kernel scaling G V by 1 / (max(w, 0) + lam);
 //      lam = 0: at::linalg_eigh of every entry, the epilogue applying pinv's cutoff.
 //   5. The Gram check (an eigenvalue below -1e-3 ||S||_2 raises): entries that went through eigh are
@@ -21,7 +22,11 @@
 //      Cholesky of S + 1e-3 max|S_ii| I on those entries certifies it, and eigvalsh decides if that fails.
 //      Steps 4-5 sync again only when an entry needs a fallback or a certificate.
 #include <ATen/ATen.h>
+#include <ATen/Config.h>
 #include <ATen/Parallel.h>
+#if AT_BUILD_WITH_LAPACK()
+#include <ATen/native/BatchLinearAlgebra.h>  // at::native::lapackCholesky
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -91,6 +96,47 @@ at::Tensor index_tensor(const std::vector<int64_t>& v, const at::Device& device)
   return at::tensor(v, at::TensorOptions().dtype(at::kLong)).to(device);
 }
 
+// Per-entry CPU solves (RidgeKernels::per_entry_lapack): after the Cholesky factor L of S + lam I, P is
+// either (a) cholesky_solve (potrs: two triangular solves with the C rows of G as right-hand sides) or
+// (b) cholesky_inverse (potri: (S + lam I)^{-1} from L) and one GEMM, P = G (S + lam I)^{-1}. In flops:
+//   (a) 2 C D^2 at the triangular-solve rate, (b) 2/3 D^3 at potri's rate + 2 C D^2 at the GEMM rate.
+// Measured, 1 thread, MKL (AMD EPYC, AVX-512; docs/kernel_choices.md): potrs and the fused kernel's own
+// substitutions 20-40 GFLOP/s, potri 15-40, GEMM 60-100; with the middle values below (b) wins when
+// C > 2/3 D (measured break-even 0.5-0.8 D, higher at larger D). Below kInverseMinD the calls' fixed costs
+// dominate and the fused small-system kernel stays. The choice depends on the shapes only, never on the
+// thread count (SPEC §3: bitwise the same at every thread count).
+constexpr double kTrsmGflops = 30, kPotriGflops = 30, kGemmGflops = 60;
+constexpr int64_t kInverseMinD = 64;
+
+// Cholesky in place of the D x D column-major CPU matrix Lc (lower triangle); LAPACK's info (0: success).
+// LAPACK's potrf directly: at::linalg_cholesky_ex_out zeroes the upper triangle afterwards, and tril_ on this
+// transposed view cost 2.6 ms next to the factorisation's 7 ms at D = 1024 (1 thread). cholesky_solve and
+// cholesky_inverse read the lower triangle only (LAPACK uplo 'L'), so the upper one may keep S's values.
+int32_t cholesky_lower_inplace(at::Tensor& Lc, at::Tensor& info) {
+#if AT_BUILD_WITH_LAPACK()
+  if (Lc.is_cpu() && Lc.stride(0) == 1 && Lc.stride(1) == Lc.size(0)) {
+    const int n = int(Lc.size(0));
+    int out = 0;
+    if (Lc.scalar_type() == at::kDouble) {
+      at::native::lapackCholesky<double>('L', n, Lc.data_ptr<double>(), n, &out);
+    } else {
+      at::native::lapackCholesky<float>('L', n, Lc.data_ptr<float>(), n, &out);
+    }
+    return out;
+  }
+#endif
+  at::linalg_cholesky_ex_out(Lc, info, Lc, /*upper=*/false, /*check_errors=*/false);
+  return info.item<int32_t>();
+}
+
+bool solve_by_inverse(int64_t C, int64_t D) {
+  if (D < kInverseMinD) return false;
+  const double c = double(C), d = double(D);
+  const double potrs = 2 * c * d * d / kTrsmGflops;
+  const double inverse = (2.0 / 3.0) * d * d * d / kPotriGflops + 2 * c * d * d / kGemmGflops;
+  return inverse < potrs;
+}
+
 }  // namespace
 
 at::Tensor ridge_solve_driver(const at::Tensor& G, const at::Tensor& A, double lam, const RidgeKernels& k) {
@@ -131,7 +177,9 @@ at::Tensor ridge_solve_driver(const at::Tensor& G, const at::Tensor& A, double l
 
   at::Tensor P;
   std::vector<int64_t> failed, doubt;  // Cholesky failed / Gram certificate failed
-  if (lam > 0 && k.small_solve != nullptr && D <= k.small_max_d) {
+  // CPU: the explicit inverse + one GEMM where it is cheaper (solve_by_inverse), for every D.
+  const bool by_inverse = lam > 0 && k.per_entry_lapack && solve_by_inverse(C, D);
+  if (lam > 0 && k.small_solve != nullptr && D <= k.small_max_d && !by_inverse) {
     // Fused small systems: prologue, factorisations and solves in one kernel.
     P = at::empty({nb, C, D}, copt);
     at::Tensor status = at::zeros({nb, 3}, copt);
@@ -161,6 +209,7 @@ at::Tensor ridge_solve_driver(const at::Tensor& G, const at::Tensor& A, double l
       at::Tensor Lc = buf.select(0, 0).mT();  // column-major (Fortran) view
       at::Tensor info = at::empty({}, A.options().dtype(at::kInt));
       at::Tensor stats = at::zeros({1, 2}, copt);
+      at::Tensor inv = by_inverse ? at::empty({D, D}, copt) : at::Tensor();  // (S + lam I)^{-1}, symmetric
       for (int64_t b = 0; b < nb; ++b) {
         k.prologue(A3.narrow(0, b, 1), lam, buf, stats);
         const auto st = stats.to(at::kCPU, at::kDouble);  // a no-op copy for CPU tensors
@@ -170,13 +219,18 @@ at::Tensor ridge_solve_driver(const at::Tensor& G, const at::Tensor& A, double l
           status[b] = 1;
           continue;
         }
-        at::linalg_cholesky_ex_out(Lc, info, Lc, /*upper=*/false, /*check_errors=*/false);
-        if (info.item<int32_t>() != 0) {
+        if (cholesky_lower_inplace(Lc, info) != 0) {
           status[b] = 2;
           continue;
         }
-        at::Tensor out_b = P.select(0, b).mT();  // (D, C) column-major: where cholesky_solve writes
-        at::cholesky_solve_out(out_b, G3.select(0, b).mT(), Lc, /*upper=*/false);
+        if (by_inverse) {
+          at::cholesky_inverse_out(inv, Lc, /*upper=*/false);
+          at::Tensor out_b = P.select(0, b);
+          at::mm_out(out_b, G3.select(0, b), inv);  // MKL GEMM, single-threaded here like LAPACK
+        } else {
+          at::Tensor out_b = P.select(0, b).mT();  // (D, C) column-major: where cholesky_solve writes
+          at::cholesky_solve_out(out_b, G3.select(0, b).mT(), Lc, /*upper=*/false);
+        }
       }
     }
     std::vector<int64_t> nonfinite, cert;

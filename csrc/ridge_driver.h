@@ -31,9 +31,11 @@ struct RidgeKernels {
   void (*small_solve)(const at::Tensor& G3, const at::Tensor& A3, double lam, at::Tensor& P, at::Tensor& status) =
       nullptr;
   int64_t small_max_d = 0;
-  // lam > 0 and D above small_max_d: factorise and solve one entry at a time in one reused buffer, in
-  // order on the calling thread (CPU: LAPACK is per matrix anyway, and nb x D x D temporaries cost page
-  // faults) instead of batched at::linalg_cholesky_ex + at::cholesky_solve (GPU: one batched call).
+  // lam > 0 and D above small_max_d (or C large enough against D for the explicit inverse + one GEMM
+  // to be cheaper, at any D >= 64: solve_by_inverse in csrc/ridge_driver.cpp): factorise and solve one
+  // entry at a time in one reused buffer, in order on the calling thread (CPU: LAPACK is per matrix
+  // anyway, and nb x D x D temporaries cost page faults) instead of batched at::linalg_cholesky_ex +
+  // at::cholesky_solve (GPU: one batched call).
   bool per_entry_lapack = false;
 };
 

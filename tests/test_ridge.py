@@ -549,3 +549,44 @@ def test_cpu_result_is_bitwise_independent_of_the_thread_count(d, nb, lam, kind)
     assert torch.isfinite(outs[0]).all()
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
+
+
+def test_cpu_many_right_hand_sides_use_the_explicit_inverse(fresh_seed):
+    """C > 2/3 D (csrc/ridge_driver.cpp, solve_by_inverse): per entry, cholesky_inverse and one GEMM instead of
+    cholesky_solve, at D <= 256 too (instead of the fused kernel): the float64 result is exactly
+    G @ cholesky_inverse(cholesky(S + λI)) at 1 thread; bitwise the same at 1, 2 and 3 threads, with an entry
+    whose Cholesky fails (eigh fallback); within SPEC §3's bound on ill-conditioned float32 systems."""
+    if "cpu" not in ak.available_backends():
+        pytest.skip("the C++ extension is not built")
+    gen = torch.Generator().manual_seed(11)
+    d, c = 96, 160
+    A = random_gram((2,), d, d + 5)
+    A = (A + A.mT) / 2
+    G = torch.randn(2, c, d, dtype=torch.float64, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        expect = G @ torch.cholesky_inverse(torch.linalg.cholesky(A + 0.1 * torch.eye(d, dtype=torch.float64)))
+        torch.testing.assert_close(ak.ridge_solve(G, A, 0.1, backend="cpu"), expect, rtol=1e-13, atol=0)
+    finally:
+        torch.set_num_threads(threads)
+    for d, rows in ((256, 512), (300, 600)):
+        X = torch.randn(3, d, d // 4, generator=gen)  # rank d / 4: ill-conditioned for small λ
+        A = X @ X.mT
+        w, V = torch.linalg.eigh(A[2].double())
+        w[0] = -1e-5 * w[-1]  # entry 2: Cholesky of S + λI fails, eigh takes over
+        A[2] = (V * w @ V.mT).float()
+        G = torch.randn(3, rows, d, generator=gen)
+        lam = 1e-5 * float(torch.linalg.eigvalsh(A[0].double())[-1])
+        outs = []
+        try:
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                outs.append(ak.ridge_solve(G, A, lam, backend="cpu"))
+        finally:
+            torch.set_num_threads(threads)
+        if torch.ops.avg_kernels_C.ridge_lapack_is_sequential():
+            for o in outs[1:]:
+                assert torch.equal(o, outs[0]), d
+        ref = ak.ridge_solve(G.double(), A.double(), lam, backend="reference")
+        assert rel_err(outs[0][:2], ref[:2]) <= tol_for(torch.float32, torch.float32, cond(A[:2], lam), d), d

@@ -170,7 +170,7 @@ class Layer:
                 n, _, L = u.shape
                 c = u.view(n, self.groups, -1, L).permute(1, 2, 0, 3).reshape(self.groups, -1, n * L)
             cols.append(c)
-        X = torch.cat(cols, dim=2)
+        X = cols[0] if len(cols) == 1 and cols[0].is_contiguous() else torch.cat(cols, dim=2)  # (no copy of one)
         if bias:
             X = torch.cat([X, X.new_ones(X.shape[0], 1, X.shape[2])], dim=1)
         return X

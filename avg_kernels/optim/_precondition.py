@@ -6,7 +6,8 @@ Per layer, one of three cases:
   ``ridge_solve`` (those of D <= ``MERGE_MAX_D`` share one per dtype/device, padded to the largest D);
   with ``refresh_every = k > 1`` the solve is against I and ``(A + λI)⁻¹`` is kept;
 * D × D between refreshes: ``P = G · (A + λI)⁻¹`` with the kept inverse;
-* M × M (the layer saw fewer positions M than D): ``P = ΔZ (XᵀX + λI)⁻¹ Xᵀ``, layers of equal M batched.
+* M × M (the layer saw fewer positions M than D): ``P = ΔZ (XᵀX + λI)⁻¹ Xᵀ``, layers of equal M batched;
+  the solve takes ΔZ's C rows or X's D rows as right-hand sides, whichever are fewer (``mxm_solves_for_x``).
   The base optimizer sees ``.grad`` while this form uses ΔZ, so a probe first checks ``.grad = c·ΔZ Xᵀ``
   for one uniform factor c (gradient clipping, AMP unscaling) and applies c.
 """
@@ -102,6 +103,8 @@ class Preconditioner:
     def column_gram(self, X: torch.Tensor) -> torch.Tensor:
         """K = XᵀX per group, (groups, M, M), through the Gram op (the rows of X[g] are D vectors of length M;
         one triangle computed, faster than X.mT @ X)."""
+        if X.shape[0] == 1:  # (1, M, M) already: no copy
+            return LINEAR_GRAM.eager(X[0], False, self.backend)
         return torch.cat([LINEAR_GRAM.eager(X[g], False, self.backend) for g in range(X.shape[0])])
 
     @torch.no_grad()
@@ -153,13 +156,13 @@ class Preconditioner:
         for case, c in zip(pending, uniform_factors(pending, self.probe() if self.probe is not None else None)):
             mxm.setdefault((case.X.shape[-1], case.X.device, case.X.dtype), []).append(
                 MxMSystem(case.layer, case.dz, self.column_gram(case.X), case.X, c, case.bias))
-        for entries in split_rows(merge_small_groups(list(fresh.values()), lam)):
+        for entries in unstack_cpu(split_rows(merge_small_groups(list(fresh.values()), lam)), lambda e: e.gram):
             self._solve_fresh(entries, lam, k)
         for entries in split_rows(list(reuse.values())):
-            inv = torch.cat([e.inverse for e in entries])
+            inv = torch.cat([e.inverse for e in entries]) if len(entries) > 1 else entries[0].inverse
             G = stack_padded([e.grad for e in entries], inv.shape[-1])
             self._scatter(entries, G.to(inv.dtype) @ inv)
-        for entries in split_rows(list(mxm.values()), lambda e: e.dz):
+        for entries in unstack_cpu(split_rows(list(mxm.values()), mxm_rhs), lambda e: e.K):
             self._solve_mxm(entries, lam)
 
     def _solve_fresh(self, entries: list[FreshDxD], lam: float, k: int) -> None:
@@ -174,13 +177,16 @@ class Preconditioner:
             self._scatter(entries, self.solve(G, A, lam))
 
     def _solve_mxm(self, entries: list[MxMSystem], lam: float) -> None:
-        K = torch.cat([e.K for e in entries])
-        dZ = stack_padded([e.dz for e in entries], K.shape[-1])
-        S = self.solve(dZ, K, lam)
+        """P = ΔZ (K + λI)⁻¹ Xᵀ per entry, the solve's right-hand sides chosen by ``mxm_rhs``."""
+        K = torch.cat([e.K for e in entries]) if len(entries) > 1 else entries[0].K
+        S = self.solve(stack_padded([mxm_rhs(e) for e in entries], K.shape[-1]), K, lam)
         start = 0
         for e in entries:
             g = e.X.shape[0]
-            P = S[start:start + g, :e.dz.shape[1]] @ e.X.mT
+            if mxm_solves_for_x(e):  # S = X (K + λI)⁻¹ and (K + λI)⁻¹ is symmetric: P = ΔZ Sᵀ
+                P = matmul_t(e.dz, S[start:start + g, :e.X.shape[1]])
+            else:  # S = ΔZ (K + λI)⁻¹
+                P = matmul_t(S[start:start + g, :e.dz.shape[1]], e.X)
             e.layer.write_grad(P * e.factor if e.factor != 1.0 else P, e.bias)
             start += g
 
@@ -238,6 +244,26 @@ def uniform_factors(cases: list[MxMCase], generator: Optional[torch.Generator] =
     return out
 
 
+def matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ bᵀ for (g, n, k) and (g, m, k): one 2-D product when g = 1 (CPU bmm was 2x slower than mm there:
+    ResNet-18 layer4's (512 × 64) (64 × 4608), 8.3 vs 4.1 ms, 1 thread)."""
+    if a.shape[0] == 1:
+        return (a[0] @ b[0].mT).unsqueeze(0)
+    return a @ b.mT
+
+
+def mxm_solves_for_x(e: MxMSystem) -> bool:
+    """The M × M form's two orders, P = (ΔZ (K + λI)⁻¹) Xᵀ and P = ΔZ (X (K + λI)⁻¹)ᵀ, cost the same product
+    (2·C·M·D) after a solve with C (ΔZ's rows) or D (X's rows) right-hand sides: solve for X when D < C
+    (GPT-2's c_attn and c_fc: D = 257 against C = 768 and 1024 at M = 256)."""
+    return e.X.shape[1] < e.dz.shape[1]
+
+
+def mxm_rhs(e: MxMSystem) -> torch.Tensor:
+    """The right-hand sides of an M × M entry's solve against K: X (groups, D, M) or ΔZ (groups, C/groups, M)."""
+    return e.X if mxm_solves_for_x(e) else e.dz
+
+
 def merge_small_groups(groups: list[list[FreshDxD]], lam: float) -> list[list[FreshDxD]]:
     """Groups of equal D, with those of D <= MERGE_MAX_D and fewer than MERGE_MAX_SYSTEMS systems merged per
     (G dtype, A dtype, device) (λ > 0 only: the pseudoinverse's cutoff depends on D)."""
@@ -269,6 +295,26 @@ def split_rows(groups: list[list], rhs: Callable = lambda e: e.grad) -> list[lis
         for e in entries:
             by_rows.setdefault(rhs(e).shape[1], []).append(e)
         out.extend(by_rows.values())
+    return out
+
+
+#: CPU ridge systems larger than this (the fused small-system kernel's limit, kRidgeSmallMaxD) are solved one
+#: entry after the other on the calling thread (csrc/ridge_driver.cpp), batched or not
+CPU_SERIAL_MIN_D = 257
+
+
+def unstack_cpu(groups: list[list], system: Callable) -> list[list]:
+    """Splits the groups of CPU systems of size >= CPU_SERIAL_MIN_D (``system(entry)``: the (n, D, D) matrix) into
+    one group per layer: the CPU driver solves such entries one after the other anyway, so one call per layer
+    costs nothing and saves stacking the layers' matrices (measured: ResNet-18's three M = 1024 systems of
+    layer2, 12 MB copied per step, and its D = 576 Grams: ~8 ms of `torch.cat` per step, 1 thread)."""
+    out = []
+    for entries in groups:
+        a = system(entries[0])
+        if len(entries) > 1 and a.device.type == "cpu" and a.shape[-1] >= CPU_SERIAL_MIN_D:
+            out.extend([e] for e in entries)
+        else:
+            out.append(entries)
     return out
 
 
