@@ -34,17 +34,17 @@ namespace avg_kernels {
 // `bounded`: f is bounded at both ends, so the secant tends to 0 when an end goes to infinity
 // (fix_nonfinite). Adding an activation: a row here, its math in avg_slope and act_value below
 // (and the Triton mirror), and its record in the Python table.
-#define AVG_KERNELS_ACTIVATIONS(X)       \
-  X(Tanh, 0, "tanh", true)               \
-  X(Sigmoid, 1, "sigmoid", true)         \
-  X(Relu, 2, "relu", false)              \
-  X(LeakyRelu, 3, "leaky_relu", false)   \
-  X(Elu, 4, "elu", false)                \
-  X(Gelu, 5, "gelu", false)              \
-  X(GeluTanh, 6, "gelu_tanh", false)     \
-  X(Silu, 7, "silu", false)              \
-  X(Softplus, 8, "softplus", false)      \
-  X(Hardswish, 9, "hardswish", false)    \
+#define AVG_KERNELS_ACTIVATIONS(X)        \
+  X(Tanh, 0, "tanh", true)                \
+  X(Sigmoid, 1, "sigmoid", true)          \
+  X(Relu, 2, "relu", false)               \
+  X(LeakyRelu, 3, "leaky_relu", false)    \
+  X(Elu, 4, "elu", false)                 \
+  X(Gelu, 5, "gelu", false)               \
+  X(GeluTanh, 6, "gelu_tanh", false)      \
+  X(Silu, 7, "silu", false)               \
+  X(Softplus, 8, "softplus", false)       \
+  X(Hardswish, 9, "hardswish", false)     \
   X(Hardsigmoid, 10, "hardsigmoid", true) \
   X(Hardtanh, 11, "hardtanh", true)
 
@@ -583,9 +583,10 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, const EpsCut
     // so the secant is the fraction of the segment [lo, hi] inside [L, H]:
     //   s = (v - u) / |d|,  u = clamp(lo, L, H), v = clamp(hi, L, H).
     // Inside [L, H] (u = lo, v = hi) v - u is the same subtraction as d: s = 1 exactly; across a bound
-    // v - u is one rounding (u or v is L or H), so s is within 2 roundings; outside, v - u = 0: s = 0. No
-    // cancellation. |d| >= 2^126 (it may have overflowed, and so may v - u when H - L is that large): both
-    // halved (exact), (v/2 - u/2) / (hi/2 - lo/2), so nothing overflows (fix_nonfinite leaves these lanes).
+    // v - u is one rounding (u or v is L or H), so s is within 3 roundings (v - u, d, the quotient: 1.5 ulp);
+    // outside, v - u = 0: s = 0. No cancellation. |d| >= 2^126 (it may have overflowed, and so may v - u
+    // when H - L is that large): both halved, (v/2 - u/2) / (hi/2 - lo/2), so nothing overflows (fix_nonfinite
+    // leaves these lanes); halving is exact but for subnormal u, v, whose lost bit moves s by < 2^-275.
     // Fallback lanes: PyTorch's hardtanh_backward, 1 strictly inside (L, H), 0 at and beyond the bounds.
     const V L(prm.p0), H(prm.p1);
     const V half(S(0.5));
