@@ -18,6 +18,7 @@ from avg_kernels.optim import AG
 
 import _ag_reference as ref
 from _ag_reference import site
+from conftest import backend_device
 
 
 class ClampNet(nn.Module):
@@ -64,13 +65,15 @@ def _params(m):
 
 
 def _max_diff(a, b):
-    return max(float((x.detach().double() - y.detach().double()).abs().max()) for x, y in zip(a, b))
+    return max(float((x.detach().cpu().double() - y.detach().cpu().double()).abs().max()) for x, y in zip(a, b))
 
 
 @pytest.mark.parametrize("mode,make", [("ag1", lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9)),
                                        ("ag2", lambda ps: torch.optim.Adam(ps, lr=5e-2))])
 def test_relu6_cnn_step_equals_the_float64_reference(mode, make, backend):
+    dev = backend_device(backend)
     plain, ours = _twins()
+    ours.to(dev)  # the reference runs on the CPU
     assert type(ours.a1) is avg_kernels.nn.ReLU6 and type(ours.a2) is avg_kernels.nn.Hardtanh
     opt_ref, opt = make(_params(plain)), AG(ours, make(_params(ours)), mode=mode, backend=backend)
     for step in range(2):
@@ -78,7 +81,7 @@ def test_relu6_cnn_step_equals_the_float64_reference(mode, make, backend):
         rng = torch.manual_seed(100 + step).get_state()
         loss_ref, gbar_ref, g_ref = ref.ag_step(plain, opt_ref, x, y, F.cross_entropy, mode, rng, opt_factory=make)
         torch.set_rng_state(rng)
-        loss = opt.step(lambda: F.cross_entropy(ours(x), y))
+        loss = opt.step(lambda: F.cross_entropy(ours(x.to(dev)), y.to(dev)))
         assert float(loss) == pytest.approx(float(loss_ref), abs=1e-9)
         assert _max_diff([p.grad for p in _params(ours)], gbar_ref) <= 1e-6, step
         assert _max_diff(_params(ours), _params(plain)) <= 1e-6, step
