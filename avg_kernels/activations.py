@@ -132,6 +132,13 @@ def _softplus_kernel(p: dict) -> KernelAct:
     return KernelAct("softplus", float(p["beta"]), float(p["threshold"]))
 
 
+def _hardtanh_kernel(p: dict) -> KernelAct:
+    # F.hardtanh's own rule (min_val == max_val is allowed there: f constant, slope 0)
+    if p["min_val"] > p["max_val"]:
+        raise ValueError(f"min_val={p['min_val']!r} > max_val={p['max_val']!r}: hardtanh needs min_val <= max_val")
+    return KernelAct("hardtanh", float(p["min_val"]), float(p["max_val"]))
+
+
 def _silu_graph_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """PyTorch's infinitely_differentiable_silu_backward, op for op (what autograd runs under create_graph)."""
     s = torch.sigmoid(x)
@@ -195,6 +202,16 @@ _RECORDS = (
                backward=lambda g, x, y, k: aten.hardsigmoid_backward(g, x),
                graph_backward=lambda g, x, y, k: _HardsigmoidBackward.apply(g, x),
                bounded=True),
+    Activation("hardtanh", nn.Hardtanh, F.hardtanh, ("hardtanh",),
+               forward=lambda x, k: F.hardtanh(x, k.p0, k.p1),
+               backward=lambda g, x, y, k: aten.hardtanh_backward(g, x, k.p0, k.p1),
+               params={"min_val": -1.0, "max_val": 1.0}, to_kernel=_hardtanh_kernel, bounded=True),
+    # relu6 = hardtanh(x, 0, 6) (PyTorch computes it so: nn.ReLU6 subclasses nn.Hardtanh, F.relu6 is aten's
+    # hardtanh(x, 0, 6)); it shares hardtanh's kernel, as gelu(approximate="tanh") resolves to gelu_tanh's
+    Activation("relu6", nn.ReLU6, F.relu6, ("hardtanh",),
+               forward=lambda x, k: F.relu6(x),
+               backward=lambda g, x, y, k: aten.hardtanh_backward(g, x, 0.0, 6.0),
+               to_kernel=lambda p: KernelAct("hardtanh", 0.0, 6.0), bounded=True),
 )
 
 #: Public name -> its record (read-only, in table order).
@@ -203,14 +220,18 @@ TABLE: Mapping[str, Activation] = MappingProxyType({r.name: r for r in _RECORDS}
 #: Public names and their parameters with PyTorch's defaults (read-only).
 ACTIVATIONS = MappingProxyType({r.name: r.params for r in _RECORDS})
 
-#: Kernel-level activations, in the order of ``enum class Act`` (gelu is split by ``approximate``).
-KERNEL_ACTS: tuple[str, ...] = tuple(kn for r in _RECORDS for kn in r.kernels)
+#: Kernel-level activations, in the order of ``enum class Act`` (gelu is split by ``approximate``; a
+#: kernel two records resolve to, hardtanh for relu6, is listed once, where it first appears).
+KERNEL_ACTS: tuple[str, ...] = tuple(dict.fromkeys(kn for r in _RECORDS for kn in r.kernels))
 
 #: Kernel-level name -> kernel id (the value of ``enum class Act``).
 KERNEL_IDS: Mapping[str, int] = MappingProxyType({kn: i for i, kn in enumerate(KERNEL_ACTS)})
 
-# Kernel-level name -> the record that owns it.
-_BY_KERNEL: dict[str, Activation] = {kn: r for r in _RECORDS for kn in r.kernels}
+# Kernel-level name -> the record that owns it (the first that lists it: hardtanh's, not relu6's).
+_BY_KERNEL: dict[str, Activation] = {}
+for _r in _RECORDS:
+    for _kn in _r.kernels:
+        _BY_KERNEL.setdefault(_kn, _r)
 
 
 def record_of(k: KernelAct) -> Activation:

@@ -10,7 +10,7 @@ Models (random init from a ``transformers`` config, no download; sizes fixed so 
 * ``resnet18``: ResNetForImageClassification with ResNet-18's stages (BasicBlocks [2, 2, 2, 2], widths
   64-512), 64x64 images, batch 16;
 * ``mobilenetv2``: MobileNetV2ForImageClassification (depthwise 3x3 convolutions: groups = channels,
-  D = 9 per group; ReLU6, which AG cannot average: its AG rows report that), 64x64 images, batch 16.
+  D = 9 per group; ReLU6, averaged by the hardtanh kernel), 64x64 images, batch 16.
 
 Methods, each on its own copy of the same initial model, timed interleaved (harness policy):
 ``rmsprop`` (the base step: zero_grad + forward + loss + backward + step), ``ag1`` and ``ag3-1``

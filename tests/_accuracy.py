@@ -25,9 +25,15 @@ CONFIGS = [
     ("softplus", {"beta": 2.0, "threshold": 10.0}),
     ("hardswish", {}),
     ("hardsigmoid", {}),
+    ("hardtanh", {}),
+    ("relu6", {}),
+    # float32 values: the helpers below hand float32 data to the reference as float64, where bounds like -0.3
+    # would not be rounded to float32 as PyTorch's f on float32 tensors has them (test_avg_act and the
+    # property tests cover such bounds)
+    ("hardtanh", {"min_val": -0.5, "max_val": 2.5}),
 ]
 # Activations whose literal float32 secant misses SPEC §1's bar: f(x) is rounded, then f(b) - f(a) cancels
-# (relu and leaky_relu are exact: their f is x or a·x).
+# (relu, leaky_relu and hardtanh are exact: their f is x, a·x or a bound).
 CANCELLING = {"tanh", "sigmoid", "elu", "gelu", "silu", "softplus", "hardswish", "hardsigmoid"}
 
 

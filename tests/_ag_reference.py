@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 EPS = 1.1920929e-07
-ACT_TYPES = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Softplus)
+ACT_TYPES = (nn.Tanh, nn.Sigmoid, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Softplus, nn.Hardtanh)
 
 
 def _acts(model):
@@ -39,6 +39,8 @@ def _f(m: nn.Module):
         return lambda t: torch.nn.functional.leaky_relu(t, m.negative_slope)
     if isinstance(m, nn.ELU):
         return lambda t: torch.nn.functional.elu(t, m.alpha)
+    if isinstance(m, nn.Hardtanh):  # nn.ReLU6 too (min_val 0, max_val 6)
+        return lambda t: torch.nn.functional.hardtanh(t, m.min_val, m.max_val)
     return m.forward
 
 

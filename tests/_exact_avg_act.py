@@ -10,7 +10,9 @@ What it assumes (the definition, made exact):
 * gelu(approximate='tanh') uses the real constants sqrt(2/pi) and 0.044715 (kernels round them to the compute
   dtype: a relative 3e-8 change of the argument, far inside the bar);
 * the fallback f'(x) (|d| <= eps) is the exact derivative with PyTorch's conventions at the kinks (relu 0 at 0,
-  leaky_relu/elu the negative side's slope at 0, hardsigmoid 0 at ±3, hardswish x/3 + 1/2 on the open (-3, 3), as aten.hardswish_backward);
+  leaky_relu/elu the negative side's slope at 0, hardsigmoid 0 at ±3, hardswish x/3 + 1/2 on the open (-3, 3), as aten.hardswish_backward;
+  hardtanh 1 on the open (min_val, max_val), 0 at and beyond the bounds, as aten.hardtanh_backward);
+* hardtanh's bounds are taken in the compute dtype (float32 below float64), as PyTorch's hardtanh holds them;
 * non-finite inputs as SPEC §1: NaN -> NaN; one end infinite -> the asymptotic slope of that end; both -> NaN, or
   0 for bounded f with ends of opposite sign; g = ±inf times a nonzero exact s -> ±inf, times an exactly zero
   s -> NaN (IEEE's inf·0).
@@ -100,8 +102,20 @@ def _fprime_mp(k: KernelAct, x, x_float: float, fp64: bool):
     raise AssertionError(n)
 
 
-def _piecewise_f(k: KernelAct, x: Fraction) -> Fraction:
+def _bounds(k: KernelAct, fp64: bool) -> tuple[Fraction, Fraction]:
+    """hardtanh's (min_val, max_val) in the compute dtype."""
+    import numpy as np
+
+    if fp64:
+        return _frac(k.p0), _frac(k.p1)
+    return _frac(float(np.float32(k.p0))), _frac(float(np.float32(k.p1)))
+
+
+def _piecewise_f(k: KernelAct, x: Fraction, fp64: bool) -> Fraction:
     n = k.name
+    if n == "hardtanh":
+        lo, hi = _bounds(k, fp64)
+        return min(max(x, lo), hi)
     if n == "relu":
         return max(x, Fraction(0))
     if n == "leaky_relu":
@@ -113,8 +127,11 @@ def _piecewise_f(k: KernelAct, x: Fraction) -> Fraction:
     raise AssertionError(n)
 
 
-def _piecewise_fprime(k: KernelAct, x: Fraction) -> Fraction:
+def _piecewise_fprime(k: KernelAct, x: Fraction, fp64: bool) -> Fraction:
     n = k.name
+    if n == "hardtanh":  # aten.hardtanh_backward: 1 on the open (min_val, max_val), 0 at the bounds and beyond
+        lo, hi = _bounds(k, fp64)
+        return Fraction(1) if lo < x < hi else Fraction(0)
     if n == "relu":
         return Fraction(1) if x > 0 else Fraction(0)
     if n == "leaky_relu":
@@ -128,7 +145,7 @@ def _piecewise_fprime(k: KernelAct, x: Fraction) -> Fraction:
     raise AssertionError(n)
 
 
-PIECEWISE = {"relu", "leaky_relu", "hardsigmoid", "hardswish"}
+PIECEWISE = {"relu", "leaky_relu", "hardsigmoid", "hardswish", "hardtanh"}
 
 
 def slope(k: KernelAct, a: float, b: float, eps: float, fp64: bool):
@@ -146,8 +163,8 @@ def slope(k: KernelAct, a: float, b: float, eps: float, fp64: bool):
     fallback = abs(d) <= _frac(eps)
     if k.name in PIECEWISE:
         if fallback:
-            return _piecewise_fprime(k, fa)
-        return (_piecewise_f(k, fb) - _piecewise_f(k, fa)) / d
+            return _piecewise_fprime(k, fa, fp64)
+        return (_piecewise_f(k, fb, fp64) - _piecewise_f(k, fa, fp64)) / d
     if fallback:
         with mpmath.workprec(200):
             return +_fprime_mp(k, mpmath.mpf(a), a, fp64)

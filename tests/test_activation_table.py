@@ -107,7 +107,7 @@ def test_convert_tables_cover_the_table():
     assert _convert._FUNC_NAMES["special_expit"] == "sigmoid"
     assert _convert._SOURCE_PATTERNS[1].search("torch.special.expit(x)")
     assert _convert._SOURCE_PATTERNS[2].search("h.tanh()") and not _convert._SOURCE_PATTERNS[2].search("h.gelu()")
-    assert not _convert._SOURCE_PATTERNS[0].search("F.relu6(x)")
+    assert not _convert._SOURCE_PATTERNS[0].search("F.mish(x)")
 
 
 def test_tests_cover_the_table():
@@ -118,11 +118,16 @@ def test_tests_cover_the_table():
     assert {t for t, _, _ in test_nn.KINDS} == {spec.module for spec in TABLE.values()}
 
 
+# Deprecated aliases torch.nn still accepts (nn.Hardtanh's min_value / max_value for min_val / max_val); the
+# averaged module takes them as its namesake does (same signature), the table does not.
+_DEPRECATED = {"min_value", "max_value"}
+
+
 def test_params_are_pytorch_defaults():
     for spec in TABLE.values():
         sig = inspect.signature(spec.module).parameters
         torch_params = {k: p.default for k, p in sig.items()
-                        if k != "inplace" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+                        if k != "inplace" and k not in _DEPRECATED and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
         assert dict(spec.params) == torch_params, spec.name
         assert spec.inplace == ("inplace" in sig)
         assert dict(avg_kernels.ACTIVATIONS[spec.name]) == torch_params
@@ -164,3 +169,16 @@ def test_mobilenet_v3_block_converts_completely():
     _, rep = avg_kernels.nn.convert(model, example_inputs=torch.randn(2, 3, 6, 6), return_report=True)
     assert rep.complete and rep.swapped == {"Hardswish": 1, "ReLU": 1, "Hardsigmoid": 1}
     assert type(model[1]) is avg_kernels.nn.Hardswish and model[1].requested_inplace and not model[1].inplace
+
+
+def test_relu6_resolves_to_the_hardtanh_kernel():
+    """relu6 is a record of its own (nn.ReLU6, F.relu6) that shares hardtanh's kernel at (0, 6), as gelu's
+    approximate="tanh" resolves to gelu_tanh: the kernel table lists hardtanh once, owned by hardtanh's record."""
+    assert KERNEL_ACTS.count("hardtanh") == 1
+    assert activations.resolve("relu6", {}) == activations.resolve("hardtanh", {"min_val": 0, "max_val": 6.0})
+    assert activations.record_of(activations.resolve("relu6", {})) is TABLE["hardtanh"]
+    with pytest.raises(ValueError, match="min_val=1.0 > max_val=0.5"):
+        activations.resolve("hardtanh", {"min_val": 1.0, "max_val": 0.5})
+    assert activations.resolve("hardtanh", {"min_val": 0.5, "max_val": 0.5}) == KernelAct("hardtanh", 0.5, 0.5)
+    with pytest.raises(TypeError, match="relu6"):
+        activations.resolve("relu6", {"max_val": 5.0})

@@ -3,6 +3,7 @@ special values, shapes, dtypes, the autograd/forward contract, opcheck and torch
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -174,6 +175,49 @@ def test_hard_activations_exact_secants_and_kinks(backend, act):
             assert torch.equal(out, want), (out, want)
 
 
+@pytest.mark.parametrize("params", [{}, {"min_val": 0.0, "max_val": 6.0}, {"min_val": -0.3, "max_val": 2.7}],
+                         ids=["default", "relu6", "inexact-bounds"])
+def test_hardtanh_exact_secants_and_bounds(backend, params):
+    """clamp(x, L, H): the secant is the fraction of [x, x_new] inside [L, H], so 1 exactly inside, 0 exactly
+    outside, and within a few roundings across a bound (also for d overflowing float32, and ends at +-inf); at
+    and around the bounds (d = 0) it is PyTorch's hardtanh_backward bitwise (0 AT L and H). The bounds are
+    PyTorch's: rounded to float32 for float32 tensors (-0.3 and 2.7 are not float32 values)."""
+    dev = backend_device(backend)
+    k = kernel_act(("hardtanh", params))
+    lo, hi = k.p0, k.p1
+    pairs = [(lo + 0.25, hi - 0.25), (hi - 0.25, lo + 0.25), (lo - 1, lo + 0.5), (hi + 2, lo + 0.125), (lo - 3, hi + 5),
+             (lo - 3, lo - 1), (hi + 1, hi + 4), (lo, hi), (hi, lo), (lo - 2**-20, lo + 2**-21), (hi - 2**-21, hi + 2**-19),
+             (-3e38, 3e38), (3e38, -3e38), (-3e38, lo + 0.5), (-math.inf, 0.5 * (lo + hi)), (hi, math.inf),
+             (-math.inf, math.inf)]
+    for dtype in (torch.float32, torch.float64):
+        x = torch.tensor([p[0] for p in pairs], dtype=dtype)
+        xn = torch.tensor([p[1] for p in pairs], dtype=dtype)
+        L, H = (float(torch.tensor(v, dtype=dtype)) for v in (lo, hi))  # f's bounds in this dtype
+        want = []
+        for a, b in zip(x.tolist(), xn.tolist()):
+            if math.isinf(a) or math.isinf(b):
+                want.append(0.0)  # bounded: one end infinite, or opposite infinities
+                continue
+            fa, fb = (Fraction(min(max(v, L), H)) for v in (a, b))
+            want.append(float((fb - fa) / (Fraction(b) - Fraction(a))))
+        want = torch.tensor(want, dtype=torch.float64)
+        out = ak.avg_act_backward(torch.ones_like(x).to(dev), x.to(dev), xn.to(dev), "hardtanh", backend=backend,
+                                  **params).cpu().double()
+        fi = torch.finfo(dtype)  # a few roundings, and the subnormal grid ((-3e38, L + 0.5): s = 1.7e-39)
+        assert ((out - want).abs() <= 4 * fi.eps * want.abs() + fi.smallest_normal * fi.eps).all(), (dtype, out, want)
+        assert (out[want == 1] == 1).all() and (out[want == 0] == 0).all()
+    bounds = torch.tensor([lo, hi], dtype=torch.float32)
+    for dtype in (torch.float32, torch.float64):
+        b = bounds.to(dtype)
+        up, down = torch.tensor(math.inf, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)
+        xk = torch.cat([b, torch.nextafter(b, up), torch.nextafter(b, down), torch.tensor([lo, hi, 0.0, -0.0]).to(dtype),
+                        (b[:1] + b[1:]) / 2])
+        g = torch.randn(len(xk), dtype=dtype)
+        out = ak.avg_act_backward(g.to(dev), xk.to(dev), xk.to(dev), "hardtanh", backend=backend, **params).cpu()
+        assert torch.equal(out, native_backward(g, xk, forward(xk, k), k)), (dtype, xk, out)
+        assert torch.equal(out[:2], torch.zeros(2, dtype=dtype))  # PyTorch: f'(L) = f'(H) = 0
+
+
 # ---- the op contract -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=config_id)
@@ -230,7 +274,7 @@ def test_unavailable_backend_says_why():
 def test_opcheck(backend, fresh_seed):
     dev = backend_device(backend)
     g, x, xn = spec_inputs(64, device=dev)
-    for act, params in [("tanh", [0.0, 0.0]), ("softplus", [2.0, 10.0]), ("leaky_relu", [0.1, 0.0])]:
+    for act, params in [("tanh", [0.0, 0.0]), ("softplus", [2.0, 10.0]), ("leaky_relu", [0.1, 0.0]), ("hardtanh", [0.0, 6.0])]:
         torch.library.opcheck(torch.ops.avg_kernels.avg_act_backward.default,
                               (g, x, xn, act, params, EPS, backend))
         torch.library.opcheck(torch.ops.avg_kernels.avg_act.default,
@@ -269,6 +313,12 @@ def test_bad_input_errors_name_the_argument():
         ak.avg_act_backward(g, x, xn, "gelu", approximate="erf")
     with pytest.raises(ValueError, match="beta"):
         ak.avg_act_backward(g, x, xn, "softplus", beta=-1.0)
+    with pytest.raises(ValueError, match="min_val=2.0 > max_val=1.0"):
+        ak.avg_act_backward(g, x, xn, "hardtanh", min_val=2.0)
+    with pytest.raises(ValueError, match="max_val=inf"):
+        ak.avg_act_backward(g, x, xn, "hardtanh", max_val=math.inf)
+    with pytest.raises(TypeError, match="unexpected"):
+        ak.avg_act_backward(g, x, xn, "relu6", max_val=5.0)
     with pytest.raises(ValueError, match="x_new has shape"):
         ak.avg_act_backward(g, x, xn[:4], "tanh")
     with pytest.raises(ValueError, match="grad_out has shape"):
@@ -313,6 +363,8 @@ def test_reference_against_mpmath(fresh_seed):
         "softplus": lambda t: t if t > 20 else mpmath.log1p(mpmath.exp(t)),
         "hardswish": lambda t: t * min(max(t + 3, 0), 6) / 6,
         "hardsigmoid": lambda t: min(max(t + 3, 0), 6) / 6,
+        "hardtanh": lambda t: min(max(t, -1), 1),
+        "relu6": lambda t: min(max(t, 0), 6),
     }
     g, x, xn = spec_inputs(300, dtype=torch.float32)
     for name, fn in fns.items():

@@ -27,8 +27,8 @@ IDS = [f"{t.__name__}{args}" for t, _, args in KINDS]
 
 def _inputs(dtype, n=257):
     x = torch.randn(n, dtype=dtype) * 4
-    # kinks (0, ±3), softplus threshold
-    x[:9] = torch.tensor([0.0, -0.0, 1.5, 25.0, -25.0, 3.0, -3.0, 1e-30, -1e-30], dtype=dtype)
+    # kinks (0, ±3, ±1, 6), softplus threshold
+    x[:12] = torch.tensor([0.0, -0.0, 1.5, 25.0, -25.0, 3.0, -3.0, 1e-30, -1e-30, 1.0, -1.0, 6.0], dtype=dtype)
     return x
 
 
@@ -147,14 +147,14 @@ class _Direct(nn.Module):
 
 
 def test_report_lists_what_is_not_averaged():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Hardtanh(), _MyReLU(), _Direct(), nn.LSTM(4, 4),
+    model = nn.Sequential(nn.Linear(4, 4), nn.SELU(), _MyReLU(), _Direct(), nn.LSTM(4, 4),
                           nn.TransformerEncoderLayer(4, 2, 8, activation="gelu"), nn.Tanh())
     with pytest.warns(UserWarning, match="NOT averaged"):
         _, rep = ann.convert(model, return_report=True)
     text = str(rep)
     assert not rep.complete
     found = {(n.where, n.what) for n in rep.not_averaged}
-    assert found == {("1", "nn.Hardtanh module"), ("4", "nn.LSTM")}
+    assert found == {("1", "nn.SELU module"), ("4", "nn.LSTM")}
     assert type(model[2]) is _MyReLU  # left alone; its forward's F.relu call is averaged as a bare call
     # supported calls in sources and attributes: averaged by AG steps when called (not problems)
     info = {(n.where, n.what) for n in rep.static_calls}
@@ -211,7 +211,9 @@ def test_functional_is_bitwise_pytorch_outside_ag_steps():
              (AF.leaky_relu(x, 0.3), F.leaky_relu(x, 0.3)), (AF.elu(x, 0.5), F.elu(x, 0.5)),
              (AF.gelu(x, approximate="tanh"), F.gelu(x, approximate="tanh")), (AF.silu(x), F.silu(x)),
              (AF.softplus(x, 2.0, 5.0), F.softplus(x, 2.0, 5.0)), (AF.softplus(x, threshold=5.0), F.softplus(x, 1.0, 5.0)),
-             (AF.hardswish(x), F.hardswish(x)), (AF.hardsigmoid(x), F.hardsigmoid(x))]
+             (AF.hardswish(x), F.hardswish(x)), (AF.hardsigmoid(x), F.hardsigmoid(x)),
+             (AF.hardtanh(x), F.hardtanh(x)), (AF.hardtanh(x, -0.3, max_val=2.7), F.hardtanh(x, -0.3, 2.7)),
+             (AF.relu6(x), F.relu6(x))]
     for a, b in pairs:
         assert torch.equal(a, b)
 

@@ -350,7 +350,11 @@ _ACT_CONFIGS = [("tanh", {}), ("sigmoid", {}), ("relu", {}), ("leaky_relu", {}),
                 ("leaky_relu", {"negative_slope": -0.3}), ("elu", {}), ("elu", {"alpha": 0.5}), ("elu", {"alpha": -0.5}),
                 ("gelu", {}), ("gelu", {"approximate": "tanh"}), ("silu", {}), ("softplus", {}),
                 ("softplus", {"beta": 2.0, "threshold": 10.0}), ("softplus", {"beta": 16.0}),
-                ("softplus", {"beta": 0.5, "threshold": 1.0}), ("hardswish", {}), ("hardsigmoid", {})]
+                ("softplus", {"beta": 0.5, "threshold": 1.0}), ("hardswish", {}), ("hardsigmoid", {}),
+                ("hardtanh", {}), ("relu6", {}), ("hardtanh", {"min_val": -0.3, "max_val": 2.7}),
+                # bounds near FLT_MAX (segments whose d overflows lie inside: s = 1, not the bounded limit 0);
+                # equal bounds (f constant)
+                ("hardtanh", {"min_val": -3e38, "max_val": 3e38}), ("hardtanh", {"min_val": 0.5, "max_val": 0.5})]
 
 
 def _f32(v: float) -> float:
@@ -365,7 +369,8 @@ def _act_element(draw, fp64: bool):
     width = 64 if fp64 else 32
     rnd = (lambda v: v) if fp64 else _f32
     x = draw(st.one_of(st.floats(-40, 40, width=width), st.floats(width=width),
-                       st.sampled_from([0.0, -0.0, 3.0, -3.0, -1.5, 20.0, 1e-40, -1e-40, 3e38, -3e38, 1e36, -1e37])))
+                       st.sampled_from([0.0, -0.0, 3.0, -3.0, -1.5, 20.0, 1e-40, -1e-40, 3e38, -3e38, 1e36, -1e37,
+                                       1.0, -1.0, 6.0, 0.5, -0.3, 2.7])))  # hardtanh's bounds
     how = draw(st.sampled_from(["ulps", "step", "any", "same"]))
     if how == "ulps" and math.isfinite(x):
         t = np.float64 if fp64 else np.float32

@@ -56,6 +56,7 @@ SILU = tl.constexpr(KERNEL_IDS["silu"])
 SOFTPLUS = tl.constexpr(KERNEL_IDS["softplus"])
 HARDSWISH = tl.constexpr(KERNEL_IDS["hardswish"])
 HARDSIGMOID = tl.constexpr(KERNEL_IDS["hardsigmoid"])
+HARDTANH = tl.constexpr(KERNEL_IDS["hardtanh"])
 
 _BOUNDED = tuple(is_bounded(KernelAct(n)) for n in KERNEL_ACTS)  # act_is_bounded(Act), by kernel id
 
@@ -240,8 +241,9 @@ def _fix_nonfinite(a, b, d, s, fb, p0, ACT: tl.constexpr, C: tl.constexpr):
     hb = b * 0.5
     g_a = ha * tl.where(0.0 < a, pos_slope, neg_slope)
     g_b = hb * tl.where(0.0 < b, pos_slope, neg_slope)
-    ovf = (tl.abs(d) >= _huge(C == tl.float64)) & ((a_inf | b_inf) == 0) & (fb == 0)  # finite, |d| >= huge, no fallback
-    s = tl.where(ovf, _div(g_b - g_a, hb - ha, C), s)
+    if ACT != HARDTANH:  # hardtanh computes these lanes exactly itself (header: if constexpr)
+        ovf = (tl.abs(d) >= _huge(C == tl.float64)) & ((a_inf | b_inf) == 0) & (fb == 0)  # finite, |d| >= huge
+        s = tl.where(ovf, _div(g_b - g_a, hb - ha, C), s)
     s = tl.where(a_inf != b_inf, s_one, s)
     s = tl.where(a_inf & b_inf, s_both, s)
     a_nan = (a == a) == 0  # mnot(eq(a, a))
@@ -392,6 +394,18 @@ def avg_slope(a, b, p0, p1, e_lo, e_hi, e_tlo, e_thi, ACT: tl.constexpr, C: tl.c
             w_hi = _div(_max(hi, 3.0) - _max(lo, 3.0), den_fac, C)
             fprime = tl.where(inside, _div(a, three, C) + 0.5, tl.where(a < 3.0, 0.0, 1.0))
             s = tl.where(fb, fprime, tl.fma(w_mid, m_mid, w_hi))
+    elif ACT == HARDTANH:
+        # clamp(x, L, H): s = (v - u) / |d| with u, v = lo, hi clamped to [L, H] (the fraction of the
+        # segment inside); |d| >= huge: both halved (header: behind any()). Fallback: 1 on (L, H), else 0.
+        lo = _min(a, bb)
+        hi = _max(a, bb)
+        u = _min(_max(lo, p0), p1)
+        v = _min(_max(hi, p0), p1)
+        big = _huge(C == tl.float64) <= ad
+        num = tl.where(big, v * 0.5 - u * 0.5, v - u)
+        den = tl.where(big, hi * 0.5 - lo * 0.5, den_fac)
+        inside = (p0 < a) & (a < p1)
+        s = tl.where(fb, tl.where(inside, 1.0, 0.0), _div(num, den, C))
     else:
         tl.static_assert(ACT == SOFTPLUS, "unknown activation id")
         # softplus = log1p(e^{beta x}) / beta for y = beta x <= threshold, else x; in y units.
@@ -476,6 +490,11 @@ def _zero_slope_sign(a, b, fb, p0, p1, ACT: tl.constexpr, C: tl.constexpr):
         u = _min(_max(lo, -3.0), 3.0)
         v = _min(_max(hi, -3.0), 3.0)
         inside = (-3.0 < a) & (a < 3.0)
+        r = tl.where(fb, tl.where(inside, 1.0, 0.0), tl.where(u < v, 1.0, 0.0))
+    elif ACT == HARDTANH:
+        u = _min(_max(lo, p0), p1)
+        v = _min(_max(hi, p0), p1)
+        inside = (p0 < a) & (a < p1)
         r = tl.where(fb, tl.where(inside, 1.0, 0.0), tl.where(u < v, 1.0, 0.0))
     else:
         tl.static_assert(ACT == HARDSWISH, "unknown activation id")

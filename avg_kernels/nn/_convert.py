@@ -8,7 +8,7 @@ what is averaged and what is not:
 
 * traced (``example_inputs`` given): one forward under that mode, as an AG step's pass at θ runs it,
   lists every averaged call with its kind (module / bare / compound) and every call that is not
-  averaged, by name (activations without an averaged kernel: ``F.mish``, ``nn.Hardtanh``, QuickGELU
+  averaged, by name (activations without an averaged kernel: ``F.mish``, ``nn.SELU``, QuickGELU
   ...; in-place calls), attributed to the innermost module that made it. What the traced forward did
   not compute is not reported (a never-taken branch is not a problem);
 * static (always): recurrent layers (tanh/sigmoid inside PyTorch's fused RNN kernels, invisible to
@@ -44,8 +44,8 @@ log = logging.getLogger("avg_kernels.nn")
 #: Elementwise nonlinear torch.nn modules that have no averaged kernel (they keep f').
 UNSUPPORTED_KINDS = tuple(c for c in (
     getattr(nn, n, None) for n in (
-        "ReLU6", "Hardtanh", "SELU", "CELU", "Mish", "LogSigmoid", "Softsign", "Tanhshrink", "Softshrink",
-        "Hardshrink", "Threshold", "PReLU", "RReLU", "GLU"))
+        "SELU", "CELU", "Mish", "LogSigmoid", "Softsign", "Tanhshrink", "Softshrink", "Hardshrink", "Threshold",
+        "PReLU", "RReLU", "GLU"))
     if c is not None and c not in REPLACEMENTS)
 RECURRENT = (nn.RNNBase, nn.RNNCellBase)
 

@@ -18,7 +18,7 @@ traced forward:
   averaged one of the whole function; the gradient path through the hand-written ops is dropped. The
   inner ``tanh``/``sigmoid`` call keeps its (bare) slot for the pairing but is marked ``superseded``;
 * what cannot be averaged is collected in ``findings`` by name: activation functions without an averaged
-  kernel (``F.mish``, ``F.relu6``, ``F.hardtanh`` ...), in-place or ``out=`` calls of supported ones
+  kernel (``F.mish``, ``F.selu``, ``F.celu`` ...), in-place or ``out=`` calls of supported ones
   (the averaged backward needs the input to survive) and recognised forms without a kernel (QuickGELU).
 
 Outside these passes nothing is installed: a converted model computes exactly what the original did.
@@ -62,7 +62,7 @@ SUPPORTED_INPLACE = frozenset(n + "_" for n in SUPPORTED)
 
 #: activation functions without an averaged kernel (dispatch name -> how reports name it)
 UNSUPPORTED: dict[str, str] = {}
-for _n in ("mish", "relu6", "hardtanh", "selu", "celu", "log_sigmoid", "logsigmoid", "softsign", "tanhshrink",
+for _n in ("mish", "selu", "celu", "log_sigmoid", "logsigmoid", "softsign", "tanhshrink",
            "softshrink", "hardshrink", "threshold", "_threshold", "prelu", "rrelu", "glu"):
     UNSUPPORTED[_n] = UNSUPPORTED[_n + "_"] = f"F.{_n.lstrip('_')}"
 

@@ -11,8 +11,9 @@ same arguments, the repr and state dict are the same) and overrides ``forward``:
 
 ``inplace=True`` is accepted and converted to an out-of-place call (the averaged backward needs the
 input to survive); ``requested_inplace`` remembers what was asked for, ``inplace`` is always False.
-Parameters (``negative_slope``, ``alpha``, ``approximate``, ``beta``, ``threshold``) are attributes read
-at every call, as in torch.nn, so changing them later takes effect.
+Parameters (``negative_slope``, ``alpha``, ``approximate``, ``beta``, ``threshold``, ``min_val``, ``max_val``) are
+attributes read at every call, as in torch.nn, so changing them later takes effect (``ReLU6`` has none: it
+averages with bounds 0 and 6, as torch.nn.ReLU6 sets them).
 """
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ from ._registry import Autograd, Op, OpSpec
 
 def kernel_act(act, params) -> KernelAct:
     """The kernel-level activation of the ops' (act, params) arguments, validated (direct torch.ops calls
-    included): a name in KERNEL_ACTS, two finite numbers, softplus's beta > 0. Memoised: every averaged
-    backward of an AG step calls it."""
+    included): a name in KERNEL_ACTS, two finite numbers, softplus's beta > 0, hardtanh's min_val <= max_val.
+    Memoised: every averaged backward of an AG step calls it."""
     try:
         return _kernel_act(act, *params)
     except TypeError:  # an unhashable or wrongly typed argument: the uncached check names it
@@ -43,6 +43,8 @@ def _kernel_act(act, *params) -> KernelAct:
         raise ValueError(f"params={[p0, p1]} of act={act!r} must be finite")
     if act == "softplus" and not p0 > 0:
         raise ValueError(f"beta={p0!r}: softplus needs beta > 0")
+    if act == "hardtanh" and not p0 <= p1:
+        raise ValueError(f"min_val={p0!r} > max_val={p1!r}: hardtanh needs min_val <= max_val")
     return KernelAct(act, p0, p1)
 
 

@@ -80,6 +80,8 @@ def _secant(k: KernelAct, lo: torch.Tensor, hi: torch.Tensor, above_lo, above_hi
     if n in ("relu", "leaky_relu"):
         ns = k.p0 if n == "leaky_relu" else 0.0
         return (hi.clamp(min=0) - lo.clamp(min=0)) / d + ns * ((hi.clamp(max=0) - lo.clamp(max=0)) / d)
+    if n == "hardtanh":  # the fraction of [lo, hi] inside [L, H] (k holds the bounds in the compute dtype)
+        return (hi.clamp(k.p0, k.p1) - lo.clamp(k.p0, k.p1)) / d
     if n in ("hardsigmoid", "hardswish"):
         u, v = lo.clamp(-3, 3), hi.clamp(-3, 3)
         if n == "hardsigmoid":
@@ -159,6 +161,9 @@ def _zero_slope_sign(k: KernelAct, lo, hi, a, fb) -> torch.Tensor:
         return torch.where(fb, torch.where(a > 0, one, one * float(np.sign(ns))), sec)
     if n in ("silu", "gelu", "gelu_tanh"):
         return torch.where(hi >= 0, one, -one)
+    if n == "hardtanh":
+        inside = (a > k.p0) & (a < k.p1)
+        return torch.where(fb, inside.double(), (lo.clamp(k.p0, k.p1) < hi.clamp(k.p0, k.p1)).double())
     u, v = lo.clamp(-3, 3), hi.clamp(-3, 3)
     inside = (a > -3) & (a < 3)
     if n == "hardsigmoid":
@@ -186,6 +191,9 @@ def avg_act_backward(grad_out: torch.Tensor, x: torch.Tensor, x_new: torch.Tenso
     finite = torch.isfinite(a) & torch.isfinite(b)
     # softplus's switch, decided in the compute dtype (float32 below float64)
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if k.name == "hardtanh" and ct == torch.float32:
+        # f's bounds as PyTorch's hardtanh and the kernels hold them: rounded to the compute dtype
+        k = k._replace(p0=float(np.float32(k.p0)), p1=float(np.float32(k.p1)))
     if k.name == "softplus":
         above = lambda v: (v.to(ct) * torch.tensor(k.p0, dtype=ct)) > torch.tensor(k.p1, dtype=ct)  # noqa: E731
         above_lo, above_hi = above(lo), above(hi)

@@ -53,6 +53,7 @@ const Cfg kConfigs[] = {
     {"elu", Act::Elu, 1.0, 0},          {"elu(0.5)", Act::Elu, 0.5, 0},       {"gelu", Act::Gelu, 0, 0},
     {"gelu_tanh", Act::GeluTanh, 0, 0}, {"silu", Act::Silu, 0, 0},            {"softplus", Act::Softplus, 1, 20},
     {"softplus(2,10)", Act::Softplus, 2, 10}, {"hardswish", Act::Hardswish, 0, 0}, {"hardsigmoid", Act::Hardsigmoid, 0, 0},
+    {"hardtanh", Act::Hardtanh, -1, 1}, {"hardtanh(0,6)", Act::Hardtanh, 0, 6}, {"hardtanh(-2.5,4)", Act::Hardtanh, -2.5, 4},
 };
 
 LD f_ld(const Cfg& c, LD x) {
@@ -76,6 +77,7 @@ LD f_ld(const Cfg& c, LD x) {
     }
     case Act::Hardswish: return x * fminl(fmaxl(x + 3.0L, 0.0L), 6.0L) / 6.0L;
     case Act::Hardsigmoid: return fminl(fmaxl(x + 3.0L, 0.0L), 6.0L) / 6.0L;
+    case Act::Hardtanh: return fminl(fmaxl(x, LD(c.p0)), LD(c.p1));  // bounds exact in float: as the kernels'
   }
   return 0;
 }

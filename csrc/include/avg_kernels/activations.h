@@ -34,18 +34,19 @@ namespace avg_kernels {
 // `bounded`: f is bounded at both ends, so the secant tends to 0 when an end goes to infinity
 // (fix_nonfinite). Adding an activation: a row here, its math in avg_slope and act_value below
 // (and the Triton mirror), and its record in the Python table.
-#define AVG_KERNELS_ACTIVATIONS(X)       \
-  X(Tanh, 0, "tanh", true)               \
-  X(Sigmoid, 1, "sigmoid", true)         \
-  X(Relu, 2, "relu", false)              \
-  X(LeakyRelu, 3, "leaky_relu", false)   \
-  X(Elu, 4, "elu", false)                \
-  X(Gelu, 5, "gelu", false)              \
-  X(GeluTanh, 6, "gelu_tanh", false)     \
-  X(Silu, 7, "silu", false)              \
-  X(Softplus, 8, "softplus", false)      \
-  X(Hardswish, 9, "hardswish", false)    \
-  X(Hardsigmoid, 10, "hardsigmoid", true)
+#define AVG_KERNELS_ACTIVATIONS(X)        \
+  X(Tanh, 0, "tanh", true)                \
+  X(Sigmoid, 1, "sigmoid", true)          \
+  X(Relu, 2, "relu", false)               \
+  X(LeakyRelu, 3, "leaky_relu", false)    \
+  X(Elu, 4, "elu", false)                 \
+  X(Gelu, 5, "gelu", false)               \
+  X(GeluTanh, 6, "gelu_tanh", false)      \
+  X(Silu, 7, "silu", false)               \
+  X(Softplus, 8, "softplus", false)       \
+  X(Hardswish, 9, "hardswish", false)     \
+  X(Hardsigmoid, 10, "hardsigmoid", true) \
+  X(Hardtanh, 11, "hardtanh", true)
 
 enum class Act : int32_t {
 #define AK_ACT_ENUM(E, id, name, bounded) E = id,
@@ -95,7 +96,7 @@ AK_HD constexpr const char* act_name(Act a) {
 }
 
 // Numeric parameters: leaky_relu p0 = negative_slope; elu p0 = alpha;
-// softplus p0 = beta (> 0), p1 = threshold. Others ignore them.
+// softplus p0 = beta (> 0), p1 = threshold; hardtanh p0 = min_val <= p1 = max_val. Others ignore them.
 template <class S>
 struct ActParams {
   S p0;
@@ -301,16 +302,21 @@ AK_HD auto fallback_mask(V a, V b, V d, const EpsCut<typename Ops<V>::Scalar>& c
   return fb;
 }
 
+// 2^126 (float) / 2^1022 (double): a quarter of the range, where the formulas' products by |d| overflow
+// (a double threshold of 2^126 took the halved asymptotic secant for ordinary doubles: leaky_relu at
+// x = -3.8e53 with d = 2^126 cancelled in slope*(b/2) - slope*(a/2) to 0.0078 for 0.01)
+template <class S>
+AK_HD constexpr S huge_step() {
+  return S(sizeof(S) == 4 ? 8.507059173023462e37 : 4.49423283715579e307);
+}
+
 template <Act A, class V, class M>
 AK_HD V fix_nonfinite(V a, V b, V d, V s, M fb, ActParams<typename Ops<V>::Scalar> prm) {
   using O = Ops<V>;
   using S = typename O::Scalar;
   const V inf = V(S(INFINITY)), zero = V(S(0));
   const V nan = V(S(NAN));
-  // 2^126 (float) / 2^1022 (double): a quarter of the range, where the formulas' products by |d| overflow
-  // (a double threshold of 2^126 took the halved asymptotic secant for ordinary doubles: leaky_relu at
-  // x = -3.8e53 with d = 2^126 cancelled in slope*(b/2) - slope*(a/2) to 0.0078 for 0.01)
-  const V huge(S(sizeof(S) == 4 ? 8.507059173023462e37 : 4.49423283715579e307));
+  const V huge(huge_step<S>());
   if (!O::any(O::mnot(O::lt(O::abs(d), huge)))) return s;  // fast path: every |d| < 2^126
   constexpr bool bounded = act_is_bounded(A);
   const S pos_slope = bounded ? S(0) : S(1);
@@ -323,9 +329,13 @@ AK_HD V fix_nonfinite(V a, V b, V d, V s, M fb, ActParams<typename Ops<V>::Scala
   V ha = a * V(S(0.5)), hb = b * V(S(0.5));
   V g_a = ha * O::select(O::lt(zero, a), V(pos_slope), V(neg_slope));
   V g_b = hb * O::select(O::lt(zero, b), V(pos_slope), V(neg_slope));
-  // finite ends, |d| >= 2^126, not a fallback lane (an eps >= 2^126 keeps f'(a), computed at d = 0)
-  auto ovf = O::mand(O::mand(O::le(huge, O::abs(d)), O::mnot(O::mor(a_inf, b_inf))), O::mnot(fb));
-  s = O::select(ovf, (g_b - g_a) / (hb - ha), s);
+  // finite ends, |d| >= 2^126, not a fallback lane (an eps >= 2^126 keeps f'(a), computed at d = 0);
+  // hardtanh computes these lanes exactly itself (its bounds may be anywhere up to the largest S, so
+  // f is not g + O(1) there)
+  if constexpr (A != Act::Hardtanh) {
+    auto ovf = O::mand(O::mand(O::le(huge, O::abs(d)), O::mnot(O::mor(a_inf, b_inf))), O::mnot(fb));
+    s = O::select(ovf, (g_b - g_a) / (hb - ha), s);
+  }
   s = O::select(O::mxor(a_inf, b_inf), s_one, s);
   s = O::select(O::mand(a_inf, b_inf), s_both, s);
   auto a_nan = O::mnot(O::eq(a, a));
@@ -568,6 +578,29 @@ AK_HD V avg_slope(V a, V b, ActParams<typename Ops<V>::Scalar> prm, const EpsCut
       V fprime = O::select(inside, a / three + V(S(0.5)), O::select(O::lt(a, three), zero, one));
       s = O::select(fb, fprime, O::fma(w_mid, m_mid, w_hi));
     }
+  } else if constexpr (A == Act::Hardtanh) {
+    // f = clamp(x, L, H) (PyTorch's hardtanh, L = min_val <= H = max_val): f' is 1 on (L, H), 0 outside,
+    // so the secant is the fraction of the segment [lo, hi] inside [L, H]:
+    //   s = (v - u) / |d|,  u = clamp(lo, L, H), v = clamp(hi, L, H).
+    // Inside [L, H] (u = lo, v = hi) v - u is the same subtraction as d: s = 1 exactly; across a bound
+    // v - u is one rounding (u or v is L or H), so s is within 3 roundings (v - u, d, the quotient: 1.5 ulp);
+    // outside, v - u = 0: s = 0. No cancellation. |d| >= 2^126 (it may have overflowed, and so may v - u
+    // when H - L is that large): both halved, (v/2 - u/2) / (hi/2 - lo/2), so nothing overflows (fix_nonfinite
+    // leaves these lanes); halving is exact but for subnormal u, v, whose lost bit moves s by < 2^-275.
+    // Fallback lanes: PyTorch's hardtanh_backward, 1 strictly inside (L, H), 0 at and beyond the bounds.
+    const V L(prm.p0), H(prm.p1);
+    const V half(S(0.5));
+    V lo = O::min(a, bb), hi = O::max(a, bb);
+    V u = O::min(O::max(lo, L), H);
+    V v = O::min(O::max(hi, L), H);
+    auto big = O::le(V(detail::huge_step<S>()), ad);
+    V num = v - u, den = den_fac;
+    if (O::any(big)) {
+      num = O::select(big, v * half - u * half, num);
+      den = O::select(big, hi * half - lo * half, den);
+    }
+    auto inside = O::mand(O::lt(L, a), O::lt(a, H));
+    s = O::select(fb, O::select(inside, one, zero), num / den);
   } else {
     static_assert(A != A, "avg_slope: an activation of AVG_KERNELS_ACTIVATIONS has no math here");
   }
@@ -593,7 +626,8 @@ namespace detail {
 //   is positive for hi >= 0, and underflows for hi < 0 only in the tail, where f decreases: -1. (Near
 //   f's minimum, where |f(b) - f(a)| is below the rounding of f, the computed sign is not guaranteed.)
 //   hardsigmoid: +1 where the segment meets (-3, 3), else 0. hardswish: +1 if hi > 3; else the sign of
-//   (u + 3) + v (exact: one rounding) where the segment meets (-3, 3), else 0.
+//   (u + 3) + v (exact: one rounding) where the segment meets (-3, 3), else 0. hardtanh: +1 where the
+//   segment meets (L, H) (u < v, clamped as in avg_slope), else 0.
 // Fallback lanes take the sign of f'(a) the same way (their s is 0 only by underflow or exactly).
 template <Act A, class V, class M>
 AK_HD V zero_slope_sign(V a, V b, M fb, ActParams<typename Ops<V>::Scalar> prm) {
@@ -635,6 +669,11 @@ AK_HD V zero_slope_sign(V a, V b, M fb, ActParams<typename Ops<V>::Scalar> prm) 
     auto inside = O::mand(O::lt(-three, a), O::lt(a, three));
     V f1 = O::select(inside, sgn(a / three + V(S(0.5))), O::select(O::lt(a, three), zero, one));
     return O::select(fb, f1, O::select(O::lt(three, hi), one, mid));
+  } else if constexpr (A == Act::Hardtanh) {
+    const V L(prm.p0), H(prm.p1);
+    V u = O::min(O::max(lo, L), H), v = O::min(O::max(hi, L), H);
+    auto inside = O::mand(O::lt(L, a), O::lt(a, H));
+    return O::select(fb, O::select(inside, one, zero), O::select(O::lt(u, v), one, zero));
   } else {
     static_assert(A != A, "zero_slope_sign: an activation of AVG_KERNELS_ACTIVATIONS has no rule here");
   }
@@ -710,6 +749,9 @@ AK_HD V act_value(V x, ActParams<typename Ops<V>::Scalar> prm) {
     V r = O::min(O::max(x + V(S(3)), zero), V(S(6)));
     if constexpr (A == Act::Hardswish) return x * r / V(S(6));
     else return r / V(S(6));
+  } else if constexpr (A == Act::Hardtanh) {
+    // clamp(x, L, H); min/max return their second operand on NaN (as vminps/vmaxps): NaN x stays NaN
+    return O::min(V(prm.p1), O::max(V(prm.p0), x));
   } else {
     static_assert(A != A, "act_value: an activation of AVG_KERNELS_ACTIVATIONS has no math here");
   }
