@@ -535,7 +535,8 @@ def im2col_gram(x: torch.Tensor, kernel_size: IntOrTuple, stride: IntOrTuple = 1
 
     Memory: besides x and the result, the 2-D kernels need O(D²); Conv3d on the "cpu", "cuda" and "triton"
     backends also gathers chunks of input depth slices into one buffer of at most max(2**24, C·kd·H·W)
-    elements of x's dtype (see ``_conv3d_by_depth``), never the unfolded X.
+    elements of x's dtype (see ``_conv3d_by_depth``), never the unfolded X. The autograd backward unfolds
+    only the columns of the positions that read the input (``_conv_backward``).
     """
     # ints or tuples -> one entry per spatial dim, as the schema takes them; the op validates the rest
     n = x.dim() - 2 if isinstance(x, torch.Tensor) and x.dim() in (3, 4, 5) else 1
