@@ -267,19 +267,29 @@ def _trim_dim(size: int, k: int, s: int, p: int, d: int, out: int) -> _DimPlan |
     return _DimPlan(start, stop, pad_lo, pad_hi, s if n > 1 else stop - start + pad_lo + pad_hi - ext, n)
 
 
+def _spatial_slice(t: torch.Tensor, start: Sequence[int], stop: Sequence[int]) -> torch.Tensor:
+    """The view ``t[:, :, start[0]:stop[0], start[1]:stop[1], …]``."""
+    for i, (a, b) in enumerate(zip(start, stop)):
+        t = t.narrow(2 + i, a, b - a)
+    return t
+
+
+def _trim_plans(x: torch.Tensor, geo: ConvGeometry) -> list[_DimPlan | None]:
+    size = x.shape[2:]
+    return [_trim_dim(size[i], geo.kernel_size[i], geo.stride[i], geo.padding[i], geo.dilation[i],
+                      geo.out_size[i]) for i in range(len(size))]
+
+
 def _trim(x: torch.Tensor, geo: ConvGeometry) -> ConvCall:
     size = x.shape[2:]
-    plans = [_trim_dim(size[i], geo.kernel_size[i], geo.stride[i], geo.padding[i], geo.dilation[i],
-                       geo.out_size[i]) for i in range(len(size))]
+    plans = _trim_plans(x, geo)
     count = x.shape[0] * math.prod(geo.out_size)
     if any(pl is None for pl in plans):  # no window reads the input: A holds only the count
         return ConvCall(None, geo, count if geo.bias else 0, x)
     if all(pl.start == 0 and pl.stop == sz and pl.stride == s and pl.positions == o
            for pl, sz, s, o in zip(plans, size, geo.stride, geo.out_size)):
         return ConvCall(x, geo, 0, x)  # the common case: unchanged
-    xk = x
-    for i, pl in enumerate(plans):
-        xk = xk.narrow(2 + i, pl.start, pl.stop - pl.start)
+    xk = _spatial_slice(x, [pl.start for pl in plans], [pl.stop for pl in plans])
     if all(pl.pad_lo == pl.pad_hi for pl in plans):
         padding = tuple(pl.pad_lo for pl in plans)
     else:  # F.pad's order: last dim first
@@ -305,6 +315,34 @@ def _counted(kernel):
     return run
 
 
+class _TapCall(NamedTuple):
+    """One part of a split geometry (``_gram_taps.TapPart``): its input slice and sub-geometry, and ``rows``,
+    the indices in the whole geometry's D of the part's rows (bias row excluded), in the part's order."""
+    part: _gram_taps.TapPart
+    call: ConvCall
+    rows: torch.Tensor
+
+
+def _tap_calls(c: ConvCall) -> list[_TapCall] | None:
+    """The parts of a (trimmed) geometry whose taps never meet in some dim (``_gram_taps.plan``); None when no
+    dim is split. Shared by the forward (``_by_taps``) and the backward (``_conv_backward``)."""
+    geo = c.geo
+    parts = _gram_taps.plan(c.x.shape[2:], geo.kernel_size, geo.stride, geo.padding, geo.dilation, geo.out_size)
+    if parts is None:
+        return None
+    cg = c.x.shape[1] // geo.groups
+    rows = torch.arange(cg * math.prod(geo.kernel_size), device=c.x.device).view(cg, *geo.kernel_size)
+    calls = []
+    for part in parts:
+        xs = _spatial_slice(c.x, part.start, part.stop)
+        sub = geo._replace(kernel_size=part.kernel_size, stride=part.stride, padding=part.padding,
+                           dilation=part.dilation, out_size=part.out_size,
+                           dim=cg * math.prod(part.kernel_size) + int(geo.bias))
+        idx = rows[(slice(None), *(slice(None) if t is None else t for t in part.taps))].reshape(-1)
+        calls.append(_TapCall(part, ConvCall(xs, sub, 0, xs), idx))
+    return calls
+
+
 def _by_taps(kernel):
     """A conv backend that computes a geometry whose taps never meet (dilation >= input extent: most positions
     read nothing) one tap at a time, each over the positions it reads (see ``_gram_taps``); other geometries
@@ -312,22 +350,13 @@ def _by_taps(kernel):
     @functools.wraps(kernel)
     def run(c: ConvCall) -> torch.Tensor:
         geo = c.geo
-        parts = _gram_taps.plan(c.x.shape[2:], geo.kernel_size, geo.stride, geo.padding, geo.dilation,
-                                geo.out_size)
-        if parts is None:
+        calls = _tap_calls(c)
+        if calls is None:
             return kernel(c)
         out = new_output((geo.groups, geo.dim, geo.dim), c.x, gram_dtype(c.x.dtype)).zero_()
-        cg = c.x.shape[1] // geo.groups
-        rows = torch.arange(cg * math.prod(geo.kernel_size), device=c.x.device).view(cg, *geo.kernel_size)
-        for part in parts:
-            xs = c.x
-            for i, (a, b) in enumerate(zip(part.start, part.stop)):
-                xs = xs.narrow(2 + i, a, b - a)
-            sub = geo._replace(kernel_size=part.kernel_size, stride=part.stride, padding=part.padding,
-                               dilation=part.dilation, out_size=part.out_size,
-                               dim=cg * math.prod(part.kernel_size) + int(geo.bias))
-            a = kernel(ConvCall(xs, sub, 0, xs))
-            idx = rows[(slice(None), *(slice(None) if t is None else t for t in part.taps))].reshape(-1)
+        for tc in calls:
+            a = kernel(tc.call)
+            idx = tc.rows
             n = idx.numel()
             out[:, idx[:, None], idx[None, :]] = a[:, :n, :n]  # each row's taps live in exactly one part
             if geo.bias:
@@ -349,8 +378,12 @@ def _check_linear_call(x, bias, *, fake: bool) -> LinearCall:
 
 
 # Autograd: for L = Σ_g <Ḡ_g, A_g>, ∂L/∂U_g = S_g U_g with S_g = Ḡ_g + Ḡ_gᵀ and U_g = [X_g; 1]; the
-# gradient w.r.t. x folds ∂L/∂X_g back (col2im). Written with differentiable torch ops (double
-# backward works); it materialises the unfolded input, which is fine for a gradient nobody needs fast.
+# gradient w.r.t. x folds ∂L/∂X_g back (col2im). Written with differentiable torch ops (double backward
+# works). The unfold materialises the columns, so it runs on the geometry the forward's kernels get (SPEC §6):
+# trimmed (``_trim``: the dropped positions read nothing, so their columns of ∂L/∂X_g fold to nothing; the
+# count A[-1, -1] does not depend on x) and, where taps never meet, per tap part (``_tap_calls``: L is the sum
+# over parts of <S restricted to the part's rows, A_part>, each A_part a function of the slice it reads), the
+# parts' gradients added into their slices. Cost: the columns of the positions that read the input.
 
 def _conv_setup(ctx, inputs, output):
     x, kernel_size, stride, padding, dilation, groups, bias, backend = inputs
@@ -358,8 +391,8 @@ def _conv_setup(ctx, inputs, output):
     ctx.args = (list(kernel_size), list(stride), list(padding), list(dilation), groups, bias)
 
 
-def _conv3d_backward(x, sym, k, s, p, d, g, bias):
-    """The Conv3d case of ``_conv_backward`` (no F.fold for 3-D: the fold is the adjoint of the unfold
+def _unfold3d_backward(x, sym, k, s, p, d, g, bias):
+    """The Conv3d case of ``_unfold_backward`` (no F.fold for 3-D: the fold is the adjoint of the unfold
     written out, one strided slice per kernel offset)."""
     din = sym.shape[1] - int(bias)
     cols = unfold3d(x.to(sym.dtype), k, s, p, d)  # (N, G·din, L)
@@ -377,20 +410,19 @@ def _conv3d_backward(x, sym, k, s, p, d, g, bias):
                 o = (a * d[0], b * d[1], e * d[2])
                 dx[:, :, o[0]:o[0] + (out[0] - 1) * s[0] + 1:s[0], o[1]:o[1] + (out[1] - 1) * s[1] + 1:s[1],
                    o[2]:o[2] + (out[2] - 1) * s[2] + 1:s[2]] += dcols[:, :, a, b, e]
-    dx = dx[:, :, p[0]:p[0] + x.shape[2], p[1]:p[1] + x.shape[3], p[2]:p[2] + x.shape[4]]
-    return dx.to(x.dtype), None, None, None, None, None, None, None
+    return dx[:, :, p[0]:p[0] + x.shape[2], p[1]:p[1] + x.shape[3], p[2]:p[2] + x.shape[4]]
 
 
-def _conv_backward(ctx, grad):
-    (x,) = ctx.saved_tensors
-    k, s, p, d, g, bias = ctx.args
+def _unfold_backward(x, sym, k, s, p, d, g, bias):
+    """∂L/∂x (in sym's dtype) for S = ``sym`` (G, D, D) on the geometry as given: every one of its positions
+    is unfolded (``_conv_backward`` gives it only the positions that read the input)."""
+    k, s, p, d = list(k), list(s), list(p), list(d)
     if x.dim() == 5:
-        return _conv3d_backward(x, grad + grad.transpose(1, 2), k, s, p, d, g, bias)
+        return _unfold3d_backward(x, sym, k, s, p, d, g, bias)
     one_d = x.dim() == 3
     x4 = x.unsqueeze(2) if one_d else x
     if one_d:
         k, s, p, d = [1, *k], [1, *s], [0, *p], [1, *d]
-    sym = grad + grad.transpose(1, 2)
     din = sym.shape[1] - int(bias)
     cols = F.unfold(x4.to(sym.dtype), k, dilation=d, padding=p, stride=s)  # (N, G·din, L)
     n, _, ncol = cols.shape
@@ -399,7 +431,44 @@ def _conv_backward(ctx, grad):
     if bias:
         dcols = dcols + sym[:, :din, din].view(1, g, din, 1)
     dx = F.fold(dcols.reshape(n, g * din, ncol), x4.shape[2:], k, dilation=d, padding=p, stride=s)
-    dx = dx.squeeze(2) if one_d else dx
+    return dx.squeeze(2) if one_d else dx
+
+
+def _call_backward(c: ConvCall, sym: torch.Tensor) -> torch.Tensor:
+    """∂L/∂c.x (sym's dtype) of a trimmed call: split by taps where the forward splits it."""
+    geo = c.geo
+    calls = _tap_calls(c)
+    if calls is None:
+        return _unfold_backward(c.x, sym, geo.kernel_size, geo.stride, geo.padding, geo.dilation, geo.groups,
+                                geo.bias)
+    dx = c.x.new_zeros(c.x.shape, dtype=sym.dtype)
+    for tc in calls:
+        idx = torch.cat([tc.rows, tc.rows.new_full((1,), geo.dim - 1)]) if geo.bias else tc.rows
+        sub = tc.call.geo
+        dxs = _unfold_backward(tc.call.x, sym[:, idx[:, None], idx[None, :]], sub.kernel_size, sub.stride,
+                               sub.padding, sub.dilation, sub.groups, sub.bias)
+        _spatial_slice(dx, tc.part.start, tc.part.stop).add_(dxs)  # parts of different taps may read the same inputs
+    return dx
+
+
+def _conv_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    k, s, p, d, g, bias = ctx.args
+    sym = grad + grad.transpose(1, 2)
+    if not all(isinstance(v, int) for v in x.shape):  # symbolic sizes (torch.compile, dynamic): no trimming
+        return _unfold_backward(x, sym, k, s, p, d, g, bias).to(x.dtype), None, None, None, None, None, None, None
+    geo = conv_geometry(x, k, s, p, d, g, bias)
+    c = _trim(x, geo)
+    if c.x is None:  # no position reads the input
+        dx = x.new_zeros(x.shape)
+    elif c.x is x:
+        dx = _call_backward(c, sym)
+    else:  # c.x = x's slice [start, stop) per dim, padded by (pad_lo, pad_hi) unless the geometry pads it
+        dk = _call_backward(c, sym)
+        plans = _trim_plans(x, geo)
+        if not all(pl.pad_lo == pl.pad_hi for pl in plans):  # _trim's F.pad
+            dk = _spatial_slice(dk, [pl.pad_lo for pl in plans], [pl.pad_lo + pl.stop - pl.start for pl in plans])
+        dx = F.pad(dk, [v for pl, n in zip(reversed(plans), reversed(x.shape[2:])) for v in (pl.start, n - pl.stop)])
     return dx.to(x.dtype), None, None, None, None, None, None, None
 
 
@@ -466,7 +535,8 @@ def im2col_gram(x: torch.Tensor, kernel_size: IntOrTuple, stride: IntOrTuple = 1
 
     Memory: besides x and the result, the 2-D kernels need O(D²); Conv3d on the "cpu", "cuda" and "triton"
     backends also gathers chunks of input depth slices into one buffer of at most max(2**24, C·kd·H·W)
-    elements of x's dtype (see ``_conv3d_by_depth``), never the unfolded X.
+    elements of x's dtype (see ``_conv3d_by_depth``), never the unfolded X. The autograd backward unfolds
+    only the columns of the positions that read the input (``_conv_backward``).
     """
     # ints or tuples -> one entry per spatial dim, as the schema takes them; the op validates the rest
     n = x.dim() - 2 if isinstance(x, torch.Tensor) and x.dim() in (3, 4, 5) else 1
