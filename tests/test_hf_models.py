@@ -6,9 +6,10 @@ never a download).
   finite, the parameters moved, and ``opt.last`` / ``nn.report`` say what was averaged, per model: GPT-2's 2
   hand-written tanh-GELUs (compound), Llama's 2 ``F.silu`` and BERT's 3 ``F.gelu`` calls (bare; their report
   and bitwise checks are in test_ag_functional.py), ViT's 2 ``F.gelu`` calls, ResNet's 5 ``nn.ReLU`` modules.
-  MobileNetV2 computes only ReLU6 (no averaged kernel): the first step fails in every mode, naming each
-  module, and changes nothing. A step on each of the five (BERT with dropout) equals the float64 two-graph
-  reference (_ag_reference).
+  MobileNetV2's 35 ``nn.ReLU6`` modules (hardtanh's kernel at 0, 6). The same MobileNetV2 built with Mish
+  (no averaged kernel) fails at the first step in every mode, naming each module, and changes nothing. A step
+  on each of GPT-2, Llama, ViT, ResNet and BERT (with dropout) equals the float64 two-graph reference
+  (_ag_reference); tests/test_ag_mobilenet.py does the same for ReLU6.
 * C-optimizers: a C-SGD and a C-Adam step run on each model; ``opt.report()`` lists every parameter, every
   >= 2-D parameter is preconditioned except the ones named here with their reason (tied embedding / head,
   embedding lookups, ViT's [CLS] token and position table), and only a tied weight is warned about; two
@@ -46,6 +47,7 @@ AVERAGED = {
     "bert": ({"bare": 3}, "(GELUActivation): gelu() [bare]"),  # 2 layers + the MLM head's transform
     "vit": ({"bare": 2}, "(GELUActivation): gelu() [bare]"),
     "resnet": ({"module": 5}, "(ReLU): relu module [module]"),  # stem, 2 blocks x (inner + after the residual)
+    "mobilenetv2": ({"module": 35}, "(ReLU6): hardtanh module [module]"),  # relu6 = hardtanh's kernel at 0, 6
 }
 BASES = {"ag1": lambda ps: torch.optim.RMSprop(ps, lr=1e-3), "ag2": lambda ps: torch.optim.Adam(ps, lr=1e-3),
          "ag3-1": lambda ps: torch.optim.RMSprop(ps, lr=1e-3)}
@@ -84,7 +86,7 @@ def test_ag_step_averages_every_activation(name, mode):
     assert sum(moved) >= 0.9 * len(moved), f"{sum(moved)} of {len(moved)} parameters moved"
 
 
-@pytest.mark.parametrize("name", ["vit", "resnet"])  # GPT-2, Llama, BERT: test_ag_functional.py
+@pytest.mark.parametrize("name", ["vit", "resnet", "mobilenetv2"])  # GPT-2, Llama, BERT: test_ag_functional.py
 def test_report_says_what_is_averaged(name):
     kinds, phrase = AVERAGED[name]
     model = avg_kernels.nn.convert(build(name), warn=False)
@@ -94,19 +96,19 @@ def test_report_says_what_is_averaged(name):
 
 
 @pytest.mark.parametrize("mode", list(BASES))
-def test_mobilenetv2_relu6_fails_the_first_step_naming_every_module(mode):
-    model = build("mobilenetv2")
-    relu6 = [n for n, m in model.named_modules() if isinstance(m, nn.ReLU6)]
-    assert len(relu6) == 35
-    with pytest.warns(UserWarning, match="NOT averaged"):  # convert() already says so, statically
-        avg_kernels.nn.convert(model)
+def test_unaveraged_activations_fail_the_first_step_naming_every_module(mode):
+    """MobileNetV2 built with Mish (HF MishActivation calls F.mish: no averaged kernel)."""
+    model = build("mobilenetv2", hidden_act="mish")
+    mish = [n for n, m in model.named_modules() if type(m).__name__ == "MishActivation"]
+    assert len(mish) == 35
+    avg_kernels.nn.convert(model, warn=False)
     inputs, target = batch("mobilenetv2")
     base = BASES[mode](model.parameters())
     opt = AG(model, base, mode=mode)
     before = _snapshot(model)
     with pytest.raises(RuntimeError, match="AG would average nothing") as err:
         opt.step(_closure(model, inputs, target))
-    missing = [n for n in relu6 if f"'{n}' (ReLU6): F.hardtanh" not in str(err.value)]
+    missing = [n for n in mish if f"'{n}' (MishActivation): F.mish" not in str(err.value)]
     assert not missing, missing
     assert opt.steps == 0 and not base.state
     assert all(torch.equal(a, b) for a, b in zip(_snapshot(model), before))  # parameters and BatchNorm buffers
