@@ -185,6 +185,21 @@ def ag3_step(model, opt, x, y, loss_fn, rng, prev):
     return theta
 
 
+def assert_ag3_steps_match(plain, ours, opt_ref, opt, batch, loss_fn, steps=3, seed=200, tol=1e-6):
+    """``steps`` AG-3-1 steps of ``opt`` (on ``ours``) against ``ag3_step`` (on ``plain``), on ``batch(step)``
+    with the same RNG state in both (dropout masks): the trainable parameters agree to ``tol`` after each."""
+    prev = None
+    for step in range(steps):
+        x, y = batch(step)
+        rng = torch.manual_seed(seed + step).get_state()
+        prev = ag3_step(plain, opt_ref, x, y, loss_fn, rng, prev)
+        torch.set_rng_state(rng)
+        opt.step(lambda: loss_fn(ours(x), y))
+        pairs = zip((p for p in ours.parameters() if p.requires_grad), (p for p in plain.parameters() if p.requires_grad))
+        diff = max(float((a.detach().cpu().double() - b.detach().cpu().double()).abs().max()) for a, b in pairs)
+        assert diff <= tol, (step, diff)
+
+
 def _clone_state(sd):
     import copy
 

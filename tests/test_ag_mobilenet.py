@@ -93,14 +93,7 @@ def test_relu6_cnn_ag3_1_equals_the_reference():
     plain, ours = _twins()
     opt_ref = torch.optim.SGD(_params(plain), lr=0.2)
     opt = AG(ours, torch.optim.SGD(_params(ours), lr=0.2), mode="ag3-1")
-    prev = None
-    for step in range(3):
-        x, y = _batch(step)
-        rng = torch.manual_seed(200 + step).get_state()
-        prev = ref.ag3_step(plain, opt_ref, x, y, F.cross_entropy, rng, prev)
-        torch.set_rng_state(rng)
-        opt.step(lambda: F.cross_entropy(ours(x), y))
-        assert _max_diff(_params(ours), _params(plain)) <= 1e-6, step
+    ref.assert_ag3_steps_match(plain, ours, opt_ref, opt, _batch, F.cross_entropy)
     assert opt.last.activation_calls == 4
 
 

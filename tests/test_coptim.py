@@ -756,20 +756,26 @@ def test_wrapper_rejects_bases_whose_step_needs_a_closure():
         Consequentialism(model, "sgd")
 
 
-def test_equal_d_layers_of_different_row_counts_solve_unpadded(monkeypatch):
-    """Two layers of D = 101 (> MERGE_MAX_D) with 100 and 40 rows: each row count gets its own ridge_solve
-    (no right-hand side padded to the other's rows), in the D × D form (batch 128 > D) and the M × M form
-    (batch 80 < D, M = 80 > MERGE_MAX_D), and the result is the per-layer reference's."""
+@pytest.fixture
+def solve_calls(monkeypatch):
+    """(G shape, A shape) of every ridge_solve call the C-optimizers' preconditioner makes."""
     from avg_kernels.optim import _precondition as cmod
 
-    shapes, eager = [], cmod.RIDGE_SOLVE.eager
+    calls, eager = [], cmod.RIDGE_SOLVE.eager
 
     class Spy:
         def eager(self, G, A, lam, backend):
-            shapes.append(tuple(G.shape))
+            calls.append((tuple(G.shape), tuple(A.shape)))
             return eager(G, A, lam, backend)
 
     monkeypatch.setattr(cmod, "RIDGE_SOLVE", Spy())
+    return calls
+
+
+def test_equal_d_layers_of_different_row_counts_solve_unpadded(solve_calls):
+    """Two layers of D = 101 (> MERGE_MAX_D) with 100 and 40 rows: each row count gets its own ridge_solve
+    (no right-hand side padded to the other's rows), in the D × D form (batch 128 > D) and the M × M form
+    (batch 80 < D, M = 80 > MERGE_MAX_D), and the result is the per-layer reference's."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 40)).double()
     ref_model = copy.deepcopy(model)
@@ -781,25 +787,17 @@ def test_equal_d_layers_of_different_row_counts_solve_unpadded(monkeypatch):
         y = torch.randint(0, 40, (batch,), generator=g)
         _run_ours(opt, model, [(x, y)])
         ref.step([(x, y)], _ce_sum)
-    assert sorted(shapes) == sorted([(1, 100, 101), (1, 40, 101), (1, 100, 80), (1, 40, 80)])
+    assert sorted(G for G, _ in solve_calls) == sorted([(1, 100, 101), (1, 40, 101), (1, 100, 80), (1, 40, 80)])
     assert _max_rel(model, ref_model) < 1e-9
 
 
 @pytest.mark.parametrize("order", ["cheaper", "dz", "x"])
-def test_mxm_form_solves_for_the_fewer_right_hand_sides(monkeypatch, order):
+def test_mxm_form_solves_for_the_fewer_right_hand_sides(monkeypatch, solve_calls, order):
     """M < D < C (Linear 80 -> 120, D = 81) and M < C < D (Linear 120 -> 10, D = 121) at M = 70, both in the
     M × M form: the solve takes X's D rows where D < C and ΔZ's C rows otherwise; both orders,
     P = (ΔZ (K + λI)⁻¹) Xᵀ and ΔZ (X (K + λI)⁻¹)ᵀ, give the float64 reference's P."""
     from avg_kernels.optim import _precondition as cmod
 
-    shapes, eager = [], cmod.RIDGE_SOLVE.eager
-
-    class Spy:
-        def eager(self, G, A, lam, backend):
-            shapes.append(tuple(G.shape))
-            return eager(G, A, lam, backend)
-
-    monkeypatch.setattr(cmod, "RIDGE_SOLVE", Spy())
     if order != "cheaper":
         monkeypatch.setattr(cmod, "mxm_solves_for_x", lambda e: order == "x")
     torch.manual_seed(5)
@@ -815,24 +813,14 @@ def test_mxm_form_solves_for_the_fewer_right_hand_sides(monkeypatch, order):
         ref.step([(x, y)], _ce_sum)
     rows = {"cheaper": [(1, 81, 70), (1, 10, 70)], "dz": [(1, 120, 70), (1, 10, 70)],
             "x": [(1, 81, 70), (1, 121, 70)]}[order]
-    assert sorted(shapes) == sorted(rows * 2)
+    assert sorted(G for G, _ in solve_calls) == sorted(rows * 2)
     assert _max_rel(model, ref_model) < 1e-9
 
 
-def test_large_cpu_systems_are_solved_one_layer_per_call(monkeypatch):
+def test_large_cpu_systems_are_solved_one_layer_per_call(solve_calls):
     """Two layers of D = 300 and 299 rows each (one group): on CPU, systems of size >= CPU_SERIAL_MIN_D get one
     ridge_solve per layer (no stacked copy of their Grams), in the D × D form (batch 320) and the M × M form
     (batch 280, M = 280); the result is the float64 reference's."""
-    from avg_kernels.optim import _precondition as cmod
-
-    shapes, eager = [], cmod.RIDGE_SOLVE.eager
-
-    class Spy:
-        def eager(self, G, A, lam, backend):
-            shapes.append((tuple(G.shape), tuple(A.shape)))
-            return eager(G, A, lam, backend)
-
-    monkeypatch.setattr(cmod, "RIDGE_SOLVE", Spy())
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(299, 299), nn.Tanh(), nn.Linear(299, 299)).double()
     ref_model = copy.deepcopy(model)
@@ -844,5 +832,5 @@ def test_large_cpu_systems_are_solved_one_layer_per_call(monkeypatch):
         y = torch.randint(0, 299, (batch,), generator=g)
         _run_ours(opt, model, [(x, y)])
         ref.step([(x, y)], _ce_sum)
-    assert shapes == [((1, 299, 300), (1, 300, 300))] * 2 + [((1, 299, 280), (1, 280, 280))] * 2
+    assert solve_calls == [((1, 299, 300), (1, 300, 300))] * 2 + [((1, 299, 280), (1, 280, 280))] * 2
     assert _max_rel(model, ref_model) < 1e-9
