@@ -115,6 +115,13 @@ def _averaged_grads(model, x, y, loss_fn, rng, x_new):
     return grads
 
 
+@torch.no_grad()
+def _load(params, values) -> None:
+    """Writes ``values`` into ``params`` in place."""
+    for p, t in zip(params, values):
+        p.copy_(t)
+
+
 def _sign(t):
     s = torch.sign(t)
     return torch.where(torch.isnan(t), t, s)
@@ -139,9 +146,7 @@ def ag_step(model, opt, x, y, loss_fn, mode: str, rng, opt_factory=None):
     opt.step()  # θ'
     theta_new = [p.detach().clone() for p in params]
     x_new, _ = _forward_capture(model, x, rng)
-    with torch.no_grad():
-        for p, t in zip(params, theta):
-            p.copy_(t)
+    _load(params, theta)
     gbar = _averaged_grads(model, x, y, loss_fn, rng, x_new)
     with torch.no_grad():
         if mode == "ag1":
@@ -167,13 +172,9 @@ def ag3_step(model, opt, x, y, loss_fn, rng, prev):
         loss.backward()
         opt.step()
         return theta
-    with torch.no_grad():
-        for p, t in zip(params, prev):
-            p.copy_(t)
+    _load(params, prev)
     x_new, _ = _forward_capture(model, x, rng)
-    with torch.no_grad():
-        for p, t in zip(params, theta):
-            p.copy_(t)
+    _load(params, theta)
     # graph at θ_t (the ordinary training forward: updates BatchNorm statistics once)
     saved_calls = []
     loss = _secant_loss(model, x, y, loss_fn, rng, x_new)
@@ -344,13 +345,9 @@ def variant_step(model, opt, x, y, loss_fn, rng, mode="ag1", iterations=2, linea
     theta_new = [p.detach().clone() for p in params]
     prev = theta_new
     for k in range(1, iterations):
-        with torch.no_grad():
-            for p, t in zip(params, prev):
-                p.copy_(t)
+        _load(params, prev)
         acts_new, layers_new = _capture_all(model, x, rng)
-        with torch.no_grad():
-            for p, t in zip(params, theta):
-                p.copy_(t)
+        _load(params, theta)
         if linear:
             gbar = _averaged_grads_linear(model, x, y, loss_fn, rng, acts_new, layers_new, norms)
         else:
@@ -360,8 +357,7 @@ def variant_step(model, opt, x, y, loss_fn, rng, mode="ag1", iterations=2, linea
                 for t, m, g in zip(theta, mag_from, gbar)]
     with torch.no_grad():
         if mode == "ag1":
-            for p, t in zip(params, prev):
-                p.copy_(t)
+            _load(params, prev)
         else:
             _ag2_update(params, theta, theta_new, gbar, opt_factory, state_t)
     for p, g in zip(params, gbar):
@@ -372,8 +368,7 @@ def variant_step(model, opt, x, y, loss_fn, rng, mode="ag1", iterations=2, linea
 def _ag2_update(params, theta, theta_new, gbar, opt_factory, state_t) -> None:
     """AG-2's update into ``params``: θ'' = a twin of the base optimizer stepped from the pre-step state s_t
     with ḡ at θ, then θ + (θ'' − θ)·‖θ' − θ‖₁ / ‖θ'' − θ‖₁ (under no_grad)."""
-    for p, t in zip(params, theta):
-        p.copy_(t)
+    _load(params, theta)
     twin = opt_factory(params)
     twin.load_state_dict(state_t)
     for p, g in zip(params, gbar):

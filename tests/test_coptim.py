@@ -756,6 +756,22 @@ def test_wrapper_rejects_bases_whose_step_needs_a_closure():
         Consequentialism(model, "sgd")
 
 
+def _csgd_steps_with_reference(model, sizes, seed):
+    """One C-SGD step (lr 0.1, λ 1e-2, momentum 0.9) on ``model`` (a float64 Linear stack) and one of the
+    float64 Reference on a copy, per batch size in ``sizes`` (inputs and labels drawn from ``seed``); returns
+    the copy."""
+    ref_model = copy.deepcopy(model)
+    opt = CSGD(model, lr=0.1, lam=1e-2, momentum=0.9)
+    ref = Reference(ref_model, "sgd", lr=0.1, lam=1e-2, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    for batch in sizes:
+        x = torch.randn(batch, model[0].in_features, generator=g, dtype=torch.float64)
+        y = torch.randint(0, model[-1].out_features, (batch,), generator=g)
+        _run_ours(opt, model, [(x, y)])
+        ref.step([(x, y)], _ce_sum)
+    return ref_model
+
+
 @pytest.fixture
 def solve_calls(monkeypatch):
     """(G shape, A shape) of every ridge_solve call the C-optimizers' preconditioner makes."""
@@ -778,15 +794,7 @@ def test_equal_d_layers_of_different_row_counts_solve_unpadded(solve_calls):
     (batch 80 < D, M = 80 > MERGE_MAX_D), and the result is the per-layer reference's."""
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(100, 100), nn.Tanh(), nn.Linear(100, 40)).double()
-    ref_model = copy.deepcopy(model)
-    opt = CSGD(model, lr=0.1, lam=1e-2, momentum=0.9)
-    ref = Reference(ref_model, "sgd", lr=0.1, lam=1e-2, momentum=0.9)
-    g = torch.Generator().manual_seed(0)
-    for batch in (128, 80):
-        x = torch.randn(batch, 100, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 40, (batch,), generator=g)
-        _run_ours(opt, model, [(x, y)])
-        ref.step([(x, y)], _ce_sum)
+    ref_model = _csgd_steps_with_reference(model, (128, 80), seed=0)
     assert sorted(G for G, _ in solve_calls) == sorted([(1, 100, 101), (1, 40, 101), (1, 100, 80), (1, 40, 80)])
     assert _max_rel(model, ref_model) < 1e-9
 
@@ -802,15 +810,7 @@ def test_mxm_form_solves_for_the_fewer_right_hand_sides(monkeypatch, solve_calls
         monkeypatch.setattr(cmod, "mxm_solves_for_x", lambda e: order == "x")
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(80, 120), nn.Tanh(), nn.Linear(120, 10)).double()
-    ref_model = copy.deepcopy(model)
-    opt = CSGD(model, lr=0.1, lam=1e-2, momentum=0.9)
-    ref = Reference(ref_model, "sgd", lr=0.1, lam=1e-2, momentum=0.9)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(2):
-        x = torch.randn(70, 80, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 10, (70,), generator=g)
-        _run_ours(opt, model, [(x, y)])
-        ref.step([(x, y)], _ce_sum)
+    ref_model = _csgd_steps_with_reference(model, (70, 70), seed=1)
     rows = {"cheaper": [(1, 81, 70), (1, 10, 70)], "dz": [(1, 120, 70), (1, 10, 70)],
             "x": [(1, 81, 70), (1, 121, 70)]}[order]
     assert sorted(G for G, _ in solve_calls) == sorted(rows * 2)
@@ -823,14 +823,6 @@ def test_large_cpu_systems_are_solved_one_layer_per_call(solve_calls):
     (batch 280, M = 280); the result is the float64 reference's."""
     torch.manual_seed(6)
     model = nn.Sequential(nn.Linear(299, 299), nn.Tanh(), nn.Linear(299, 299)).double()
-    ref_model = copy.deepcopy(model)
-    opt = CSGD(model, lr=0.1, lam=1e-2, momentum=0.9)
-    ref = Reference(ref_model, "sgd", lr=0.1, lam=1e-2, momentum=0.9)
-    g = torch.Generator().manual_seed(2)
-    for batch in (320, 280):
-        x = torch.randn(batch, 299, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 299, (batch,), generator=g)
-        _run_ours(opt, model, [(x, y)])
-        ref.step([(x, y)], _ce_sum)
+    ref_model = _csgd_steps_with_reference(model, (320, 280), seed=2)
     assert solve_calls == [((1, 299, 300), (1, 300, 300))] * 2 + [((1, 299, 280), (1, 280, 280))] * 2
     assert _max_rel(model, ref_model) < 1e-9
