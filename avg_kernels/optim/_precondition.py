@@ -103,9 +103,7 @@ class Preconditioner:
     def column_gram(self, X: torch.Tensor) -> torch.Tensor:
         """K = XᵀX per group, (groups, M, M), through the Gram op (the rows of X[g] are D vectors of length M;
         one triangle computed, faster than X.mT @ X)."""
-        if X.shape[0] == 1:  # (1, M, M) already: no copy
-            return LINEAR_GRAM.eager(X[0], False, self.backend)
-        return torch.cat([LINEAR_GRAM.eager(X[g], False, self.backend) for g in range(X.shape[0])])
+        return stack_square([LINEAR_GRAM.eager(X[g], False, self.backend) for g in range(X.shape[0])], X.shape[-1])
 
     @torch.no_grad()
     def apply(self, layers: list[Layer], stats: dict[Layer, LayerStats], lam: float, k: int,
@@ -159,7 +157,7 @@ class Preconditioner:
         for entries in unstack_cpu(split_rows(merge_small_groups(list(fresh.values()), lam)), lambda e: e.gram):
             self._solve_fresh(entries, lam, k)
         for entries in split_rows(list(reuse.values())):
-            inv = torch.cat([e.inverse for e in entries]) if len(entries) > 1 else entries[0].inverse
+            inv = stack_square([e.inverse for e in entries], entries[0].inverse.shape[-1])  # one D per group
             G = stack_padded([e.grad for e in entries], inv.shape[-1])
             self._scatter(entries, G.to(inv.dtype) @ inv)
         for entries in unstack_cpu(split_rows(list(mxm.values()), mxm_rhs), lambda e: e.K):
@@ -178,7 +176,7 @@ class Preconditioner:
 
     def _solve_mxm(self, entries: list[MxMSystem], lam: float) -> None:
         """P = ΔZ (K + λI)⁻¹ Xᵀ per entry, the solve's right-hand sides chosen by ``mxm_rhs``."""
-        K = torch.cat([e.K for e in entries]) if len(entries) > 1 else entries[0].K
+        K = stack_square([e.K for e in entries], entries[0].K.shape[-1])  # one M per group
         S = self.solve(stack_padded([mxm_rhs(e) for e in entries], K.shape[-1]), K, lam)
         start = 0
         for e in entries:
