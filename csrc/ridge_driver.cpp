@@ -12,8 +12,8 @@
 //   2. lam > 0: at::linalg_cholesky_ex(Bm) for the whole batch (info per entry, no exception);
 //   3. ONE device-to-host copy of (flags, max |A_ii|, info): non-finite entries raise here;
 //   4. lam > 0: at::cholesky_solve for the whole batch; P = X^T is contiguous as it comes out (LAPACK
-//      writes X column-major). (CPU: per entry, and by the explicit inverse + one GEMM where C is large
-//      enough against D for that to be cheaper: solve_by_inverse.) Entries whose Cholesky failed are redone through at::linalg_eigh
+//      writes X column-major). (CPU: per entry, by two triangular solves from the right, or by the explicit
+//      inverse + one GEMM where C is large enough against D for that to be cheaper: solve_by_inverse.) Entries whose Cholesky failed are redone through at::linalg_eigh
 //      (only those entries), the epilogue kernel scaling G V by 1 / (max(w, 0) + lam);
 //      lam = 0: at::linalg_eigh of every entry, the epilogue applying pinv's cutoff.
 //   5. The Gram check (an eigenvalue below -1e-3 ||S||_2 raises): entries that went through eigh are
@@ -97,12 +97,14 @@ at::Tensor index_tensor(const std::vector<int64_t>& v, const at::Device& device)
 }
 
 // Per-entry CPU solves (RidgeKernels::per_entry_lapack): after the Cholesky factor L of S + lam I, P is
-// either (a) cholesky_solve (potrs: two triangular solves with the C rows of G as right-hand sides) or
+// either (a) two triangular solves (trsm) with the C rows of G as right-hand sides or
 // (b) cholesky_inverse (potri: (S + lam I)^{-1} from L) and one GEMM, P = G (S + lam I)^{-1}. In flops:
 //   (a) 2 C D^2 at the triangular-solve rate, (b) 2/3 D^3 at potri's rate + 2 C D^2 at the GEMM rate.
 // Measured, 1 thread, MKL (AMD EPYC, AVX-512; docs/kernel_choices.md): potrs and the fused kernel's own
 // substitutions 20-40 GFLOP/s, potri 15-40, GEMM 60-100; with the middle values below (b) wins when
-// C > 2/3 D (measured break-even 0.5-0.8 D, higher at larger D). Below kInverseMinD the calls' fixed costs
+// C > 2/3 D (measured break-even 0.5-0.8 D, higher at larger D). (a)'s two right-hand trsm on row-major
+// rows run at 30-60 GFLOP/s, 0.6-0.75x potrs's time: the break-even is kept where it was (below it
+// nothing got slower; the fused kernel's D <= 256 choices stay as measured). Below kInverseMinD the calls' fixed costs
 // dominate and the fused small-system kernel stays. The choice depends on the shapes only, never on the
 // thread count (SPEC §3: bitwise the same at every thread count).
 constexpr double kTrsmGflops = 30, kPotriGflops = 30, kGemmGflops = 60;
@@ -228,8 +230,12 @@ at::Tensor ridge_solve_driver(const at::Tensor& G, const at::Tensor& A, double l
           at::Tensor out_b = P.select(0, b);
           at::mm_out(out_b, G3.select(0, b), inv);  // MKL GEMM, single-threaded here like LAPACK
         } else {
-          at::Tensor out_b = P.select(0, b).mT();  // (D, C) column-major: where cholesky_solve writes
-          at::cholesky_solve_out(out_b, G3.select(0, b).mT(), Lc, /*upper=*/false);
+          // P = (G L^-T) L^-1: two triangular solves from the right on the row-major C x D rows, written in
+          // place (cholesky_solve copied G and L into column-major buffers first: 7.5 -> 5.3 ms at D = 1024,
+          // C = 128, 1 thread). Each reads only its triangle of Lc (the upper one of Lc still holds S).
+          at::Tensor out_b = P.select(0, b);
+          at::linalg_solve_triangular_out(out_b, Lc.mT(), G3.select(0, b), /*upper=*/true, /*left=*/false);
+          at::linalg_solve_triangular_out(out_b, Lc, out_b, /*upper=*/false, /*left=*/false);
         }
       }
     }

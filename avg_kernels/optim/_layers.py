@@ -6,6 +6,7 @@ A ``Layer`` knows how its tensors map onto the matrices of SPEC §3 (per group g
 * ``grad_matrix``: G, (groups, C_out/groups, D), the weight gradient with the bias gradient as last column;
 * ``unfold``: X, (groups, D, M), the kept inputs as columns (a trailing row of ones with a bias);
 * ``output_grads``: ΔZ, (groups, C_out/groups, M), columns in X's order;
+* ``merge_uses``: a convolution's uses of one input shape as one batch (its K then comes from one pixel Gram);
 * ``write_grad``: P (the same shape as G) back into ``.grad``.
 
 Two ways of finding layers feed the same ``Layer`` records (``_collect`` takes one use at a time):
@@ -152,7 +153,9 @@ class Layer:
                 self.bias.grad.copy_(P[:, d_in])
 
     def unfold(self, xs: list, bias: bool, ct: torch.dtype) -> torch.Tensor:
-        """X of prepared inputs ``xs``: (groups, D, M) in the compute dtype ``ct``, columns in ΔZ's order."""
+        """X of prepared inputs ``xs``: (groups, D, M) in the compute dtype ``ct``, columns in ΔZ's order: use
+        after use; within a convolution's use (output position, image), the image fastest (the order of
+        ``_column_gram``'s K)."""
         cols = []
         for x in xs:
             x = x.to(ct)
@@ -161,19 +164,27 @@ class Layer:
             elif self.conv_dims == 3:  # only in the M × M form (M < D), so X is small
                 u = unfold3d(x, self.kernel_size, self.stride, self.padding, self.dilation)
                 n, _, L = u.shape
-                c = u.view(n, self.groups, -1, L).permute(1, 2, 0, 3).reshape(self.groups, -1, n * L)
+                c = u.view(n, self.groups, -1, L).permute(1, 2, 3, 0).reshape(self.groups, -1, L * n)
             else:
                 x4, k, s, p, d = x, self.kernel_size, self.stride, self.padding, self.dilation
                 if self.conv_dims == 1:
                     x4, k, s, p, d = x.unsqueeze(2), (1, *k), (1, *s), (0, *p), (1, *d)
                 u = F.unfold(x4, k, dilation=d, padding=p, stride=s)  # (N, C·K, L)
                 n, _, L = u.shape
-                c = u.view(n, self.groups, -1, L).permute(1, 2, 0, 3).reshape(self.groups, -1, n * L)
+                c = u.view(n, self.groups, -1, L).permute(1, 2, 3, 0).reshape(self.groups, -1, L * n)
             cols.append(c)
         X = cols[0] if len(cols) == 1 and cols[0].is_contiguous() else torch.cat(cols, dim=2)  # (no copy of one)
         if bias:
             X = torch.cat([X, X.new_ones(X.shape[0], 1, X.shape[2])], dim=1)
         return X
+
+    def merge_uses(self, xs: list, dzs: list) -> tuple:
+        """Several uses of a convolution on inputs of one shape whose output gradients all arrived as one use
+        of their concatenated batch (what ``_column_gram`` needs: one pixel Gram); otherwise as they are."""
+        if (self.conv_dims == 0 or len(xs) < 2 or any(dz is None for dz in dzs)
+                or len({(x.shape[1:], x.dtype) for x in xs}) > 1 or len({(dz.shape[1:], dz.dtype) for dz in dzs}) > 1):
+            return xs, dzs
+        return [torch.cat(xs)], [torch.cat(dzs)]
 
     def output_grads(self, xs: list, dzs: list, ct: torch.dtype) -> torch.Tensor:
         """ΔZ of the uses with prepared inputs ``xs`` and output gradients ``dzs``: (groups, C_out/groups, M)
@@ -188,7 +199,7 @@ class Layer:
                 parts.append(dz.reshape(-1, c_out).T.to(ct).unsqueeze(0))
             else:
                 n = dz.shape[0]
-                parts.append(dz.reshape(n, g, c_out // g, -1).permute(1, 2, 0, 3).reshape(g, c_out // g, -1).to(ct))
+                parts.append(dz.reshape(n, g, c_out // g, -1).permute(1, 2, 3, 0).reshape(g, c_out // g, -1).to(ct))
         return torch.cat(parts, dim=2)
 
 

@@ -6,7 +6,8 @@ Per layer, one of three cases:
   ``ridge_solve`` (those of D <= ``MERGE_MAX_D`` share one per dtype/device, padded to the largest D);
   with ``refresh_every = k > 1`` the solve is against I and ``(A + λI)⁻¹`` is kept;
 * D × D between refreshes: ``P = G · (A + λI)⁻¹`` with the kept inverse;
-* M × M (the layer saw fewer positions M than D): ``P = ΔZ (XᵀX + λI)⁻¹ Xᵀ``, layers of equal M batched;
+* M × M (the layer saw fewer positions M than D): ``P = ΔZ (XᵀX + λI)⁻¹ Xᵀ``, layers of equal M batched
+  (a convolution's XᵀX from its input's pixel Gram where that is cheaper: ``_column_gram``);
   the solve takes ΔZ's C rows or X's D rows as right-hand sides, whichever are fewer (``mxm_solves_for_x``).
   The base optimizer sees ``.grad`` while this form uses ΔZ, so a probe first checks ``.grad = c·ΔZ Xᵀ``
   for one uniform factor c (gradient clipping, AMP unscaling) and applies c.
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from ..ops import LINEAR_GRAM, RIDGE_SOLVE
 from ._collect import LayerStats
+from ._column_gram import pixel_column_gram, pixel_route
 from ._layers import Layer
 
 #: D × D groups of D <= this (same dtypes and device) share one ridge_solve call, padded to the largest D
@@ -68,6 +70,7 @@ class MxMCase:
     X: torch.Tensor  # (groups, D, M), compute dtype
     bias: bool
     eps: float = 0.0  # unit roundoff of the lowest precision the forward computed in (autocast)
+    K: Optional[torch.Tensor] = None  # XᵀX when computed from the input's pixel Gram (_column_gram), else later
 
 
 @dataclass(eq=False, slots=True)
@@ -131,9 +134,15 @@ class Preconditioner:
             ct = torch.float64 if G.dtype == torch.float64 else torch.float32
             if st.xs or st.X is not None:
                 self.inverses.pop(layer, None)  # recomputed every step while the layer is in the M × M form
-                dz, X = ((st.dz.to(ct), st.X.to(ct)) if st.X is not None  # several ranks' (_distributed)
-                         else (layer.output_grads(st.xs, st.dzs, ct), layer.unfold(st.xs, bias, ct)))
-                pending.append(MxMCase(layer, G, dz if dz_scale == 1.0 else dz * dz_scale, X, bias, st.eps))
+                K = None
+                if st.X is not None:  # several ranks' (_distributed)
+                    dz, X = st.dz.to(ct), st.X.to(ct)
+                else:
+                    xs, dzs = layer.merge_uses(st.xs, st.dzs)
+                    dz, X = layer.output_grads(xs, dzs, ct), layer.unfold(xs, bias, ct)
+                    if len(xs) == 1 and layer.conv_dims and pixel_route(xs[0].shape, *layer.gram_args):
+                        K = pixel_column_gram(xs[0].to(ct), *layer.gram_args, bias, self.backend)
+                pending.append(MxMCase(layer, G, dz if dz_scale == 1.0 else dz * dz_scale, X, bias, st.eps, K))
                 self.last_form[layer] = ("M×M", st.m)
             elif st.gram is not None:
                 self.last_form[layer] = ("D×D", G.shape[-1])
@@ -153,7 +162,8 @@ class Preconditioner:
         mxm: dict = {}  # (M, device, compute dtype) -> [MxMSystem]
         for case, c in zip(pending, uniform_factors(pending, self.probe() if self.probe is not None else None)):
             mxm.setdefault((case.X.shape[-1], case.X.device, case.X.dtype), []).append(
-                MxMSystem(case.layer, case.dz, self.column_gram(case.X), case.X, c, case.bias))
+                MxMSystem(case.layer, case.dz, case.K if case.K is not None else self.column_gram(case.X), case.X, c,
+                          case.bias))
         for entries in unstack_cpu(split_rows(merge_small_groups(list(fresh.values()), lam)), lambda e: e.gram):
             self._solve_fresh(entries, lam, k)
         for entries in split_rows(list(reuse.values())):
