@@ -192,11 +192,21 @@ class Preconditioner:
         for e in entries:
             g = e.X.shape[0]
             if mxm_solves_for_x(e):  # S = X (K + λI)⁻¹ and (K + λI)⁻¹ is symmetric: P = ΔZ Sᵀ
-                P = matmul_t(e.dz, S[start:start + g, :e.X.shape[1]])
+                a, b = e.dz, S[start:start + g, :e.X.shape[1]]
             else:  # S = ΔZ (K + λI)⁻¹
-                P = matmul_t(S[start:start + g, :e.dz.shape[1]], e.X)
-            e.layer.write_grad(P * e.factor if e.factor != 1.0 else P, e.bias)
+                a, b = S[start:start + g, :e.dz.shape[1]], e.X
             start += g
+            out = e.layer.weight_grad_out(a.dtype)
+            if out is None:
+                P = matmul_t(a, b)
+                e.layer.write_grad(P * e.factor if e.factor != 1.0 else P, e.bias)
+                continue
+            d_in = out.shape[-1]  # P's weight part straight into .grad, its bias column (b's last row) apart
+            matmul_t(a, b[:, :d_in], out=out)
+            if e.factor != 1.0:
+                out.mul_(e.factor)
+            if e.bias:
+                e.layer.write_bias_grad(matmul_t(a, b[:, d_in:]) * e.factor)
 
     def _scatter(self, entries: list, P: torch.Tensor, store: Optional[torch.Tensor] = None) -> None:
         """Writes the stacked P of D × D ``entries`` (FreshDxD or ReusedDxD) back, cropping the padding;
@@ -252,12 +262,15 @@ def uniform_factors(cases: list[MxMCase], generator: Optional[torch.Generator] =
     return out
 
 
-def matmul_t(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ bᵀ for (g, n, k) and (g, m, k): one 2-D product when g = 1 (CPU bmm was 2x slower than mm there:
-    ResNet-18 layer4's (512 × 64) (64 × 4608), 8.3 vs 4.1 ms, 1 thread)."""
+def matmul_t(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ bᵀ for (g, n, k) and (g, m, k), into ``out`` (g, n, m) where given: one 2-D product when g = 1 (CPU
+    bmm was 2x slower than mm there: ResNet-18 layer4's (512 × 64) (64 × 4608), 8.3 vs 4.1 ms, 1 thread)."""
     if a.shape[0] == 1:
-        return (a[0] @ b[0].mT).unsqueeze(0)
-    return a @ b.mT
+        if out is None:
+            return (a[0] @ b[0].mT).unsqueeze(0)
+        torch.mm(a[0], b[0].mT, out=out[0])
+        return out
+    return torch.matmul(a, b.mT, out=out) if out is not None else a @ b.mT
 
 
 def mxm_solves_for_x(e: MxMSystem) -> bool:
