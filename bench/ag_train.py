@@ -137,6 +137,12 @@ def make_steps(factory, x, y, device, profile=False) -> dict:
 
 def time_cpu_clock(fns: dict, min_run_time: float, rounds: int) -> dict:
     """Median CPU seconds (``time.process_time``) per call, in interleaved rotated rounds."""
+    return {k: statistics.median(v) for k, v in cpu_clock_rounds(fns, min_run_time, rounds).items()}
+
+
+def cpu_clock_rounds(fns: dict, min_run_time: float, rounds: int) -> dict:
+    """CPU seconds (``time.process_time``) per call of each function, one value per round: in each round every
+    function runs for min_run_time / rounds (at least 3 calls), in an order rotated from round to round."""
     per = {k: [] for k in fns}
     names = list(fns)
     budget = min_run_time / rounds
@@ -150,7 +156,7 @@ def time_cpu_clock(fns: dict, min_run_time: float, rounds: int) -> dict:
                 if used >= budget and n >= 3:
                     break
             per[k].append(used / n)
-    return {k: statistics.median(v) for k, v in per.items()}
+    return per
 
 
 def base_breakdown(model, base, x, y, device, steps, clock):

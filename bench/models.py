@@ -24,11 +24,15 @@ Targets (issue 12): AG-1 <= 2.1x and AG-3-1 <= 1.5x the RMSProp step; C-SGD <= 2
 
 ``--models-clock cpu`` times by ``time.process_time`` of this process (the work done; with ``--threads 1`` a
 measure the other jobs of a shared machine barely move, where wall-clock ratios of two equal steps were
-seen 1.8x apart at load 7 on 2 cores) in the same interleaved rounds.
+seen 1.8x apart at load 7 on 2 cores) in the same interleaved rounds. Its ratios are paired: the median over
+rounds of (method's time / base's time in that round), so a slow drift of the machine between rounds cancels
+(medians of each method taken apart moved one ratio by up to ±0.15 between runs); the notes give the rounds'
+interquartile range.
 """
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import sys
 import time
 import warnings
@@ -42,7 +46,7 @@ import torch.nn.functional as F
 
 import avg_kernels as ak
 
-from bench.ag_train import time_cpu_clock
+from bench.ag_train import cpu_clock_rounds
 from bench.harness import Context, Report, Row
 
 NAME = "models"
@@ -139,6 +143,13 @@ def make_steps(factory, inputs, target, loss_fn, ags: dict | None = None) -> dic
     return steps
 
 
+def _iqr(values: list) -> float | None:
+    if len(values) < 2:
+        return None
+    q = statistics.quantiles(values, n=4)
+    return q[2] - q[0]
+
+
 def add_arguments(group) -> None:
     group.add_argument("--model-set", dest="bench_models", default=None,
                        help=f"comma-separated subset of: {', '.join(NAMES)} (default: all)")
@@ -185,11 +196,13 @@ def run(ctx: Context) -> Report:
                 notes.append(f"{name}: {LABEL[k]} failed: {r.error}")
         per_step = (clock() - t0) / (2 * max(1, len(steps)))
         common = dict(op=NAME, case=name, inputs=desc, size=n_params, dtype="float32")
+        per_round = None
         if cpu_clock:  # CPU seconds vary far less than wall seconds on a shared machine: ~4 steps a round
             min_run = ctx.min_run_time if explicit else max(ctx.min_run_time, 4 * per_step * ctx.rounds)
-            got = {k: Row(device="cpu", impl=k, median_s=t, samples=ctx.rounds,
+            per_round = cpu_clock_rounds(ok, min_run, max(ctx.rounds, 1))
+            got = {k: Row(device="cpu", impl=k, median_s=statistics.median(t), iqr_s=_iqr(t), samples=len(t),
                           extra={"method": f"time.process_time, {ctx.rounds} interleaved rounds"}, **common)
-                   for k, t in time_cpu_clock(ok, min_run, max(ctx.rounds, 1)).items()}
+                   for k, t in per_round.items()}
         else:
             min_run = ctx.min_run_time if explicit else max(ctx.min_run_time, 2.0, 8 * per_step * ctx.rounds)
             got = dataclasses.replace(ctx, min_run_time=min_run).measure_many(ok, None, **common)
@@ -204,10 +217,16 @@ def run(ctx: Context) -> Report:
                 base = got.get(peer)
                 if r.median_s and base is not None and base.median_s and not r.error:
                     r.ratios[peer] = base.median_s / r.median_s
-                    x = r.median_s / base.median_s
+                    x, spread = r.median_s / base.median_s, ""
+                    if per_round is not None and peer in per_round:  # paired: method and base of one round
+                        paired = [a / b for a, b in zip(per_round[k], per_round[peer])]
+                        x = statistics.median(paired)
+                        q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [x, x, x]
+                        r.extra.update(x_rounds=paired, x_iqr=(q[0], q[2]))
+                        spread = f", rounds' interquartile range {q[0]:.2f}-{q[2]:.2f}"
                     r.extra["x_base_step"] = x
                     notes.append(f"{name}: {LABEL[k]} step = {x:.2f}x the {LABEL[peer]} step "
-                                 f"({base.median_s * 1e3:.0f} ms; target <= {tgt}x: "
+                                 f"({base.median_s * 1e3:.0f} ms{spread}; target <= {tgt}x: "
                                  f"{'met' if x <= tgt else 'MISSED'})")
                 elif r.error:
                     notes.append(f"{name}: {LABEL[k]} failed: {r.error}")
