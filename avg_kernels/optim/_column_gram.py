@@ -5,8 +5,10 @@ A column u of X (one output position o of one image) holds the input pixels unde
     K[(o, n), (o', n')] = Σ_t Σ_c x[n, c, o·s + t·d − p] · x[n', c, o'·s + t·d − p] = Σ_t Q[(o·s + t·d − p, n), (o'·s + t·d − p, n')]
 
 with Q the Gram of the input pixels over the channels (pixel × pixel; zero where an index falls in the
-padding). Q costs P²·C/groups multiply-adds (P = N·∏spatial input pixels) where XᵀX costs M²·D = M²·C/groups·∏k:
-∏k times fewer for a stride-1 convolution. The tap sum is separable (Σ over a 3 × 3 kernel's taps = Σ_rows Σ_cols),
+padding). Q costs P²·C/groups multiply-adds (P = N·∏spatial input pixels, a GEMM) where XᵀX costs M²·D/2 =
+M²·C/groups·∏k/2 (one triangle): ∏k/2 times fewer for a stride-1 convolution. Q is one GEMM (torch's), not the
+``linear_gram`` op: with few rows (C/groups) against the Gram's size (P) that op's D × D fixed costs dominate
+(128 rows, P = 1024: 5.7 ms against the GEMM's 3.2 ms; it wins from about 2·rows >= P, never the case here). The tap sum is separable (Σ over a 3 × 3 kernel's taps = Σ_rows Σ_cols),
 so it runs one spatial dim after the other: per dim, one strided add per tap. Measured (1 thread): ResNet-18's
 layer2 convolutions at 64 × 64 images, batch 16 (M = P = 1024, D = 1152) 17.3 → 6.8 ms; layer3's (M = 256,
 D = 2304) 2.1 → 0.56 ms; a stride-2 layer (P = 4M) would cost more, and keeps XᵀX (``pixel_route``).
@@ -20,10 +22,8 @@ import math
 
 import torch
 
-from ..ops import LINEAR_GRAM
-
-#: one element of a strided tap add costs about this many multiply-adds of the Gram GEMM (1 thread, AVX-512:
-#: ~0.8 ns against ~0.028 ns per multiply-add of the triangle-only product); per torch call ~10 µs on top
+#: one element of a strided tap add costs about this many multiply-adds of a GEMM (1 thread, AVX-512: ~0.8 ns
+#: against ~0.028 ns per multiply-add of the Gram kernel's triangle, ~0.024 of a GEMM); per torch call ~10 µs
 ADD_COST = 28
 CALL_COST = 400_000
 #: Q (P × P) is kept only while it is at most this many times K's size (a strided layer's P = ∏stride · M)
@@ -61,7 +61,7 @@ def pixel_route(x_shape, kernel_size, stride, padding, dilation, groups) -> bool
         return False
     cg = c // groups
     direct = m * m * cg * math.prod(kernel_size) / 2
-    pixel = p * p * cg / 2
+    pixel = p * p * cg
     shape = spatial + [n]  # one side of the running sum's layout; the other side is the same
     for j in range(len(spatial)):
         shape[j] = outs[j]
@@ -69,8 +69,8 @@ def pixel_route(x_shape, kernel_size, stride, padding, dilation, groups) -> bool
     return groups * pixel < groups * direct
 
 
-def pixel_column_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int, bias: bool,
-                      backend: str) -> torch.Tensor:
+def pixel_column_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int,
+                      bias: bool) -> torch.Tensor:
     """K = XᵀX of the im2col columns of ``x`` through its pixel Gram.
 
     Args:
@@ -78,7 +78,6 @@ def pixel_column_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, g
         kernel_size, stride, padding, dilation: per spatial dim.
         groups: the convolution's groups (one K per group, over that group's channels).
         bias: X has a trailing row of ones (K + 1).
-        backend: backend of the ``linear_gram`` op that computes Q.
 
     Returns:
         (groups, M, M) in x's dtype, M = ∏out · N, columns ordered (output position, image), image fastest.
@@ -90,7 +89,7 @@ def pixel_column_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, g
     pixels = x.permute(1, *range(2, 2 + nd), 0).reshape(groups, c // groups, -1)  # pixels ordered (position, n)
     ks = []
     for g in range(groups):
-        R = LINEAR_GRAM.eager(pixels[g], False, backend)[0].view(*spatial, n, *spatial, n)
+        R = (pixels[g].mT @ pixels[g]).view(*spatial, n, *spatial, n)
         for j in range(nd):
             R = _tap_sum(R, j, nd, spatial[j], outs[j], kernel_size[j], stride[j], padding[j], dilation[j])
         ks.append(R.reshape(1, n * math.prod(outs), -1))

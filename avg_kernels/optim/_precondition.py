@@ -141,7 +141,7 @@ class Preconditioner:
                     xs, dzs = layer.merge_uses(st.xs, st.dzs)
                     dz, X = layer.output_grads(xs, dzs, ct), layer.unfold(xs, bias, ct)
                     if len(xs) == 1 and layer.conv_dims and pixel_route(xs[0].shape, *layer.gram_args):
-                        K = pixel_column_gram(xs[0].to(ct), *layer.gram_args, bias, self.backend)
+                        K = pixel_column_gram(xs[0].to(ct), *layer.gram_args, bias)
                 pending.append(MxMCase(layer, G, dz if dz_scale == 1.0 else dz * dz_scale, X, bias, st.eps, K))
                 self.last_form[layer] = ("M×M", st.m)
             elif st.gram is not None:
