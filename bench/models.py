@@ -27,7 +27,8 @@ measure the other jobs of a shared machine barely move, where wall-clock ratios 
 seen 1.8x apart at load 7 on 2 cores) in the same interleaved rounds. Its ratios are paired: the median over
 rounds of (method's time / base's time in that round), so a slow drift of the machine between rounds cancels
 (medians of each method taken apart moved one ratio by up to ±0.15 between runs); the notes give the rounds'
-interquartile range.
+interquartile range. ``--models-malloc steady`` (the default) keeps glibc from trimming freed memory, so that
+no method page-faults on memory another one freed (``steady_malloc``).
 """
 from __future__ import annotations
 
@@ -150,9 +151,41 @@ def _iqr(values: list) -> float | None:
     return q[2] - q[0]
 
 
+def steady_malloc() -> str:
+    """glibc malloc kept from returning freed memory to the system (no trimming, a fixed mmap threshold of
+    32 MB, its maximum), for the rest of this process; returns what was done, for the notes.
+
+    The five methods run interleaved in one process on five models: by default glibc trims the heap and maps
+    large blocks afresh as the pattern of frees changes, so whether a method's step page-faults on fresh
+    memory depends on what ran before it (measured on ResNet-18, 1 thread: the RMSProp step took 11 488
+    faults per step in one run (214 ms) and 1 in the next (191 ms); with this setting no method faults in its
+    steady state), which moved one ratio by ±0.1. A training loop that repeats one method reaches that steady
+    state by itself."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return "malloc: defaults (no glibc mallopt here)"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    ok = mallopt(m_trim_threshold, 1 << 30) == 1 and mallopt(m_mmap_threshold, 32 << 20) == 1
+    return ("malloc: glibc mallopt M_TRIM_THRESHOLD = 1 GiB, M_MMAP_THRESHOLD = 32 MiB (freed memory is "
+            "reused, not returned and faulted in again: see bench/models.py steady_malloc)") if ok else \
+        "malloc: defaults (mallopt refused)"
+
+
 def add_arguments(group) -> None:
     group.add_argument("--model-set", dest="bench_models", default=None,
                        help=f"comma-separated subset of: {', '.join(NAMES)} (default: all)")
+    group.add_argument("--models-malloc", dest="models_malloc", choices=("steady", "default"), default="steady",
+                       help="steady (default): glibc malloc keeps freed memory (see steady_malloc), so the "
+                            "interleaved methods do not page-fault on each other's frees; default: as the "
+                            "process started")
     group.add_argument("--models-clock", dest="models_clock", choices=("wall", "cpu"), default="wall",
                        help="wall (the harness policy, default) or cpu (time.process_time of this process: the "
                             "work done; use with --threads 1 on a shared machine)")
@@ -172,6 +205,8 @@ def run(ctx: Context) -> Report:
         raise SystemExit(f"--model-set: unknown {bad}; expected some of {', '.join(NAMES)}")
     explicit = getattr(args, "min_run_time", None) is not None
     cpu_clock = getattr(args, "models_clock", "wall") == "cpu"
+    malloc_note = (steady_malloc() if getattr(args, "models_malloc", "steady") == "steady"
+                   else "malloc: defaults (--models-malloc default)")
     clock = time.process_time if cpu_clock else time.perf_counter
     rows: list[Row] = []
     notes: list[str] = []
@@ -221,6 +256,7 @@ def run(ctx: Context) -> Report:
                     if per_round is not None and peer in per_round:  # paired: method and base of one round
                         paired = [a / b for a, b in zip(per_round[k], per_round[peer])]
                         x = statistics.median(paired)
+                        r.ratios[peer] = 1 / x  # the table's column says the same as the note
                         q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [x, x, x]
                         r.extra.update(x_rounds=paired, x_iqr=(q[0], q[2]))
                         spread = f", rounds' interquartile range {q[0]:.2f}-{q[2]:.2f}"
@@ -236,11 +272,11 @@ def run(ctx: Context) -> Report:
     how = ("time.process_time of this process (CPU seconds: the work done), medians of interleaved rounds"
            if cpu_clock else "the harness policy (Timer.blocked_autorange medians, methods interleaved)")
     notes.insert(0, f"Times per training step on a fixed batch, {torch.get_num_threads()} threads, float32, {how}. "
-                    "`X vs P` = time(P) / time(X); the `x base` figures below are its inverse.")
+                    f"`X vs P` = time(P) / time(X); the `x base` figures below are its inverse. {malloc_note}.")
     title = "AG and C-SGD step cost on Transformers/CNN shapes (HF configs, random init), CPU"
     return Report(op=NAME, title=title, rows=rows, subjects=["ag1", "ag3-1", "csgd"], peers=["rmsprop", "sgd"],
                   notes=notes, config={"models": names, "threads": torch.get_num_threads(), "lam": LAM,
-                                       "clock": "cpu" if cpu_clock else "wall"})
+                                       "clock": "cpu" if cpu_clock else "wall", "malloc": malloc_note})
 
 
 if __name__ == "__main__":
