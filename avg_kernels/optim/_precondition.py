@@ -139,9 +139,10 @@ class Preconditioner:
                     dz, X = st.dz.to(ct), st.X.to(ct)
                 else:
                     xs, dzs = layer.merge_uses(st.xs, st.dzs)
+                    xs = [x.to(ct) for x in xs]  # once, for X and K (autocast's bf16/fp16 inputs)
                     dz, X = layer.output_grads(xs, dzs, ct), layer.unfold(xs, bias, ct)
                     if len(xs) == 1 and layer.conv_dims and pixel_route(xs[0].shape, *layer.gram_args):
-                        K = pixel_column_gram(xs[0].to(ct), *layer.gram_args, bias)
+                        K = pixel_column_gram(xs[0], *layer.gram_args, bias)
                 pending.append(MxMCase(layer, G, dz if dz_scale == 1.0 else dz * dz_scale, X, bias, st.eps, K))
                 self.last_form[layer] = ("M×M", st.m)
             elif st.gram is not None:
