@@ -2,16 +2,19 @@
 
 A column u of X (one output position o of one image) holds the input pixels under the kernel's taps t, so
 
-    K[(o, n), (o', n')] = Σ_t Σ_c x[n, c, o·s + t·d − p] · x[n', c, o'·s + t·d − p] = Σ_t Q[(o·s + t·d − p, n), (o'·s + t·d − p, n')]
+    K[(o, n), (o', n')] = Σ_t Σ_c x[n, c, o·s + t·d − p] · x[n', c, o'·s + t·d − p]
+                        = Σ_t Q[(o·s + t·d − p, n), (o'·s + t·d − p, n')]
 
 with Q the Gram of the input pixels over the channels (pixel × pixel; zero where an index falls in the
 padding). Q costs P²·C/groups multiply-adds (P = N·∏spatial input pixels, a GEMM) where XᵀX costs M²·D/2 =
 M²·C/groups·∏k/2 (one triangle): ∏k/2 times fewer for a stride-1 convolution. Q is one GEMM (torch's), not the
 ``linear_gram`` op: with few rows (C/groups) against the Gram's size (P) that op's D × D fixed costs dominate
-(128 rows, P = 1024: 5.7 ms against the GEMM's 3.2 ms; it wins from about 2·rows >= P, never the case here). The tap sum is separable (Σ over a 3 × 3 kernel's taps = Σ_rows Σ_cols),
-so it runs one spatial dim after the other: per dim, one strided add per tap. Measured (1 thread): ResNet-18's
-layer2 convolutions at 64 × 64 images, batch 16 (M = P = 1024, D = 1152) 17.3 → 6.8 ms; layer3's (M = 256,
-D = 2304) 2.1 → 0.56 ms; a stride-2 layer (P = 4M) would cost more, and keeps XᵀX (``pixel_route``).
+(128 rows, P = 1024: 5.7 ms against the GEMM's 3.2 ms; it wins from about 2·rows >= P, never the case here).
+The tap sum is separable (Σ over a 3 × 3 kernel's taps = Σ_rows Σ_cols), so it runs one spatial dim after the
+other: per dim, one strided add per tap (the taps' output ranges from ``_gram_taps.tap_runs``).
+Measured (1 thread): ResNet-18's layer2 convolutions at 64 × 64 images, batch 16 (M = P = 1024, D = 1152)
+17.3 → 6.8 ms; layer3's (M = 256, D = 2304) 2.1 → 0.56 ms; a stride-2 layer (P = 4M) would cost more, and keeps
+XᵀX (``pixel_route``).
 
 Column order: (output position, image) with the image index fastest, so that each add runs over contiguous runs
 of N·(kept positions) elements; ``Layer.unfold`` and ``Layer.output_grads`` order X's and ΔZ's columns the same way.
@@ -22,6 +25,9 @@ import math
 
 import torch
 
+from ..ops._gram_taps import tap_runs
+from ._layers import conv_out_sizes
+
 #: one element of a strided tap add costs about this many multiply-adds of a GEMM (1 thread, AVX-512: ~0.8 ns
 #: against ~0.028 ns per multiply-add of the Gram kernel's triangle, ~0.024 of a GEMM); per torch call ~10 µs
 ADD_COST = 28
@@ -30,31 +36,12 @@ CALL_COST = 400_000
 MAX_Q_OVER_K = 4
 
 
-def out_sizes(spatial, kernel_size, stride, padding, dilation) -> list:
-    """Output extents of a convolution over inputs of extents ``spatial``."""
-    return [(n + 2 * p - d * (k - 1) - 1) // s + 1
-            for n, k, s, p, d in zip(spatial, kernel_size, stride, padding, dilation)]
-
-
-def _tap_ranges(size: int, out: int, k: int, s: int, p: int, d: int) -> list:
-    """Per tap t along one dim: (lo, hi, start) with outputs o in [lo, hi) reading input o·s + t·d − p from
-    ``start`` = lo·s + t·d − p on (taps that read only padding are left out)."""
-    out_ranges = []
-    for t in range(k):
-        off = t * d - p
-        lo = -(off // s) if off < 0 else 0  # the first o with o·s + off >= 0: ceil(-off / s)
-        hi = min(out, (size - 1 - off) // s + 1) if size - 1 - off >= 0 else 0  # past the last o reading < size
-        if hi > lo:
-            out_ranges.append((lo, hi, lo * s + off))
-    return out_ranges
-
-
 def pixel_route(x_shape, kernel_size, stride, padding, dilation, groups) -> bool:
     """Whether K from the pixel Gram is estimated cheaper than XᵀX for a prepared input of shape ``x_shape``
     (N, C, *spatial), and Q stays within MAX_Q_OVER_K times K's memory."""
     n, c = x_shape[0], x_shape[1]
     spatial = list(x_shape[2:])
-    outs = out_sizes(spatial, kernel_size, stride, padding, dilation)
+    outs = conv_out_sizes(spatial, kernel_size, stride, padding, dilation)
     m = n * math.prod(outs)
     p = n * math.prod(spatial)
     if m == 0 or p * p > MAX_Q_OVER_K * m * m:
@@ -85,7 +72,7 @@ def pixel_column_gram(x: torch.Tensor, kernel_size, stride, padding, dilation, g
     n, c = x.shape[0], x.shape[1]
     spatial = list(x.shape[2:])
     nd = len(spatial)
-    outs = out_sizes(spatial, kernel_size, stride, padding, dilation)
+    outs = conv_out_sizes(spatial, kernel_size, stride, padding, dilation)
     pixels = x.permute(1, *range(2, 2 + nd), 0).reshape(groups, c // groups, -1)  # pixels ordered (position, n)
     ks = []
     for g in range(groups):
@@ -102,17 +89,17 @@ def _tap_sum(R: torch.Tensor, j: int, nd: int, size: int, out: int, k: int, s: i
     positions (extent ``out``); other dims as they are."""
     shape = list(R.shape)
     shape[j] = shape[nd + 1 + j] = out
-    taps = sorted(_tap_ranges(size, out, k, s, p, d), key=lambda r: r[1] - r[0] < out)  # a full tap first
+    runs = sorted(tap_runs(size, k, s, p, d, out), key=lambda r: r.positions < out)  # a full tap first
     acc = None
-    for lo, hi, start in taps:
+    for r in runs:
         src = [slice(None)] * R.dim()
-        src[j] = src[nd + 1 + j] = slice(start, start + (hi - lo - 1) * s + 1, s)
+        src[j] = src[nd + 1 + j] = slice(r.start, r.start + (r.positions - 1) * s + 1, s)
         if acc is None:
-            if hi - lo == out:  # a tap that covers every output starts the sum (no zero fill)
+            if r.positions == out:  # a tap that covers every output starts the sum (no zero fill)
                 acc = R[tuple(src)].clone(memory_format=torch.contiguous_format)
                 continue
             acc = R.new_zeros(shape)
         dst = [slice(None)] * R.dim()
-        dst[j] = dst[nd + 1 + j] = slice(lo, hi)
+        dst[j] = dst[nd + 1 + j] = slice(r.o_lo, r.o_hi + 1)
         acc[tuple(dst)] += R[tuple(src)]
     return acc if acc is not None else R.new_zeros(shape)

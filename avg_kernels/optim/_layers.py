@@ -33,6 +33,12 @@ _SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 
 
+def conv_out_sizes(spatial, kernel_size, stride, padding, dilation) -> list:
+    """Output extents of a convolution over inputs of extents ``spatial`` (symmetric zero padding)."""
+    return [(n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, k, s, p, d in zip(spatial, kernel_size, stride, padding, dilation)]
+
+
 def conv_columns(x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int) -> torch.Tensor:
     """X of one convolution input x (N, C, *spatial): (groups, C/groups · ∏kernel, ∏out · N), rows in the order
     of ``W.view(C_out, -1)`` (channel, then kernel offsets row-major), columns (output position, image) with the
@@ -40,10 +46,10 @@ def conv_columns(x: torch.Tensor, kernel_size, stride, padding, dilation, groups
     copy runs over contiguous rows of (out width · N) elements (F.unfold + a permute to this order moved
     (N, D, L) single elements: ResNet-18's layer2 3.2 -> 0.54 ms, layer4 0.89 -> 0.41 ms, 1 thread)."""
     nd = x.dim() - 2
+    outs = conv_out_sizes(x.shape[2:], kernel_size, stride, padding, dilation)
     if any(padding):
         x = F.pad(x, [q for p in reversed(padding) for q in (p, p)])
     t = x.movedim(0, -1).contiguous()  # (C, *padded spatial, N)
-    outs = [(t.shape[1 + j] - dilation[j] * (kernel_size[j] - 1) - 1) // stride[j] + 1 for j in range(nd)]
     st = t.stride()
     view = t.as_strided((t.shape[0], *kernel_size, *outs, t.shape[-1]),
                         (st[0], *(st[1 + j] * dilation[j] for j in range(nd)),
@@ -128,11 +134,8 @@ class Layer:
         """M: the number of columns u of a prepared input (Linear: rows; ConvNd: N · output positions)."""
         if self.conv_dims == 0:
             return x.numel() // max(1, x.shape[-1])
-        out = 1
-        for j in range(self.conv_dims):
-            size = x.shape[2 + j] + 2 * self.padding[j]
-            out *= (size - self.dilation[j] * (self.kernel_size[j] - 1) - 1) // self.stride[j] + 1
-        return x.shape[0] * out
+        return x.shape[0] * math.prod(conv_out_sizes(x.shape[2:], self.kernel_size, self.stride, self.padding,
+                                                     self.dilation))
 
     def grad_matrix(self, bias: bool) -> torch.Tensor:
         """G: (groups, C_out/groups, D), ``W.grad.view(C_out, -1)`` with the bias gradient as last column."""
