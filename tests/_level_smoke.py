@@ -71,6 +71,11 @@ def check_ag(gen):
         ak.ag1_update_(got, new, grads, backend="cpu")
         same = all(same_bits(a, exact_ag1(p, q, g)) for a, p, q, g in zip(got, params, new, grads))
         yield f"ag1_update_[{name}]", 0.0 if same else math.inf, 0.0
+        got_new, kept = [q.clone() for q in new], [p.clone() for p in params]
+        ak.ag1_update_new_(kept, got_new, grads, backend="cpu")  # θ_{t+1} over θ', rounded to θ''s dtype
+        same = all(same_bits(a, exact_ag1(p, q, g, into=q.dtype)) for a, p, q, g in zip(got_new, params, new, grads))
+        same &= all(same_bits(a, p) for a, p in zip(kept, params))
+        yield f"ag1_update_new_[{name}]", 0.0 if same else math.inf, 0.0
         old = [(p.double() + 0.01).to(mix[1]) for p in params]
         step = [(p.double() - 0.02).to(mix[2]) for p in params]
         want = [p.clone() for p in params]

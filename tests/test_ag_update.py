@@ -83,14 +83,16 @@ def _op_dtype(*ts):
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
-def exact_ag1(p, q, g):
+def exact_ag1(p, q, g, into=None):
+    """θ_{t+1} as the kernels compute it, rounded to ``into`` (default p's dtype; ag1_update_new_ writes q's)."""
+    into = p.dtype if into is None else into
     if g is None:
         return p.clone()
     op = _op_dtype(p, q, g)
     t, qq, gg = p.to(op), q.to(op), g.to(op)
     d = (qq - t).abs()
     r = torch.where(gg > 0, t - d, torch.where(gg < 0, t + d, torch.where(gg == 0, t, gg)))
-    return r.to(torch.float32).to(p.dtype) if p.dtype in (torch.float16, torch.bfloat16) else r.to(p.dtype)
+    return r.to(torch.float32).to(into) if into in (torch.float16, torch.bfloat16) else r.to(into)
 
 
 def numpy_ag1(p, q, g):

@@ -140,9 +140,19 @@ def _ag1_elem(t, q, g):
 
 
 @triton.jit
+def _ag1_wr(w, r, g, INTO_NEW: tl.constexpr):
+    """Members (w, r, ḡ), w written: θ, θ' (ag1_update_) or θ', θ (INTO_NEW, ag1_update_new_); the same θ_{t+1}."""
+    if INTO_NEW:
+        return _ag1_elem(r, w, g)
+    else:
+        return _ag1_elem(w, r, g)
+
+
+@triton.jit
 def ag1_kernel(meta, blk_off, P: tl.constexpr, Q: tl.constexpr, G: tl.constexpr, OP: tl.constexpr,
-               ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """θ ← θ − |θ' − θ| ⊙ sign(ḡ) on one chunk (P, Q, G: type codes of θ, θ', ḡ)."""
+               ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, INTO_NEW: tl.constexpr):
+    """θ ← θ − |θ' − θ| ⊙ sign(ḡ) on one chunk (P, Q, G: type codes of the members; member 0 is written:
+    θ, or θ' with INTO_NEW)."""
     row, start, end = _row(meta, blk_off, tl.program_id(0), CHUNK)
     p = _ptr(meta, row, 0, P, ALIGNED)
     q = _ptr(meta, row, 1, Q, ALIGNED)
@@ -152,12 +162,13 @@ def ag1_kernel(meta, blk_off, P: tl.constexpr, Q: tl.constexpr, G: tl.constexpr,
     for base in range(start, full, BLOCK):
         idx = base + lanes
         t = _widen(tl.load(p + idx), P, OP)
-        r = _ag1_elem(t, _widen(tl.load(q + idx), Q, OP), _widen(tl.load(g + idx), G, OP))
+        r = _ag1_wr(t, _widen(tl.load(q + idx), Q, OP), _widen(tl.load(g + idx), G, OP), INTO_NEW)
         tl.store(p + idx, _narrow(r, P))
     idx = full + lanes
     m = idx < end
     t = _widen(tl.load(p + idx, mask=m, other=0), P, OP)
-    r = _ag1_elem(t, _widen(tl.load(q + idx, mask=m, other=0), Q, OP), _widen(tl.load(g + idx, mask=m, other=0), G, OP))
+    r = _ag1_wr(t, _widen(tl.load(q + idx, mask=m, other=0), Q, OP), _widen(tl.load(g + idx, mask=m, other=0), G, OP),
+                INTO_NEW)
     tl.store(p + idx, _narrow(r, P), mask=m)
 
 
@@ -364,8 +375,9 @@ def _launch(kernel, grid, device, *args, **kw):
         kernel[grid](*args, **kw)
 
 
-def ag1_update_(entries: Sequence[FlatEntry], launch: Launch = LAUNCH) -> None:
-    """AG-1 on prepared entries (bufs = [θ, θ', ḡ], flat, validated): one launch per group."""
+def ag1_update_(entries: Sequence[FlatEntry], launch: Launch = LAUNCH, into_new: bool = False) -> None:
+    """AG-1 on prepared entries (bufs = [θ, θ', ḡ], or [θ', θ, ḡ] with ``into_new``; flat, validated): one
+    launch per group."""
     if not entries:
         return
     device = entries[0].bufs[0].device
@@ -373,7 +385,8 @@ def ag1_update_(entries: Sequence[FlatEntry], launch: Launch = LAUNCH) -> None:
     meta = _to_device(meta_cpu, device)
     for g in groups:
         _launch(ag1_kernel, (g.n_programs,), device, meta, g.blk_off, P=g.codes[0], Q=g.codes[1], G=g.codes[2],
-                OP=g.op, ALIGNED=g.aligned, CHUNK=launch.chunk, BLOCK=launch.block, num_warps=launch.num_warps)
+                OP=g.op, ALIGNED=g.aligned, CHUNK=launch.chunk, BLOCK=launch.block, INTO_NEW=into_new,
+                num_warps=launch.num_warps)
 
 
 def ag2_rescale_(entries: Sequence[FlatEntry], device: torch.device, launch: Launch = LAUNCH,
@@ -417,12 +430,14 @@ def _register_aot() -> None:
     for name, (codes, aligned) in _AOT_GROUPS.items():
         op = tl.float64 if 3 in codes else tl.float32
         consts = {**common, "OP": op, "ALIGNED": aligned}
-        aot.register(aot.KernelConfig(
-            name=f"ag1_update[{name}]", kernel=f"{__name__}:ag1_kernel",
-            signature={"meta": "*i64", "blk_off": "i32", "P": "constexpr", "Q": "constexpr", "G": "constexpr",
-                       "OP": "constexpr", "ALIGNED": "constexpr", "CHUNK": "constexpr", "BLOCK": "constexpr"},
-            constexprs={**consts, "P": codes[0], "Q": codes[1], "G": codes[2]},
-            aligned=("meta",), num_warps=LAUNCH.num_warps))
+        for into_new in (False, True):  # ag1_update_ and ag1_update_new_
+            aot.register(aot.KernelConfig(
+                name=f"ag1_update{'_new' if into_new else ''}[{name}]", kernel=f"{__name__}:ag1_kernel",
+                signature={"meta": "*i64", "blk_off": "i32", "P": "constexpr", "Q": "constexpr", "G": "constexpr",
+                           "OP": "constexpr", "ALIGNED": "constexpr", "CHUNK": "constexpr", "BLOCK": "constexpr",
+                           "INTO_NEW": "constexpr"},
+                constexprs={**consts, "P": codes[0], "Q": codes[1], "G": codes[2], "INTO_NEW": into_new},
+                aligned=("meta",), num_warps=LAUNCH.num_warps))
         aot.register(aot.KernelConfig(
             name=f"ag2_reduce[{name}]", kernel=f"{__name__}:ag2_reduce_kernel",
             signature={"meta": "*i64", "blk_off": "i32", "partials": "*fp64", "part_off": "i32", "P": "constexpr",

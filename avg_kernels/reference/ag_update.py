@@ -31,13 +31,24 @@ def ag1_update_(params: Sequence[torch.Tensor], params_new: Sequence[torch.Tenso
     * ḡ = NaN: the element becomes NaN (numpy's ``sign(nan) = nan``).
     """
     for p, p_new, g in zip(params, params_new, avg_grads):
-        if g is None:
-            continue
-        t = p.detach().double()
-        d = (p_new.detach().double() - t).abs()
-        g64 = g.detach().double()
-        r = torch.where(g64 > 0, t - d, torch.where(g64 < 0, t + d, torch.where(g64 == 0, t, g64)))
-        p.detach().copy_(r)
+        if g is not None:
+            p.detach().copy_(_ag1(p, p_new, g))
+
+
+def ag1_update_new_(params: Sequence[torch.Tensor], params_new: Sequence[torch.Tensor],
+                    avg_grads: Sequence[Optional[torch.Tensor]]) -> None:
+    """The same θ_{t+1} as ``ag1_update_``, written over ``params_new`` (θ'); ``params`` is not changed."""
+    for p, p_new, g in zip(params, params_new, avg_grads):
+        if g is not None:
+            p_new.detach().copy_(_ag1(p, p_new, g))
+
+
+def _ag1(p: torch.Tensor, p_new: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """θ − |θ' − θ| ⊙ sign(ḡ) in float64 (the conventions of ``ag1_update_``)."""
+    t = p.detach().double()
+    d = (p_new.detach().double() - t).abs()
+    g64 = g.detach().double()
+    return torch.where(g64 > 0, t - d, torch.where(g64 < 0, t + d, torch.where(g64 == 0, t, g64)))
 
 
 def l1_norms(params: Sequence[torch.Tensor], params_old: Sequence[torch.Tensor],

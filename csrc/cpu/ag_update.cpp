@@ -22,6 +22,13 @@ std::vector<NamedList> ag1_lists(at::TensorList params, at::TensorList params_ne
           avg_kernels::ag::named("avg_grads", avg_grads)};
 }
 
+// ag1_update_new_ writes params_new: it comes first (check_lists and prepare write lists[0]).
+std::vector<NamedList> ag1_new_lists(at::TensorList params_new, at::TensorList params,
+                                     const c10::List<std::optional<at::Tensor>>& avg_grads) {
+  return {avg_kernels::ag::named("params_new", params_new), avg_kernels::ag::named("params", params),
+          avg_kernels::ag::named("avg_grads", avg_grads)};
+}
+
 std::vector<NamedList> ag2_lists(at::TensorList params, at::TensorList params_old, at::TensorList params_step) {
   return {avg_kernels::ag::named("params", params), avg_kernels::ag::named("params_old", params_old),
           avg_kernels::ag::named("params_step", params_step)};
@@ -30,6 +37,11 @@ std::vector<NamedList> ag2_lists(at::TensorList params, at::TensorList params_ol
 void ag1_check(at::TensorList params, at::TensorList params_new,
                const c10::List<std::optional<at::Tensor>>& avg_grads) {
   avg_kernels::ag::check_lists("ag1_update_", ag1_lists(params, params_new, avg_grads));
+}
+
+void ag1_new_check(at::TensorList params_new, at::TensorList params,
+                   const c10::List<std::optional<at::Tensor>>& avg_grads) {
+  avg_kernels::ag::check_lists("ag1_update_new_", ag1_new_lists(params_new, params, avg_grads));
 }
 
 void ag2_check(at::TensorList params, at::TensorList params_old, at::TensorList params_step) {
@@ -42,7 +54,18 @@ void ag1_update_cpu(at::TensorList params, at::TensorList params_new,
   const auto& k = kernels();
   at::NoGradGuard no_grad;
   auto prep = avg_kernels::ag::prepare<3>(lists);
-  k.ag1_update(prep.entries.data(), int64_t(prep.entries.size()));
+  k.ag1_update(prep.entries.data(), int64_t(prep.entries.size()), false);
+  prep.finish();
+}
+
+// The same θ_{t+1}, written over θ' (the lists come written-first: params_new, params, avg_grads).
+void ag1_update_new_cpu(at::TensorList params_new, at::TensorList params,
+                        const c10::List<std::optional<at::Tensor>>& avg_grads) {
+  const auto lists = ag1_new_lists(params_new, params, avg_grads);
+  const auto& k = kernels();
+  at::NoGradGuard no_grad;
+  auto prep = avg_kernels::ag::prepare<3>(lists);
+  k.ag1_update(prep.entries.data(), int64_t(prep.entries.size()), true);
   prep.finish();
 }
 
@@ -67,18 +90,22 @@ at::Tensor ag2_rescale_cpu(at::TensorList params, at::TensorList params_old, at:
 
 TORCH_LIBRARY_FRAGMENT(avg_kernels_C, m) {
   m.def("ag1_check(Tensor[] params, Tensor[] params_new, Tensor?[] avg_grads) -> ()");
+  m.def("ag1_new_check(Tensor[] params_new, Tensor[] params, Tensor?[] avg_grads) -> ()");
   m.def("ag2_check(Tensor[] params, Tensor[] params_old, Tensor[] params_step) -> ()");
   m.def("ag1_update_(Tensor(a!)[] params, Tensor[] params_new, Tensor?[] avg_grads) -> ()");
+  m.def("ag1_update_new_(Tensor(a!)[] params_new, Tensor[] params, Tensor?[] avg_grads) -> ()");
   m.def("ag2_rescale_(Tensor(a!)[] params, Tensor[] params_old, Tensor[] params_step) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(avg_kernels_C, CompositeExplicitAutograd, m) {
   m.impl("ag1_check", &ag1_check);
+  m.impl("ag1_new_check", &ag1_new_check);
   m.impl("ag2_check", &ag2_check);
 }
 
 TORCH_LIBRARY_IMPL(avg_kernels_C, CPU, m) {
   m.impl("ag1_update_", &ag1_update_cpu);
+  m.impl("ag1_update_new_", &ag1_update_new_cpu);
   m.impl("ag2_rescale_", &ag2_rescale_cpu);
 }
 

@@ -25,7 +25,7 @@ class Tensor;
 
 namespace avg_kernels::cpu {
 
-constexpr uint32_t kKernelsAbi = 1;
+constexpr uint32_t kKernelsAbi = 2;
 
 // Positions summed by one float32 GEMM (the Gram's GEMM paths) before its result joins a float64
 // accumulator: MKL accumulates the inner dimension in float32 (measured 2.6e-5 relative error on a
@@ -46,7 +46,8 @@ struct Kernels {
   void (*act_value)(const at::Tensor& x, at::Tensor& out, int64_t act, double p0, double p1);
 
   // AG-1 / AG-2 over prepared flat entries (csrc/ag_lists.h); threads across entries and chunks.
-  void (*ag1_update)(const ag::FlatEntry<3>* entries, int64_t n);
+  // AG-1: member 0 is written; into_new: members are (θ', θ, ḡ) instead of (θ, θ', ḡ) (ag1_update_new_).
+  void (*ag1_update)(const ag::FlatEntry<3>* entries, int64_t n, bool into_new);
   // (‖θ' − θ‖₁, ‖θ'' − θ‖₁), summed in float64 in a fixed order (independent of the thread count).
   void (*ag2_norms)(const ag::FlatEntry<3>* entries, int64_t n, double* n_step, double* n_delta);
   void (*ag2_scale)(const ag::FlatEntry<3>* entries, int64_t n, ag2::Factors scale);

@@ -1,4 +1,4 @@
-// CUDA implementations of avg_kernels_C::ag1_update_ / ag2_rescale_ (SPEC §2): the checks and
+// CUDA implementations of avg_kernels_C::ag1_update_ / ag1_update_new_ / ag2_rescale_ (SPEC §2): the checks and
 // preparation of csrc/ag_lists.h, then the launch sequence of ag_update_kernel.cuh on the current
 // stream. No device-to-host synchronisation: AG-2's norms and scale stay in a device buffer that the
 // scaling pass reads; the tables travel as kernel arguments (no host-to-device copy either).
@@ -20,9 +20,9 @@ namespace {
 struct CudaLauncher {
   cudaStream_t stream;
 
-  template <class Op>
+  template <class Op, bool kIntoNew>
   void ag1(const Table3& t, int64_t chunk) {
-    ag1_kernel<Op><<<t.n_blocks, kThreads, 0, stream>>>(t, chunk);
+    ag1_kernel<Op, kIntoNew><<<t.n_blocks, kThreads, 0, stream>>>(t, chunk);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <class Op>
@@ -41,20 +41,30 @@ struct CudaLauncher {
   }
 };
 
-void ag1_update_cuda(at::TensorList params, at::TensorList params_new,
-                     const c10::List<std::optional<at::Tensor>>& avg_grads) {
-  const std::vector<ag::NamedList> lists{ag::named("params", params), ag::named("params_new", params_new),
-                                         ag::named("avg_grads", avg_grads)};
-  ag::check_lists("ag1_update_", lists);
-  if (params.empty()) return;
+// lists written-first: (params, params_new, avg_grads), or (params_new, params, avg_grads) with into_new.
+void ag1_run(const char* op, const std::vector<ag::NamedList>& lists, bool into_new) {
+  ag::check_lists(op, lists);
+  if (lists[0].tensors.empty()) return;
   at::NoGradGuard no_grad;
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  const c10::cuda::CUDAGuard guard(lists[0].tensors[0].device());
   auto prep = ag::prepare<3>(lists);
   Refs groups[2];
   make_groups(prep, groups);
   CudaLauncher launcher{at::cuda::getCurrentCUDAStream()};
-  launch_ag1(groups, Limits{}, launcher);
+  launch_ag1(groups, Limits{}, launcher, into_new);
   prep.finish();
+}
+
+void ag1_update_cuda(at::TensorList params, at::TensorList params_new,
+                     const c10::List<std::optional<at::Tensor>>& avg_grads) {
+  ag1_run("ag1_update_", {ag::named("params", params), ag::named("params_new", params_new),
+                          ag::named("avg_grads", avg_grads)}, false);
+}
+
+void ag1_update_new_cuda(at::TensorList params_new, at::TensorList params,
+                         const c10::List<std::optional<at::Tensor>>& avg_grads) {
+  ag1_run("ag1_update_new_", {ag::named("params_new", params_new), ag::named("params", params),
+                              ag::named("avg_grads", avg_grads)}, true);
 }
 
 at::Tensor ag2_rescale_cuda(at::TensorList params, at::TensorList params_old, at::TensorList params_step) {
@@ -89,6 +99,7 @@ at::Tensor ag2_rescale_cuda(at::TensorList params, at::TensorList params_old, at
 
 TORCH_LIBRARY_IMPL(avg_kernels_C, CUDA, m) {
   m.impl("ag1_update_", &ag1_update_cuda);
+  m.impl("ag1_update_new_", &ag1_update_new_cuda);
   m.impl("ag2_rescale_", &ag2_rescale_cuda);
 }
 

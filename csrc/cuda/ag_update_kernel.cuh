@@ -41,7 +41,9 @@ AK_MTA_HD Op ag1_elem(Op t, Op q, Op g) {
   return g > Op(0) ? t - d : g < Op(0) ? t + d : g == Op(0) ? t : g;
 }
 
-template <class Op, class Table>
+// Members (w, r, ḡ), w written: ag1_update_ w = θ, r = θ'; ag1_update_new_ (kIntoNew) w = θ', r = θ. Both
+// compute ag1_elem(θ, θ', ḡ), so they write bitwise the same θ_{t+1}.
+template <class Op, bool kIntoNew, class Table>
 AK_MTA_HD void ag1_thread(const Table& tab, int block, int tid, int nthreads, int64_t chunk) {
   const mta::BlockTask b = mta::block_task(tab, block, chunk);
   void* p = tab.addr[0][b.slot];
@@ -55,7 +57,7 @@ AK_MTA_HD void ag1_thread(const Table& tab, int block, int tid, int nthreads, in
     mta::load_group(q, dq, i, count, whole, qv);
     mta::load_group(g, dg, i, count, whole, gv);
     AK_MTA_UNROLL
-    for (int k = 0; k < kILP; ++k) tv[k] = ag1_elem(tv[k], qv[k], gv[k]);
+    for (int k = 0; k < kILP; ++k) tv[k] = kIntoNew ? ag1_elem(qv[k], tv[k], gv[k]) : ag1_elem(tv[k], qv[k], gv[k]);
     mta::store_group(p, dp, i, count, whole, tv);
   });
 }
@@ -141,9 +143,9 @@ AK_MTA_HD void ag2_scale_thread(const Table& tab, int block, int tid, int nthrea
 // __global__ wrappers.
 // ---------------------------------------------------------------------------------------------
 #if defined(__CUDACC__)
-template <class Op>
+template <class Op, bool kIntoNew>
 __global__ void __launch_bounds__(kThreads, 2) ag1_kernel(const __grid_constant__ Table3 tab, int64_t chunk) {
-  ag1_thread<Op>(tab, blockIdx.x, threadIdx.x, kThreads, chunk);
+  ag1_thread<Op, kIntoNew>(tab, blockIdx.x, threadIdx.x, kThreads, chunk);
 }
 
 template <class Op>
@@ -187,12 +189,18 @@ struct Limits {
 
 using Refs = std::vector<mta::TensorRef<3>>;
 
+// into_new: the groups' members are (θ', θ, ḡ) (ag1_update_new_), else (θ, θ', ḡ).
 template <class L>
-void launch_ag1(const Refs (&groups)[2], const Limits& lim, L& launcher) {
+void launch_ag1(const Refs (&groups)[2], const Limits& lim, L& launcher, bool into_new = false) {
   for (int g = 0; g < 2; ++g)
     mta::plan_tables<Table3>(groups[g], lim.chunk, lim.max_tensors, lim.max_blocks, [&](const Table3& t) {
-      if (g == 0) launcher.template ag1<float>(t, lim.chunk);
-      else launcher.template ag1<double>(t, lim.chunk);
+      if (into_new) {
+        if (g == 0) launcher.template ag1<float, true>(t, lim.chunk);
+        else launcher.template ag1<double, true>(t, lim.chunk);
+      } else {
+        if (g == 0) launcher.template ag1<float, false>(t, lim.chunk);
+        else launcher.template ag1<double, false>(t, lim.chunk);
+      }
     });
 }
 
@@ -224,11 +232,11 @@ void launch_ag2(const Refs (&groups)[2], const Limits& lim, double* partials, do
 struct Emulator {
   int64_t launches[4] = {0, 0, 0, 0};  // ag1, ag2_reduce, ag2_final, ag2_scale
 
-  template <class Op>
+  template <class Op, bool kIntoNew>
   void ag1(const Table3& t, int64_t chunk) {
     ++launches[0];
     for (int b = 0; b < t.n_blocks; ++b)
-      for (int tid = 0; tid < kThreads; ++tid) ag1_thread<Op>(t, b, tid, kThreads, chunk);
+      for (int tid = 0; tid < kThreads; ++tid) ag1_thread<Op, kIntoNew>(t, b, tid, kThreads, chunk);
   }
 
   template <class Op>

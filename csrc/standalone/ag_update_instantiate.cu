@@ -7,8 +7,10 @@
 
 namespace avg_kernels::ag_cuda {
 
-template __global__ void ag1_kernel<float>(const __grid_constant__ Table3, int64_t);
-template __global__ void ag1_kernel<double>(const __grid_constant__ Table3, int64_t);
+template __global__ void ag1_kernel<float, false>(const __grid_constant__ Table3, int64_t);
+template __global__ void ag1_kernel<double, false>(const __grid_constant__ Table3, int64_t);
+template __global__ void ag1_kernel<float, true>(const __grid_constant__ Table3, int64_t);
+template __global__ void ag1_kernel<double, true>(const __grid_constant__ Table3, int64_t);
 template __global__ void ag2_reduce_kernel<float>(const __grid_constant__ Table3, int64_t, double*);
 template __global__ void ag2_reduce_kernel<double>(const __grid_constant__ Table3, int64_t, double*);
 template __global__ void ag2_scale_kernel<float>(const __grid_constant__ Table3, int64_t, const double*);

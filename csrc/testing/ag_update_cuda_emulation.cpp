@@ -7,6 +7,8 @@
 //
 //   ag1_update_cuda_emulated_(params, params_new, avg_grads, chunk, max_tensors, max_blocks)
 //       -> launches [ag1, ag2_reduce, ag2_final, ag2_scale]
+//   ag1_update_new_cuda_emulated_(params_new, params, avg_grads, chunk, max_tensors, max_blocks): the same,
+//       θ_{t+1} written over θ'
 //   ag2_rescale_cuda_emulated_(params, params_old, params_step, chunk, max_tensors, max_blocks)
 //       -> (norms [‖θ'−θ‖₁, ‖θ''−θ‖₁, scale], launches)
 //   mta_plan(numels, chunk, max_tensors, max_blocks) -> int64 [blocks, 6]: table, slot, list
@@ -37,20 +39,32 @@ at::Tensor launch_counts(const Emulator& em) {
   return at::tensor(std::vector<int64_t>(em.launches, em.launches + 4), at::kLong);
 }
 
-at::Tensor ag1_emulated(at::TensorList params, at::TensorList params_new,
-                        const c10::List<std::optional<at::Tensor>>& avg_grads, int64_t chunk, int64_t max_tensors,
-                        int64_t max_blocks) {
-  const std::vector<ag::NamedList> lists{ag::named("params", params), ag::named("params_new", params_new),
-                                         ag::named("avg_grads", avg_grads)};
-  ag::check_lists("ag1_update_", lists);
+// lists written-first, as in csrc/cuda/ag_update.cu's ag1_run.
+at::Tensor ag1_run_emulated(const char* op, const std::vector<ag::NamedList>& lists, bool into_new, int64_t chunk,
+                            int64_t max_tensors, int64_t max_blocks) {
+  ag::check_lists(op, lists);
   at::NoGradGuard no_grad;
   auto prep = ag::prepare<3>(lists);
   Refs groups[2];
   make_groups(prep, groups);
   Emulator em;
-  launch_ag1(groups, limits(chunk, max_tensors, max_blocks), em);
+  launch_ag1(groups, limits(chunk, max_tensors, max_blocks), em, into_new);
   prep.finish();
   return launch_counts(em);
+}
+
+at::Tensor ag1_emulated(at::TensorList params, at::TensorList params_new,
+                        const c10::List<std::optional<at::Tensor>>& avg_grads, int64_t chunk, int64_t max_tensors,
+                        int64_t max_blocks) {
+  return ag1_run_emulated("ag1_update_", {ag::named("params", params), ag::named("params_new", params_new),
+                                          ag::named("avg_grads", avg_grads)}, false, chunk, max_tensors, max_blocks);
+}
+
+at::Tensor ag1_new_emulated(at::TensorList params_new, at::TensorList params,
+                            const c10::List<std::optional<at::Tensor>>& avg_grads, int64_t chunk, int64_t max_tensors,
+                            int64_t max_blocks) {
+  return ag1_run_emulated("ag1_update_new_", {ag::named("params_new", params_new), ag::named("params", params),
+                                              ag::named("avg_grads", avg_grads)}, true, chunk, max_tensors, max_blocks);
 }
 
 std::tuple<at::Tensor, at::Tensor> ag2_emulated(at::TensorList params, at::TensorList params_old,
@@ -112,6 +126,8 @@ std::vector<int64_t> limits_list() {
 TORCH_LIBRARY_FRAGMENT(avg_kernels_testing, m) {
   m.def("ag1_update_cuda_emulated_(Tensor(a!)[] params, Tensor[] params_new, Tensor?[] avg_grads, int chunk, "
         "int max_tensors, int max_blocks) -> Tensor");
+  m.def("ag1_update_new_cuda_emulated_(Tensor(a!)[] params_new, Tensor[] params, Tensor?[] avg_grads, int chunk, "
+        "int max_tensors, int max_blocks) -> Tensor");
   m.def("ag2_rescale_cuda_emulated_(Tensor(a!)[] params, Tensor[] params_old, Tensor[] params_step, int chunk, "
         "int max_tensors, int max_blocks) -> (Tensor, Tensor)");
   // Index arithmetic only (no tensor arguments): registered as catch-all implementations.
@@ -122,6 +138,7 @@ TORCH_LIBRARY_FRAGMENT(avg_kernels_testing, m) {
 
 TORCH_LIBRARY_IMPL(avg_kernels_testing, CPU, m) {
   m.impl("ag1_update_cuda_emulated_", &ag1_emulated);
+  m.impl("ag1_update_new_cuda_emulated_", &ag1_new_emulated);
   m.impl("ag2_rescale_cuda_emulated_", &ag2_emulated);
 }
 

@@ -211,20 +211,27 @@ void for_each_item(const std::vector<Item>& items, const F& f) {
 // ---------------------------------------------------------------------------------------------
 // AG-1.
 // ---------------------------------------------------------------------------------------------
-template <class T>
+// Members (w, r, ḡ): w is written. ag1_update_: w = θ, r = θ'; ag1_update_new_ (kIntoNew): w = θ', r = θ.
+// |θ' − θ| is the same value either way round (negation is exact), so both give bitwise the same θ_{t+1}.
+template <bool kIntoNew, class V>
+inline V ag1_wr(const V& w, const V& r, const V& g) {
+  return kIntoNew ? ag1_vec(r, w, g) : ag1_vec(w, r, g);
+}
+
+template <class T, bool kIntoNew>
 void ag1_item16(const FlatEntry<3>& e, int64_t begin, int64_t end) {
   for_each_16<T, 3>(e, begin, end, [&](int64_t i, int64_t c, auto& v) {
-    const auto r0 = ag1_vec(std::get<0>(v[0]), std::get<0>(v[1]), std::get<0>(v[2]));
-    const auto r1 = ag1_vec(std::get<1>(v[0]), std::get<1>(v[1]), std::get<1>(v[2]));
+    const auto r0 = ag1_wr<kIntoNew>(std::get<0>(v[0]), std::get<0>(v[1]), std::get<0>(v[2]));
+    const auto r1 = ag1_wr<kIntoNew>(std::get<1>(v[0]), std::get<1>(v[1]), std::get<1>(v[2]));
     at::vec::convert_from_float<T>(r0, r1).store(static_cast<T*>(e.ptr[0]) + i, c);
   });
 }
 
-template <class Op>
+template <class Op, bool kIntoNew>
 void ag1_item(const FlatEntry<3>& e, int64_t begin, int64_t end) {
   if constexpr (std::is_same_v<Op, float>) {
-    if (all_of(e, at::kBFloat16, 3)) return ag1_item16<at::BFloat16>(e, begin, end);
-    if (all_of(e, at::kHalf, 3)) return ag1_item16<at::Half>(e, begin, end);
+    if (all_of(e, at::kBFloat16, 3)) return ag1_item16<at::BFloat16, kIntoNew>(e, begin, end);
+    if (all_of(e, at::kHalf, 3)) return ag1_item16<at::Half, kIntoNew>(e, begin, end);
   }
   using V = Vectorized<Op>;
   alignas(64) Op bt[kTile], bq[kTile], bg[kTile], bo[kTile];
@@ -237,10 +244,10 @@ void ag1_item(const FlatEntry<3>& e, int64_t begin, int64_t end) {
     Op* out = direct ? static_cast<Op*>(e.ptr[0]) + off : bo;
     int64_t i = 0;
     for (; i + V::size() <= n; i += V::size())
-      ag1_vec(V::loadu(t + i), V::loadu(q + i), V::loadu(g + i)).store(out + i);
+      ag1_wr<kIntoNew>(V::loadu(t + i), V::loadu(q + i), V::loadu(g + i)).store(out + i);
     if (i < n) {
       const int64_t c = n - i;
-      ag1_vec(V::loadu(t + i, c), V::loadu(q + i, c), V::loadu(g + i, c)).store(out + i, c);
+      ag1_wr<kIntoNew>(V::loadu(t + i, c), V::loadu(q + i, c), V::loadu(g + i, c)).store(out + i, c);
     }
     if (!direct) store_tile<Op>(e.ptr[0], e.dtype[0], off, n, bo);
   }
@@ -351,12 +358,18 @@ void ag2_scale_item(const FlatEntry<3>& e, int64_t begin, int64_t end, const ag2
 
 }  // namespace
 
-void ag1_update(const FlatEntry<3>* entries, int64_t n) {
+void ag1_update(const FlatEntry<3>* entries, int64_t n, bool into_new) {
   const auto items = make_items(entries, n);
   for_each_item(items, [&](size_t k) {
     const Item& it = items[k];
-    if (it.dbl) ag1_item<double>(entries[it.entry], it.begin, it.end);
-    else ag1_item<float>(entries[it.entry], it.begin, it.end);
+    const FlatEntry<3>& e = entries[it.entry];
+    if (into_new) {
+      if (it.dbl) ag1_item<double, true>(e, it.begin, it.end);
+      else ag1_item<float, true>(e, it.begin, it.end);
+    } else {
+      if (it.dbl) ag1_item<double, false>(e, it.begin, it.end);
+      else ag1_item<float, false>(e, it.begin, it.end);
+    }
   });
 }
 

@@ -15,7 +15,7 @@ void avg_act_backward(const at::Tensor& grad_out, const at::Tensor& x, const at:
                       int64_t act, double p0, double p1, double eps);
 void act_value(const at::Tensor& x, at::Tensor& out, int64_t act, double p0, double p1);
 
-void ag1_update(const ag::FlatEntry<3>* entries, int64_t n);
+void ag1_update(const ag::FlatEntry<3>* entries, int64_t n, bool into_new);
 void ag2_norms(const ag::FlatEntry<3>* entries, int64_t n, double* n_step, double* n_delta);
 void ag2_scale(const ag::FlatEntry<3>* entries, int64_t n, ag2::Factors scale);
 
