@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from ..activations import TABLE, Activation
 from . import _compound
 from ._compound import ANCHORS, ARITHMETIC, Recogniser
-from ._recording import GRAPH, REPLAY, Recorder
+from ._recording import GRAPH, REPLAY, Recorder, ReplayComplete
 
 # -- what the mode intercepts, derived from the activation table -----------------------------------------
 
@@ -192,7 +192,12 @@ class ActivationMode(TorchFunctionMode):
     # -- the dispatch ------------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.rec.busy or _is_plain(func):
+        rec = self.rec
+        if rec.busy:
+            return func(*args, **kwargs)
+        if rec.replay_complete:  # a replay told to stop after its last averaged activation: this is the tail
+            raise ReplayComplete(getattr(func, "__name__", str(func)))
+        if _is_plain(func):
             return func(*args, **kwargs)
         name = func.__name__
         if name in ARITHMETIC:

@@ -51,6 +51,12 @@ class PairingError(RuntimeError):
     """The two forward passes of an AG step did not make the same averaged-activation calls."""
 
 
+class ReplayComplete(BaseException):
+    """Raised at the first torch call of a replay after its last averaged activation when the replay was started
+    with ``stop_after_last`` (nothing after that call feeds the averaged backward); the AG step catches it.
+    A BaseException, so a model's ``except Exception`` does not swallow it."""
+
+
 class CheckpointingError(RuntimeError):
     """An averaged activation ran during an AG step's backward (activation checkpointing/recomputation)."""
 
@@ -97,6 +103,8 @@ class Recorder:
         self.replays = 0  # replays started in this step (other slot kinds, e.g. Linear layers, reset by it)
         self.busy = False  # inside ``call``: the activation's own torch calls are not calls of the model
         self.plain_calls = 0  # activation calls seen in PLAIN phase (the first AG-3-1 step counts them)
+        self.stop_after_last = False  # this replay ends after its last averaged activation (start_replay)
+        self.replay_complete = False  # ... and that activation has run: the function mode raises ReplayComplete
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self) -> "Recorder":
@@ -121,8 +129,11 @@ class Recorder:
         self.slots = []
         self.cursor = 0
 
-    def start_replay(self, label: str) -> None:
+    def start_replay(self, label: str, stop_after_last: bool = False) -> None:
+        """``stop_after_last``: the function mode ends the replay (``ReplayComplete``) at its first torch call
+        after the last slot's partner (the model's tail, e.g. a language model's head and loss, is skipped)."""
         self.phase, self.cursor, self.replay_label = REPLAY, 0, label
+        self.stop_after_last, self.replay_complete = bool(stop_after_last) and bool(self.slots), False
         self.replays += 1
 
     def finish_replay(self) -> None:
@@ -222,6 +233,8 @@ class Recorder:
                 x_new = x.detach()
                 s.x_new, s.x_new_version = x_new, x_new._version
             self.cursor = i + 1
+            if self.stop_after_last and self.cursor == len(slots):
+                self.replay_complete = True
             return activations.forward(x, k) if value is None else value
         if phase == BACKWARD:
             raise CheckpointingError(

@@ -15,7 +15,8 @@ One AG-1 / AG-2 step (papers 000 Alg. 1-2, 002 Alg. 2) on one batch:
    forked and reset to its state before step 1), buffers (BatchNorm running statistics ...) on a
    scratch copy taken before step 1, so the θ' pass changes no buffer; call k's input fills slot k;
 4. second backward over the SAME graph from ℓ(θ): the averaged activations now use s(x, x') -> ḡ;
-5. AG-1: ``avg_kernels.ag1_update_(θ, θ', ḡ)``. AG-2: θ'' = the base optimizer's update of θ with ḡ
+5. AG-1: ``avg_kernels.ag1_update_new_(θ, θ', ḡ)``: θ_{t+1} written over θ' in the parameters (the copies
+   keep θ, for an undo). AG-2: θ'' = the base optimizer's update of θ with ḡ
    from the PRE-step state s_t (saved before step 2, swapped in for this call, then s_{t+1} restored:
    Adam's step count included), then ``avg_kernels.ag2_rescale_(θ'', θ, θ')``.
 
@@ -50,9 +51,9 @@ from torch import nn
 
 from .._contract import args
 from ..activations import EPS
-from ..nn._recording import GRAPH, PLAIN, BACKWARD, Recorder
+from ..nn._recording import GRAPH, PLAIN, BACKWARD, Recorder, ReplayComplete
 from ..nn._fnmode import ActivationMode
-from ..ops import AG1_UPDATE, AG2_RESCALE, check_backend
+from ..ops import AG1_UPDATE, AG1_UPDATE_NEW, AG2_RESCALE, check_backend
 from . import _agn, _amp, _base_state, _distributed
 from ._base_state import BaseState
 from ._linear_avg import LayerAveraging, report_kept
@@ -69,8 +70,9 @@ class AGStepInfo:
     mode: str
     step: int  # 1-based index of this step
     loss: torch.Tensor  # ℓ(θ_t) on the batch (what step() returned)
+    # the replay's loss (None where the replay stopped after its last averaged activation: track_replay_loss)
     loss_new: Optional[torch.Tensor] = None  # ℓ(θ') on the batch: after the base optimizer's own step (ag1/ag2)
-    loss_prev: Optional[torch.Tensor] = None  # ℓ(θ_{t-1}) on the batch (ag3-1)
+    loss_prev: Optional[torch.Tensor] = None  # ℓ(θ_{t-1}) on the batch (ag3-1 with track_replay_loss=True)
     loss_after: Optional[torch.Tensor] = None  # ℓ(θ_{t+1}) on the batch (track_loss_after=True)
     # times: seconds per phase when profiling; "loss_after" (the extra forward for ℓ(θ_{t+1}), not part of
     # the step's cost) and "loss_after_cpu" (its CPU time, time.process_time) are always recorded when
@@ -107,7 +109,7 @@ class AGStepInfo:
                 "base_reduction": self.base_reduction, "activation_calls": self.activation_calls,
                 "compound_calls": self.compound_calls, "fallback_fraction": self.fallback_fraction,
                 "plain": self.plain, "skipped": self.skipped, "times": dict(self.times),
-                "loss_iterates": [float(t) for t in self.loss_iterates], "linear_calls": self.linear_calls,
+                "loss_iterates": [f(t) for t in self.loss_iterates], "linear_calls": self.linear_calls,
                 "linear_kept": list(self.linear_kept)}
 
 
@@ -151,6 +153,13 @@ class AG(OptimizerWrapper):
         eps: |x' − x| <= eps uses f'(x) (SPEC §1).
         backend: backend of the averaged backward and the update ops (None: "auto", see
             ``avg_kernels.use_backend``).
+        track_replay_loss: the replay (the no-grad pass at the segment's other end) runs the closure to its end and
+            its loss is kept: ``last.loss_new`` ℓ(θ') (ag1, ag2, agn) or ``last.loss_prev`` ℓ(θ_{t-1}) (ag3-1).
+            False: from the second step on, the replay stops at the model's first torch call after its last
+            averaged activation (nothing after it feeds ḡ: a language model's head and loss, ~5 ms of a 43 ms
+            replay on bench/models.py's GPT-2) and that loss is None. Default (None): True for ag1, ag2 and agn
+            (``metrics.RD`` reads ℓ(θ')), False for ag3-1. Not with ``linear=True`` (its Linear layers need their
+            inputs at the other end too) or a DDP model (the replay runs to the end there).
         track_loss_after: also evaluate ℓ(θ_{t+1}) on the batch (one more no-grad forward, same
             dropout masks, no buffer change) into ``last.loss_after``; needed for RD. Its time is
             reported separately (``last.times["loss_after"]`` when profiling) and is not part of the step.
@@ -184,7 +193,8 @@ class AG(OptimizerWrapper):
     step_needs_closure = True
 
     def __init__(self, model: nn.Module, base: torch.optim.Optimizer, mode: str = "ag1", eps: float = EPS, *,
-                 backend: Optional[str] = None, track_loss_after: bool = False, profile: bool = False,
+                 backend: Optional[str] = None, track_replay_loss: Optional[bool] = None,
+                 track_loss_after: bool = False, profile: bool = False,
                  require_activations: bool = True, check_unaveraged: bool = True, skip_nonfinite: bool = False,
                  iterations: Optional[int] = None, linear: bool = False, track_fallback: bool = False):
         if isinstance(base, AG):
@@ -211,6 +221,12 @@ class AG(OptimizerWrapper):
             raise ValueError(f"AG steps replay dropout masks on CPU and CUDA only; model has tensors on {sorted(devs)}")
         self.mode = mode
         self.eps, self.backend = float(eps), backend
+        if track_replay_loss is not None and not isinstance(track_replay_loss, bool):
+            raise TypeError(f"track_replay_loss must be a bool or None, got {type(track_replay_loss).__name__}")
+        if track_replay_loss is False and linear:
+            raise ValueError("track_replay_loss=False stops the replay after the last averaged activation, but "
+                             "linear=True needs every Linear/Conv layer's input at θ' from it: use one or the other")
+        self.track_replay_loss = (mode != "ag3-1") if track_replay_loss is None else track_replay_loss
         self.track_loss_after = bool(track_loss_after)
         if not (isinstance(profile, bool) or callable(profile)):
             raise TypeError(f"profile must be a bool or a clock function, got {type(profile).__name__}")
@@ -391,11 +407,12 @@ class AG(OptimizerWrapper):
         return self._segment_step(closure, params, cuda, ph, self._update_ag1, keep_pre_step_state=False)
 
     def _update_ag1(self, seg: _Segment, ph: Phases) -> None:
-        with torch.no_grad():
-            _ag1_by_device(seg.theta, seg.live, list(seg.gbar), self.backend)  # θ_{t+1}, into the copies of θ
+        with torch.no_grad():  # θ_{t+1} written over θ' in the parameters (the copies keep θ for an undo)
+            _ag1_by_device(seg.theta, seg.live, list(seg.gbar), self.backend, into_new=True)
+            unused = [i for i, gi in enumerate(seg.gbar) if gi is None]  # the loss does not reach them: they keep θ
+            if unused:
+                torch._foreach_copy_([seg.live[i] for i in unused], [seg.theta[i] for i in unused])
             ph.mark("update")
-            torch._foreach_copy_(seg.live, seg.theta)
-            ph.mark("copies")
 
     def _step_ag2(self, closure, params, cuda, ph: Phases) -> AGStepInfo:
         """AG-2 (paper 002 Alg. 2 lines 25-27): θ'' = the base step of θ with ḡ from the pre-step state
@@ -700,16 +717,24 @@ class AG(OptimizerWrapper):
         return _grad(loss if self._scaler is None else self._scaler.scale(loss), inputs, retain_graph=retain_graph)
 
     @torch.no_grad()
-    def _no_grad_pass(self, closure, sites: ParamSites, repl: dict, rng: RNGReplay, mode=None) -> torch.Tensor:
-        with sites.swapped(repl), rng.replay(), eager(), (mode if mode is not None else contextlib.nullcontext()):
-            loss = closure()
+    def _no_grad_pass(self, closure, sites: ParamSites, repl: dict, rng: RNGReplay,
+                      mode=None) -> Optional[torch.Tensor]:
+        """The closure at the parameters ``repl``, no graph; None when the replay stopped after its last averaged
+        activation (``track_replay_loss=False``)."""
+        try:
+            with sites.swapped(repl), rng.replay(), eager(), (mode if mode is not None else contextlib.nullcontext()):
+                loss = closure()
+        except ReplayComplete:
+            return None
         return _loss_value(loss)
 
     def _replay(self, closure, sites, repl, rng, rec: Recorder, label: str, params, swapped_params: bool):
         """The no-grad forward at the segment's other end (``label``): call k's input fills slot k. On the
         first step it also looks for unaveraged activation calls and parameters used while swapped out."""
-        rec.start_replay(label)
         first = not self._checked
+        # the first replay runs to the end: it checks for unaveraged calls and parameters used while swapped out
+        rec.start_replay(label, stop_after_last=not (first or self.track_replay_loss or self.linear
+                                                     or self._replicas is not None))
         detector = self._direct_use_check(params) if (first and swapped_params) else contextlib.nullcontext()
         with detector:
             loss = self._no_grad_pass(closure, sites, repl, rng, ActivationMode(rec))
@@ -744,16 +769,18 @@ def _user_stacklevel() -> int:
     return level
 
 
-def _ag1_by_device(params, params_new, avg_grads, backend) -> None:
-    """``ag1_update_`` once per device (the op takes one device per call; AG-1 is elementwise)."""
+def _ag1_by_device(params, params_new, avg_grads, backend, into_new: bool = False) -> None:
+    """``ag1_update_`` (``ag1_update_new_`` with ``into_new``: θ_{t+1} written over ``params_new``) once per
+    device (the op takes one device per call; AG-1 is elementwise)."""
+    op = AG1_UPDATE_NEW if into_new else AG1_UPDATE
     devices = {t.device for t in params}
     if len(devices) <= 1:
-        AG1_UPDATE.eager(params, params_new, avg_grads, backend or "auto")
+        op.eager(params, params_new, avg_grads, backend or "auto")
         return
     for dev in devices:
         idx = [i for i, t in enumerate(params) if t.device == dev]
-        AG1_UPDATE.eager([params[i] for i in idx], [params_new[i] for i in idx], [avg_grads[i] for i in idx],
-                         backend or "auto")
+        op.eager([params[i] for i in idx], [params_new[i] for i in idx], [avg_grads[i] for i in idx],
+                 backend or "auto")
 
 
 def _grad(loss, inputs, retain_graph=False):
