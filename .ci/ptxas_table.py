@@ -21,7 +21,8 @@ PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) by
 USED = re.compile(r"Used (\d+) registers")
 LMEM = re.compile(r"(\d+) bytes lmem")
 AVG_ACT = re.compile(r"avg_act_kernelILNS_3ActE(\d+)ENS0_\d+Elem(\w+?)ELi(\d+)E")
-AG = re.compile(r"7ag_cuda\d+(ag\w+?)_kernel(?:I([fd])E)?")
+# ag1_kernel<Op, kIntoNew> mangles as ...ag1_kernelIfLb1EE...; the other AG kernels as ...kernelIfE...
+AG = re.compile(r"7ag_cuda\d+(ag\w+?)_kernel(?:I([fd])(?:Lb([01])E)?E)?")
 
 
 def label(mangled: str) -> str:
@@ -31,7 +32,8 @@ def label(mangled: str) -> str:
         return f"avg_act {act:<10} {dtype:<8} " + ("scalar" if vec == 1 else f"vec{vec}")
     m = AG.search(mangled)
     if m:
-        return f"ag_update {m.group(1):<10} " + {"f": "float", "d": "double", None: ""}[m.group(2)]
+        into = {"1": " into θ'", "0": " into θ", None: ""}[m.group(3)]
+        return f"ag_update {m.group(1):<10} " + {"f": "float", "d": "double", None: ""}[m.group(2)] + into
     try:
         return subprocess.run(["c++filt", mangled], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
