@@ -138,6 +138,7 @@ class Recorder:
 
     def finish_replay(self) -> None:
         """Checks the replay paired every slot."""
+        self.stop_after_last = self.replay_complete = False
         n = len(self.slots)
         if self.cursor != n:
             s = self.slots[self.cursor]
