@@ -402,19 +402,29 @@ def test_ag_nonfinite_averaged_gradient_after_the_base_step(mode):
 
 @pytest.mark.parametrize("mode", ["ag1", "ag2", "ag3-1"])
 @pytest.mark.parametrize("failing_call", [1, 2])
-def test_ag_closure_that_raises_leaves_parameters_and_buffers(mode, failing_call):
+@pytest.mark.parametrize("where", ["after_forward", "inside_forward"])
+def test_ag_closure_that_raises_leaves_parameters_and_buffers(mode, failing_call, where):
     """Before: a closure raising in the θ' pass restored the parameters but left the BatchNorm running
-    statistics of the failed step, and opt.steps counted it."""
-    model, opt = _ag_ready(mode)
+    statistics of the failed step, and opt.steps counted it. ``inside_forward``: the failure comes from a
+    layer before the last activation (a hook on the BatchNorm), where AG-3-1's replay, which stops after
+    its last averaged activation (track_replay_loss), still runs; ``after_forward`` needs the replay whole."""
+    model, opt = _ag_ready(mode, track_replay_loss=True if where == "after_forward" else None)
     snap = snapshot(model, opt)
     x, y = ag_batch(5)
     calls = [0]
 
+    def fail(*args):
+        if calls[0] == failing_call:
+            raise KeyError("boom")
+
+    if where == "inside_forward":
+        model[1].register_forward_hook(fail)  # after the BatchNorm has updated its statistics
+
     def closure():
         calls[0] += 1
         out = model(x)  # the forward (BatchNorm in training mode) runs before the failure
-        if calls[0] == failing_call:
-            raise KeyError("boom")
+        if where == "after_forward":
+            fail()
         return F.cross_entropy(out, y)
 
     with pytest.raises(KeyError, match="boom") as info:
