@@ -114,4 +114,14 @@ def fresh_seed():
     return seed
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that sets torch's thread count (e.g. ``python -m avg_kernels reproduce --threads`` run in-process)
+    must not change the numerics of the tests after it: the count is put back after every test."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 _ = avg_kernels
