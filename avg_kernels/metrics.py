@@ -68,8 +68,8 @@ class RD:
         if info is None or getattr(info, "plain", False):
             return
         if info.loss_new is None:
-            raise ValueError(f"RD.update_from: a {info.mode} step has no base step on the same batch (only AG-1 "
-                             "and AG-2 compute θ')")
+            raise ValueError(f"RD.update_from: the {info.mode} step has no ℓ(θ') on its batch (only AG-1 and AG-2 "
+                             "compute θ', and only with track_replay_loss, which track_loss_after=True implies)")
         if info.loss_after is None:
             raise ValueError("RD.update_from: the step has no ℓ(θ_(t+1)); create AG with track_loss_after=True")
         self.update(info.loss, info.loss_after, info.loss_new)

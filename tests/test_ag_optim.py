@@ -165,9 +165,9 @@ def test_graph_at_theta_is_built_once_per_step(mode, track):
             counts[k] = 0
         opt.step(lambda: F.cross_entropy(model(x), y))
         plain = mode == "ag3-1" and step == 0
-        # AG-3-1's replays after its first stop after the last activation (track_replay_loss): the model's
-        # forward, interrupted, does not reach its forward hook
-        stopped = mode == "ag3-1" and step >= 2
+        # replays after the optimizer's first stop after the last activation unless track_loss_after (the default
+        # of track_replay_loss): the model's forward, interrupted, does not reach its forward hook
+        stopped = not track and step >= (2 if mode == "ag3-1" else 1)
         assert counts["grad"] == 1
         assert counts["nograd"] == (0 if plain or stopped else 1) + int(track)
         assert counts["backward"] == (1 if plain or mode == "ag3-1" else 2)

@@ -1,7 +1,8 @@
 """``AG(track_replay_loss=False)``: the replay stops at the model's first torch call after its last averaged
 activation (the model's tail, e.g. a language model's head and loss, is skipped). Nothing after that call
 feeds ḡ, so the parameters must be bitwise those of a run whose replay goes to the end; only the replay's loss
-(``loss_new`` / ``loss_prev``) is lost. Default: on for ag3-1, off for ag1/ag2/agn (metrics.RD reads ℓ(θ')).
+(``loss_new`` / ``loss_prev``) is lost. Default: ``track_replay_loss = track_loss_after`` (metrics.RD reads ℓ(θ')
+and ℓ(θ_{t+1})).
 """
 from __future__ import annotations
 
@@ -83,15 +84,22 @@ def test_stopped_replay_gives_the_same_parameters(mode):
         assert infos[-1].loss_iterates == (None,) and infos[-1].as_dict()["loss_iterates"] == [None]
 
 
-def test_the_tail_is_skipped_and_the_default_is_per_mode():
+def test_the_tail_is_skipped_and_the_default_follows_track_loss_after():
     _, opt, _ = _run("ag3-1", None, 4)
     assert opt.track_replay_loss is False
     # steps: plain (1 forward), first replay to the end (2), then graph pass only (1 each)
     assert opt.model.head_calls == 1 + 2 + 1 + 1
-    _, opt, _ = _run("ag1", None, 3)
-    assert opt.track_replay_loss is True and opt.model.head_calls == 3 * 2
-    _, opt, _ = _run("ag1", False, 3)
-    assert opt.model.head_calls == 2 + 1 + 1
+    _, opt, infos = _run("ag1", None, 3)
+    assert opt.track_replay_loss is False and opt.model.head_calls == 2 + 1 + 1
+    assert infos[0].loss_new is not None and infos[1].loss_new is None
+    _, opt, infos = _run("ag1", True, 3)
+    assert opt.model.head_calls == 3 * 2 and all(i.loss_new is not None for i in infos)
+    _, opt, infos = _run("ag1", None, 3, track_loss_after=True)  # what metrics.RD needs: both losses
+    assert opt.track_replay_loss is True and opt.model.head_calls == 3 * 3
+    rd = avg_kernels.metrics.RD()
+    for i in infos:
+        rd.update_from(i)
+    assert rd.n == 3
 
 
 def test_hf_gpt2_ag3_stopped_replay_matches():

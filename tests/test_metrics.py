@@ -46,7 +46,7 @@ def test_running_rd_from_step_infos():
     assert acc.ag_reduction == pytest.approx(0.4) and acc.base_reduction == pytest.approx(0.2)
     with pytest.raises(ValueError, match="track_loss_after"):
         acc.update_from(_info("ag1", 2.0, new=1.9))
-    with pytest.raises(ValueError, match="no base step"):
+    with pytest.raises(ValueError, match=r"no ℓ\(θ'\) on its batch"):
         acc.update_from(_info("ag3-1", 2.0, after=1.9))
 
 

@@ -70,9 +70,10 @@ class AGStepInfo:
     mode: str
     step: int  # 1-based index of this step
     loss: torch.Tensor  # ℓ(θ_t) on the batch (what step() returned)
-    # the replay's loss (None where the replay stopped after its last averaged activation: track_replay_loss)
+    # the replay's loss: kept with track_replay_loss (default: track_loss_after) and on the optimizer's first replay;
+    # else None (the replay stopped after its last averaged activation)
     loss_new: Optional[torch.Tensor] = None  # ℓ(θ') on the batch: after the base optimizer's own step (ag1/ag2)
-    loss_prev: Optional[torch.Tensor] = None  # ℓ(θ_{t-1}) on the batch (ag3-1 with track_replay_loss=True)
+    loss_prev: Optional[torch.Tensor] = None  # ℓ(θ_{t-1}) on the batch (ag3-1)
     loss_after: Optional[torch.Tensor] = None  # ℓ(θ_{t+1}) on the batch (track_loss_after=True)
     # times: seconds per phase when profiling; "loss_after" (the extra forward for ℓ(θ_{t+1}), not part of
     # the step's cost) and "loss_after_cpu" (its CPU time, time.process_time) are always recorded when
@@ -155,11 +156,11 @@ class AG(OptimizerWrapper):
             ``avg_kernels.use_backend``).
         track_replay_loss: the replay (the no-grad pass at the segment's other end) runs the closure to its end and
             its loss is kept: ``last.loss_new`` ℓ(θ') (ag1, ag2, agn) or ``last.loss_prev`` ℓ(θ_{t-1}) (ag3-1).
-            False: from the second step on, the replay stops at the model's first torch call after its last
-            averaged activation (nothing after it feeds ḡ: a language model's head and loss, ~5 ms of a 43 ms
-            replay on bench/models.py's GPT-2) and that loss is None. Default (None): True for ag1, ag2 and agn
-            (``metrics.RD`` reads ℓ(θ')), False for ag3-1. Not with ``linear=True`` (its Linear layers need their
-            inputs at the other end too) or a DDP model (the replay runs to the end there).
+            False: after the optimizer's first replay, the replay stops at the model's first torch call after its
+            last averaged activation (nothing after it feeds ḡ: a language model's head and loss, ~5 ms of a
+            43 ms replay on bench/models.py's GPT-2) and that loss is None. Default (None): ``track_loss_after``
+            (``metrics.RD`` reads ℓ(θ') with ℓ(θ_{t+1})). A DDP model's replays and those with ``linear=True``
+            (its Linear layers need their inputs at the other end too; refused with False) run to the end.
         track_loss_after: also evaluate ℓ(θ_{t+1}) on the batch (one more no-grad forward, same
             dropout masks, no buffer change) into ``last.loss_after``; needed for RD. Its time is
             reported separately (``last.times["loss_after"]`` when profiling) and is not part of the step.
@@ -226,8 +227,8 @@ class AG(OptimizerWrapper):
         if track_replay_loss is False and linear:
             raise ValueError("track_replay_loss=False stops the replay after the last averaged activation, but "
                              "linear=True needs every Linear/Conv layer's input at θ' from it: use one or the other")
-        self.track_replay_loss = (mode != "ag3-1") if track_replay_loss is None else track_replay_loss
         self.track_loss_after = bool(track_loss_after)
+        self.track_replay_loss = self.track_loss_after if track_replay_loss is None else track_replay_loss
         if not (isinstance(profile, bool) or callable(profile)):
             raise TypeError(f"profile must be a bool or a clock function, got {type(profile).__name__}")
         self.profile = profile
