@@ -183,12 +183,16 @@ def run(ctx: Context) -> Report:
                 fns = {name: (lambda f=f: f(*lists)) for name, f in impls.items()}
                 for b in backends:  # our op on one tensor per list: what the per-tensor work costs it
                     fns[f"{b}_flat"] = lambda f=impls[b]: f(*([t] for t in flat))
+                if op == "ag1_update":  # what an AG-1 step runs: θ_{t+1} over θ', against into θ + a copy back
+                    for b in backends:
+                        fns[f"{b}_into_new"] = lambda b=b: ak.ag1_update_new_(*lists, backend=b)
+                        fns[f"{b}_then_copy"] = lambda f=impls[b]: (f(*lists), torch._foreach_copy_(lists[1], lists[0]))
                 fns["flat"] = lambda f=flat_fn: f(*flat)
                 passes = PASSES[op]
                 src = torch.empty(passes // 2 * n, dtype=dtype, device=dev).uniform_()
                 dst = torch.empty_like(src)
                 fns["copy"] = lambda: dst.copy_(src)
-                nbytes = {name: passes * n * dtype.itemsize for name in fns}
+                nbytes = {name: (passes + 2 * name.endswith("_then_copy")) * n * dtype.itemsize for name in fns}
                 common = dict(op=NAME, case=op, inputs=inputs_label, size=n, dtype=dt)
                 for impl, row in ctx.measure_many(fns, nbytes, **common).items():
                     row.extra.update(model=model, tensors=len(shapes))
@@ -221,7 +225,9 @@ def run(ctx: Context) -> Report:
         "op's compulsory bytes (AG-1: 4 passes over the values, AG-2: 6): the bandwidth floor on a GPU; on a CPU "
         "a copy writes half of its bytes, and writes cost more than reads there (write-allocate), so an op that "
         "mostly reads can beat it (`% of copy` above 100 %). `flat` allocates model-sized temporaries on every "
-        "call, which on a CPU means fresh pages (page faults) each time.",
+        "call, which on a CPU means fresh pages (page faults) each time. AG-1 only: `<backend>_into_new` = "
+        "`ag1_update_new_` (θ_{t+1} written over θ', what an AG-1 step runs) and `<backend>_then_copy` = "
+        "`ag1_update_` then a `_foreach_copy_` of θ_{t+1} into θ' (what the step ran before: 6 passes).",
         "Parameters are separate tensors with the model's shapes (avg_kernels/model_shapes.py), updated in place "
         "call after call (the values stay finite). Times are medians (CPU: torch.utils.benchmark.Timer."
         "blocked_autorange with torch's thread count, implementations interleaved; CUDA: triton.testing.do_bench). "

@@ -14,7 +14,8 @@ Models (random init from a ``transformers`` config, no download; sizes fixed so 
 
 Methods, each on its own copy of the same initial model, timed interleaved (harness policy):
 ``rmsprop`` (the base step: zero_grad + forward + loss + backward + step), ``ag1`` and ``ag3-1``
-(``AG(convert(model), RMSprop)``, one ``opt.step(closure)``), ``sgd`` (momentum 0.9) and ``csgd``
+(``AG(convert(model), RMSprop)`` with its defaults, one ``opt.step(closure)``: ``track_replay_loss`` off, so
+after the first step the replay stops after the last averaged activation), ``sgd`` (momentum 0.9) and ``csgd``
 (``CSGD(model, lam=1e-3, momentum=0.9)``, the factorisation refreshed every step).
 
 Targets (issue 12): AG-1 <= 2.1x and AG-3-1 <= 1.5x the RMSProp step; C-SGD <= 2x the SGD step.
@@ -272,7 +273,9 @@ def run(ctx: Context) -> Report:
     how = ("time.process_time of this process (CPU seconds: the work done), medians of interleaved rounds"
            if cpu_clock else "the harness policy (Timer.blocked_autorange medians, methods interleaved)")
     notes.insert(0, f"Times per training step on a fixed batch, {torch.get_num_threads()} threads, float32, {how}. "
-                    f"`X vs P` = time(P) / time(X); the `x base` figures below are its inverse. {malloc_note}.")
+                    f"`X vs P` = time(P) / time(X); the `x base` figures below are its inverse. {malloc_note}. "
+                    "AG with its defaults: the replay stops after the last averaged activation (track_replay_loss "
+                    "follows track_loss_after, off here), and AG-1 writes θ_(t+1) over θ' (ag1_update_new_).")
     title = "AG and C-SGD step cost on Transformers/CNN shapes (HF configs, random init), CPU"
     return Report(op=NAME, title=title, rows=rows, subjects=["ag1", "ag3-1", "csgd"], peers=["rmsprop", "sgd"],
                   notes=notes, config={"models": names, "threads": torch.get_num_threads(), "lam": LAM,
