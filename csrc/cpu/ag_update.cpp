@@ -48,25 +48,24 @@ void ag2_check(at::TensorList params, at::TensorList params_old, at::TensorList 
   avg_kernels::ag::check_lists("ag2_rescale_", ag2_lists(params, params_old, params_step));
 }
 
-void ag1_update_cpu(at::TensorList params, at::TensorList params_new,
-                    const c10::List<std::optional<at::Tensor>>& avg_grads) {
-  const auto lists = ag1_lists(params, params_new, avg_grads);
+// lists written-first: (params, params_new, avg_grads), or with into_new (params_new, params, avg_grads).
+void ag1_run(const std::vector<NamedList>& lists, bool into_new) {
   const auto& k = kernels();
   at::NoGradGuard no_grad;
   auto prep = avg_kernels::ag::prepare<3>(lists);
-  k.ag1_update(prep.entries.data(), int64_t(prep.entries.size()), false);
+  k.ag1_update(prep.entries.data(), int64_t(prep.entries.size()), into_new);
   prep.finish();
 }
 
-// The same θ_{t+1}, written over θ' (the lists come written-first: params_new, params, avg_grads).
+void ag1_update_cpu(at::TensorList params, at::TensorList params_new,
+                    const c10::List<std::optional<at::Tensor>>& avg_grads) {
+  ag1_run(ag1_lists(params, params_new, avg_grads), false);
+}
+
+// The same θ_{t+1}, written over θ'.
 void ag1_update_new_cpu(at::TensorList params_new, at::TensorList params,
                         const c10::List<std::optional<at::Tensor>>& avg_grads) {
-  const auto lists = ag1_new_lists(params_new, params, avg_grads);
-  const auto& k = kernels();
-  at::NoGradGuard no_grad;
-  auto prep = avg_kernels::ag::prepare<3>(lists);
-  k.ag1_update(prep.entries.data(), int64_t(prep.entries.size()), true);
-  prep.finish();
+  ag1_run(ag1_new_lists(params_new, params, avg_grads), true);
 }
 
 // Returns (‖θ' − θ‖₁, ‖θ'' − θ‖₁, scale) as a float64 tensor (for tests and benchmarks).
