@@ -67,6 +67,32 @@ def test_equals_xtx_of_the_unfolded_columns_float64():
         assert err <= 1e-13, (seed, shape, k, s, p, d, groups, bias, err)
 
 
+def test_implicit_columns_equal_the_unfolded_ones_float64():
+    """``ImplicitColumns`` (X never built): its probe Xᵀv and its S Xᵀ through the convolution's weight-gradient
+    kernel equal those of an independently unfolded X on random geometries; ``materialize`` is that X."""
+    seed = random.randrange(2 ** 31)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(rng.randrange(2 ** 31))
+    for _ in range(60):
+        shape, k, s, p, d, groups = random_geometry(rng)
+        bias = rng.random() < 0.5
+        x = torch.randn(shape, dtype=torch.float64, generator=gen)
+        X = columns(x, k, s, p, d, groups, bias)
+        imp = _column_gram.ImplicitColumns(x, k, s, p, d, groups, bias)
+        assert imp.shape == X.shape and imp.dtype == X.dtype
+        assert torch.equal(imp.materialize(), X)
+        v = torch.randn(X.shape[1], 1, dtype=torch.float64, generator=gen)
+        torch.testing.assert_close(imp.mT_matmul(v), X.mT @ v, rtol=1e-12, atol=1e-12, msg=lambda m: f"{seed}: {m}")
+        S = torch.randn(groups, rng.randint(1, 3), X.shape[2], dtype=torch.float64, generator=gen)
+        w, b = imp.times_t(S)
+        want = S @ X.mT
+        torch.testing.assert_close(w, want[..., :imp.d_in], rtol=1e-12, atol=1e-12, msg=lambda m: f"{seed}: {m}")
+        if bias:
+            torch.testing.assert_close(b, want[..., -1], rtol=1e-12, atol=1e-12)
+        else:
+            assert b is None
+
+
 def test_layer_unfold_and_output_grads_use_the_same_column_order():
     """The order is the contract between K and the X / ΔZ of the M × M form: Layer.unfold gives the columns
     above, and output_grads orders ΔZ (N, C, *out) the same way (position, image)."""
@@ -145,11 +171,23 @@ class Net(nn.Module):
         return self.fc(torch.tanh(self.c3(torch.tanh(self.c2(torch.tanh(self.c1(x)))))).flatten(1))
 
 
+def _spy_implicit(monkeypatch, min_m):
+    """Counts P computed through ``ImplicitColumns.times_t``, with the column threshold set to ``min_m``."""
+    calls = []
+    real = _column_gram.ImplicitColumns.times_t
+    monkeypatch.setattr(_precondition, "MIN_IMPLICIT_M", min_m)
+    monkeypatch.setattr(_column_gram.ImplicitColumns, "times_t", lambda self, s: calls.append(1) or real(self, s))
+    return calls
+
+
+@pytest.mark.parametrize("implicit", [False, True])
 @pytest.mark.parametrize("micro_batches", [[2], [1, 2], [2, 1, 1]])
-def test_csgd_through_the_pixel_route_equals_the_float64_implementation(monkeypatch, micro_batches):
+def test_csgd_through_the_pixel_route_equals_the_float64_implementation(monkeypatch, micro_batches, implicit):
     """Forced onto the pixel route (these small layers would take XᵀX), C-SGD steps in float64 equal the
-    reference; several micro-batches of one shape are merged into one batch (one pixel Gram)."""
+    reference; several micro-batches of one shape are merged into one batch (one pixel Gram). ``implicit``: X is
+    never built (P through the convolution's weight-gradient kernel, the probe by a convolution)."""
     taken = _spy_route(monkeypatch, force=True)
+    implicit_calls = _spy_implicit(monkeypatch, 0 if implicit else 10 ** 9)
     torch.manual_seed(random.randrange(2 ** 31))
     ours = Net().double()
     ref_model = Net().double()
@@ -163,6 +201,7 @@ def test_csgd_through_the_pixel_route_equals_the_float64_implementation(monkeypa
         assert _max_rel(ours, ref_model) < 1e-9
     assert {s[1:] for s in taken} >= {(32, 6, 6), (16, 6, 6)}
     assert all(s[0] == sum(micro_batches) for s in taken)  # merged uses
+    assert (len(implicit_calls) == len(taken)) if implicit else not implicit_calls  # every routed layer
 
 
 def test_uses_of_different_shapes_are_not_merged(monkeypatch):
@@ -190,6 +229,7 @@ def test_resnet_layer_takes_the_pixel_route_and_matches_xtx(monkeypatch):
     x = torch.randn(16, 128, 8, 8)
     y = torch.randint(0, 10, (16,))
     models, taken = [], []
+    implicit_calls = _spy_implicit(monkeypatch, _column_gram.MIN_IMPLICIT_M)  # M = 1024: X is never built
     for force in (None, False):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(128, 32, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(32 * 64, 10))
@@ -198,6 +238,6 @@ def test_resnet_layer_takes_the_pixel_route_and_matches_xtx(monkeypatch):
         _run_ours(opt, model, [(x, y)])
         models.append(model)
         taken.append(t)
-    assert taken[0] == [(16, 128, 8, 8)] and taken[1] == []
+    assert taken[0] == [(16, 128, 8, 8)] and taken[1] == [] and len(implicit_calls) == 1
     P = [m[0].weight.grad for m in models]  # the preconditioned gradient the base step used
     assert ((P[0] - P[1]).norm() / P[1].norm()).item() < 1e-4

@@ -24,9 +24,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..ops._gram_taps import tap_runs
-from ._layers import conv_out_sizes
+from ._layers import conv_columns, conv_out_sizes
 
 #: one element of a strided tap add costs about this many multiply-adds of a GEMM (1 thread, AVX-512: ~0.8 ns
 #: against ~0.028 ns per multiply-add of the Gram kernel's triangle, ~0.024 of a GEMM); per torch call ~10 µs
@@ -103,3 +104,52 @@ def _tap_sum(R: torch.Tensor, j: int, nd: int, size: int, out: int, k: int, s: i
         dst[j] = dst[nd + 1 + j] = slice(r.o_lo, r.o_hi + 1)
         acc[tuple(dst)] += R[tuple(src)]
     return acc if acc is not None else R.new_zeros(shape)
+
+
+#: P = S Xᵀ through the convolution's weight-gradient kernel (``ImplicitColumns.times_t``) from this many columns
+#: M on (1 thread, ResNet-18 at 64 × 64, batch 16; X's copy + the GEMM against the kernel): M = 1024 4.13 → 2.86
+#: ms, M = 256 3.91 → 3.22 ms, M = 64 4.04 → 5.41 ms (slower: X is built there)
+MIN_IMPLICIT_M = 256
+
+
+class ImplicitColumns:
+    """X of one convolution input (``conv_columns``'s (groups, D, M), bias row last where ``bias``) without
+    building it, for the layers whose K comes from the pixel Gram: X is then only needed for P = S Xᵀ, which the
+    convolution's own weight-gradient kernel computes from x (``times_t``), and for the uniform-factor probe
+    Xᵀv, a convolution of x with v (``mT_matmul``). ``materialize()`` builds X for everything else."""
+
+    def __init__(self, x: torch.Tensor, kernel_size, stride, padding, dilation, groups: int, bias: bool):
+        self.x, self.bias = x, bias
+        self.kernel_size, self.stride, self.padding, self.dilation = (list(kernel_size), list(stride), list(padding),
+                                                                       list(dilation))
+        self.groups = groups
+        self.outs = conv_out_sizes(list(x.shape[2:]), kernel_size, stride, padding, dilation)
+        self.d_in = x.shape[1] // groups * math.prod(kernel_size)
+        self.shape = torch.Size((groups, self.d_in + int(bias), math.prod(self.outs) * x.shape[0]))
+        self.device, self.dtype = x.device, x.dtype
+
+    def materialize(self) -> torch.Tensor:
+        X = conv_columns(self.x, self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
+        return torch.cat([X, X.new_ones(X.shape[0], 1, X.shape[2])], dim=1) if self.bias else X
+
+    def mT_matmul(self, v: torch.Tensor) -> torch.Tensor:
+        """Xᵀ v for v (D, 1): (groups, M, 1), columns in X's order."""
+        nd = len(self.outs)
+        cg = self.x.shape[1] // self.groups
+        w = v[:self.d_in, 0].reshape(1, cg, *self.kernel_size).expand(self.groups, -1, *self.kernel_size)
+        conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+        y = conv(self.x, w.contiguous(), None, self.stride, self.padding, self.dilation, self.groups)  # (N, g, *outs)
+        y = y.movedim(0, -1).reshape(self.groups, -1, 1)  # (groups, ∏outs · N, 1): position, image fastest
+        return y + v[self.d_in] if self.bias else y
+
+    def times_t(self, s: torch.Tensor) -> tuple:
+        """(S Xᵀ's weight part (groups, C_out/groups, D_in), its bias column (groups, C_out/groups) or None) for S
+        (groups, C_out/groups, M)."""
+        g, co = s.shape[0], s.shape[1]
+        n, nd = self.x.shape[0], len(self.outs)
+        grad_out = s.reshape(g * co, *self.outs, n).movedim(-1, 0)  # (N, C_out, *outs)
+        weight = self.x.new_empty(g * co, self.x.shape[1] // self.groups, *self.kernel_size)
+        _, dw, _ = torch.ops.aten.convolution_backward(grad_out, self.x, weight, None, self.stride, self.padding,
+                                                        self.dilation, False, [0] * nd, self.groups,
+                                                        [False, True, False])
+        return dw.reshape(g, co, self.d_in), (s.sum(-1) if self.bias else None)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..ops import LINEAR_GRAM, RIDGE_SOLVE
 from ._collect import LayerStats
-from ._column_gram import pixel_column_gram, pixel_route
+from ._column_gram import MIN_IMPLICIT_M, ImplicitColumns, pixel_column_gram, pixel_route
 from ._layers import Layer
 
 #: D × D groups of D <= this (same dtypes and device) share one ridge_solve call, padded to the largest D
@@ -67,7 +67,7 @@ class MxMCase:
     layer: Layer
     grad: torch.Tensor  # G from .grad, (groups, C/groups, D)
     dz: torch.Tensor  # ΔZ, (groups, C/groups, M), compute dtype
-    X: torch.Tensor  # (groups, D, M), compute dtype
+    X: "torch.Tensor | ImplicitColumns"  # (groups, D, M), compute dtype; implicit where K came from the pixels
     bias: bool
     eps: float = 0.0  # unit roundoff of the lowest precision the forward computed in (autocast)
     K: Optional[torch.Tensor] = None  # XᵀX when computed from the input's pixel Gram (_column_gram), else later
@@ -80,7 +80,7 @@ class MxMSystem:
     layer: Layer
     dz: torch.Tensor  # ΔZ, (groups, C/groups, M)
     K: torch.Tensor  # XᵀX, (groups, M, M)
-    X: torch.Tensor  # (groups, D, M)
+    X: "torch.Tensor | ImplicitColumns"  # (groups, D, M)
     factor: float  # the uniform factor c between .grad and ΔZ Xᵀ
     bias: bool
 
@@ -140,9 +140,16 @@ class Preconditioner:
                 else:
                     xs, dzs = layer.merge_uses(st.xs, st.dzs)
                     xs = [x.to(ct) for x in xs]  # once, for X and K (autocast's bf16/fp16 inputs)
-                    dz, X = layer.output_grads(xs, dzs, ct), layer.unfold(xs, bias, ct)
+                    dz = layer.output_grads(xs, dzs, ct)
                     if len(xs) == 1 and layer.conv_dims and pixel_route(xs[0].shape, *layer.gram_args):
                         K = pixel_column_gram(xs[0], *layer.gram_args, bias)
+                        # K from the pixels: X is only needed for P = S Xᵀ and the probe, both computed from x
+                        # (the solve-for-X order, D < C, and few columns build it)
+                        X = ImplicitColumns(xs[0], *layer.gram_args, bias)
+                        if X.shape[-1] < MIN_IMPLICIT_M or X.shape[1] < dz.shape[1]:
+                            X = X.materialize()
+                    else:
+                        X = layer.unfold(xs, bias, ct)
                 pending.append(MxMCase(layer, G, dz if dz_scale == 1.0 else dz * dz_scale, X, bias, st.eps, K))
                 self.last_form[layer] = ("M×M", st.m)
             elif st.gram is not None:
@@ -198,6 +205,19 @@ class Preconditioner:
                 a, b = S[start:start + g, :e.dz.shape[1]], e.X
             start += g
             out = e.layer.weight_grad_out(a.dtype)
+            if isinstance(b, ImplicitColumns):  # P through the convolution's weight-gradient kernel
+                w, bcol = b.times_t(a)
+                bcol = None if bcol is None else bcol.unsqueeze(-1)
+                if out is None:
+                    P = w if bcol is None else torch.cat([w, bcol], dim=-1)
+                    e.layer.write_grad(P * e.factor if e.factor != 1.0 else P, e.bias)
+                    continue
+                out.copy_(w)
+                if e.factor != 1.0:
+                    out.mul_(e.factor)
+                if e.bias:
+                    e.layer.write_bias_grad(bcol * e.factor)
+                continue
             if out is None:
                 P = matmul_t(a, b)
                 e.layer.write_grad(P * e.factor if e.factor != 1.0 else P, e.bias)
@@ -236,7 +256,7 @@ def uniform_factors(cases: list[MxMCase], generator: Optional[torch.Generator] =
         else:
             v = (torch.randint(0, 2, (X.shape[1], 1), generator=generator) * 2 - 1).to(X.device, X.dtype)
         lhs = (case.grad.to(X.dtype) @ v).flatten()
-        rhs = (case.dz @ (X.mT @ v)).flatten()
+        rhs = (case.dz @ (X.mT_matmul(v) if isinstance(X, ImplicitColumns) else X.mT @ v)).flatten()
         rr = rhs.dot(rhs)
         c = torch.where(rr > 0, lhs.dot(rhs) / torch.where(rr > 0, rr, 1), 1)
         rows.append(torch.stack([c, (lhs - c * rhs).norm(), lhs.norm(), (lhs - rhs).norm()]).to(torch.float64))
