@@ -16,6 +16,9 @@ Measured (1 thread): ResNet-18's layer2 convolutions at 64 × 64 images, batch 1
 17.3 → 6.8 ms; layer3's (M = 256, D = 2304) 2.1 → 0.56 ms; a stride-2 layer (P = 4M) would cost more, and keeps
 XᵀX (``pixel_route``).
 
+For those layers X itself is not needed when M is large enough (``ImplicitColumns``, ``MIN_IMPLICIT_M``): P = S Xᵀ
+is the convolution's weight gradient for the output gradient S, and the probe's Xᵀv a convolution of x with v.
+
 Column order: (output position, image) with the image index fastest, so that each add runs over contiguous runs
 of N·(kept positions) elements; ``Layer.unfold`` and ``Layer.output_grads`` order X's and ΔZ's columns the same way.
 """
@@ -138,7 +141,8 @@ class ImplicitColumns:
         cg = self.x.shape[1] // self.groups
         w = v[:self.d_in, 0].reshape(1, cg, *self.kernel_size).expand(self.groups, -1, *self.kernel_size)
         conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
-        y = conv(self.x, w.contiguous(), None, self.stride, self.padding, self.dilation, self.groups)  # (N, g, *outs)
+        with torch.autocast(self.device.type, enabled=False):  # in x's dtype even if step() runs under autocast
+            y = conv(self.x, w.contiguous(), None, self.stride, self.padding, self.dilation, self.groups)  # (N, g, *o)
         y = y.movedim(0, -1).reshape(self.groups, -1, 1)  # (groups, ∏outs · N, 1): position, image fastest
         return y + v[self.d_in] if self.bias else y
 
