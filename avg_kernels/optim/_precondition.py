@@ -205,29 +205,23 @@ class Preconditioner:
                 a, b = S[start:start + g, :e.dz.shape[1]], e.X
             start += g
             out = e.layer.weight_grad_out(a.dtype)
-            if isinstance(b, ImplicitColumns):  # P through the convolution's weight-gradient kernel
+            implicit = isinstance(b, ImplicitColumns)  # P through the convolution's weight-gradient kernel
+            if implicit:
                 w, bcol = b.times_t(a)
                 bcol = None if bcol is None else bcol.unsqueeze(-1)
-                if out is None:
-                    P = w if bcol is None else torch.cat([w, bcol], dim=-1)
-                    e.layer.write_grad(P * e.factor if e.factor != 1.0 else P, e.bias)
-                    continue
-                out.copy_(w)
-                if e.factor != 1.0:
-                    out.mul_(e.factor)
-                if e.bias:
-                    e.layer.write_bias_grad(bcol * e.factor)
-                continue
             if out is None:
-                P = matmul_t(a, b)
+                P = (w if bcol is None else torch.cat([w, bcol], dim=-1)) if implicit else matmul_t(a, b)
                 e.layer.write_grad(P * e.factor if e.factor != 1.0 else P, e.bias)
                 continue
             d_in = out.shape[-1]  # P's weight part straight into .grad, its bias column (b's last row) apart
-            matmul_t(a, b[:, :d_in], out=out)
+            if implicit:
+                out.copy_(w)
+            else:
+                matmul_t(a, b[:, :d_in], out=out)
             if e.factor != 1.0:
                 out.mul_(e.factor)
             if e.bias:
-                e.layer.write_bias_grad(matmul_t(a, b[:, d_in:]) * e.factor)
+                e.layer.write_bias_grad((bcol if implicit else matmul_t(a, b[:, d_in:])) * e.factor)
 
     def _scatter(self, entries: list, P: torch.Tensor, store: Optional[torch.Tensor] = None) -> None:
         """Writes the stacked P of D × D ``entries`` (FreshDxD or ReusedDxD) back, cropping the padding;
